@@ -1,0 +1,1 @@
+"""The product gallery: faiss search with SKU aggregation, and the stores that make it durable."""

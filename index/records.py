@@ -1,0 +1,72 @@
+"""What the gallery stores, and the protocol every store implements."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Record:
+    """One gallery image (an upsert) or its tombstone (deleted=True, no vector)."""
+
+    item_id: str
+    sku: str
+    shop_id: str | None
+    vector: np.ndarray | None  # float32 [D], L2-normalised; None for tombstones
+    metadata: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    deleted: bool = False
+
+
+def vector_to_bytes(v: np.ndarray) -> bytes:
+    """Raw little-endian float32 bytes: the only way vectors cross a process boundary."""
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(b: bytes, dim: int) -> np.ndarray:
+    v = np.frombuffer(b, dtype="<f4")
+    if v.shape[0] != dim:
+        raise ValueError(f"vector has {v.shape[0]} floats, expected {dim}")
+    return v.astype(np.float32, copy=True)
+
+
+def metadata_to_json(metadata: dict[str, Any]) -> str:
+    return json.dumps(metadata, separators=(",", ":"), sort_keys=True)
+
+
+class ItemNotFound(LookupError):
+    """No live item (or SKU) with that id."""
+
+
+class Store(Protocol):
+    """Durable, versioned gallery state, namespaced by model version.
+
+    Every mutation gets the next gallery version (monotonic across namespaces). Deletes act
+    on every namespace: a product removed from the shop is gone whichever model embedded it.
+    """
+
+    def upsert(self, namespace: str, records: list[Record]) -> int:
+        """Store records (vectors required); returns the new gallery version."""
+        ...
+
+    def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
+        """Tombstone live items; returns (version, ids deleted). Raises ItemNotFound if none were live."""
+        ...
+
+    def delete_sku(self, sku: str, shop_id: str | None = None) -> tuple[int, list[str]]:
+        """Tombstone every live item of a SKU (in one shop if given). Raises ItemNotFound if none."""
+        ...
+
+    def changes_since(self, namespace: str, version: int) -> list[Record]:
+        """Records and tombstones of a namespace with version > `version`, in version order."""
+        ...
+
+    def version(self) -> int:
+        """The latest gallery version written."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""RICE model: encoders, clip embedding, losses, training and evaluation (pure PyTorch)."""

@@ -1,0 +1,38 @@
+"""Frame preprocessing shared by training, evaluation and serving.
+
+Split in two so the expensive part runs where it is cheap: `resize_center_crop` on decode
+threads (uint8, small), `normalize` on the encoder's device.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from model.config import PreprocessConfig
+
+
+def resize_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> [crop, crop, 3]: shorter side to `resize`, then the centre square."""
+    h, w = rgb.shape[:2]
+    scale = resize / min(h, w)
+    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    out = cv2.resize(rgb, (nw, nh), interpolation=interp)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    return np.ascontiguousarray(out[top : top + crop, left : left + crop])
+
+
+def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """An OpenCV BGR frame -> RGB uint8 [crop, crop, 3] ready for `normalize`."""
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return resize_center_crop(rgb, cfg.resize, cfg.crop)
+
+
+def normalize(frames: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] normalised with the config's mean and std."""
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

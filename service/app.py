@@ -1,0 +1,131 @@
+"""The app factory: builds every component from one Settings object and wires the routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from index.records import Store
+from index.sqlite_store import SQLiteStore
+from model.checkpoint import LoadedEncoder, load_encoder
+from service.app_state import AppState
+from service.batcher import Batcher
+from service.decode import DecodeLimits
+from service.engine import EncoderEngine
+from service.errors import PayloadTooLarge, error_body, install_error_handlers
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.replica import GalleryReplica
+from service.routes import gallery, health, recognize
+from service.settings import Settings
+
+log = logging.getLogger("rice.app")
+
+
+class UploadLimit:
+    """Reject bodies over the limit: by Content-Length up front, or while streaming (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes + 64 * 1024  # room for multipart headers and form fields
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_json(send, 413, error_body("payload_too_large", f"upload exceeds {self.max_bytes} bytes"))
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"upload exceeds {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None = None, store: Store | None = None) -> FastAPI:
+    """Build the service. `encoder` and `store` let tests inject prepared components."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = encoder or load_encoder(settings.checkpoint)
+        engine = EncoderEngine(loaded, settings.device, settings.torch_threads)
+        log.info("model %s from %s on %s", engine.model_version, engine.source, engine.device)
+        warm = engine.warm_up(settings.max_batch_size)
+        log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
+        metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device)})
+        gallery_store = store or SQLiteStore(settings.gallery_path)
+        replica = GalleryReplica(gallery_store, engine.model_version, engine.dim)
+        replica.sync()
+
+        def on_batch(size: int, seconds: float) -> None:
+            metrics.batch_size.observe(size)
+            metrics.stage_seconds.labels("encode").observe(seconds)
+
+        batcher = Batcher(
+            engine.encode,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            settings.max_queue_frames,
+            on_batch=on_batch,
+            on_cancel=metrics.cancelled.inc,
+        )
+        batcher.start()
+        limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
+        pipeline = Pipeline(batcher, replica, engine.config.preprocess, limits, settings.max_frame_pixels, settings.decode_threads, metrics)
+        app.state.rice = AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            pipeline.close()
+            if store is None:
+                gallery_store.close()
+
+    app = FastAPI(
+        title="RICE livestream product recognition",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Upload a clip of a product being shown; get the shop's matching SKUs.",
+    )
+    install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(path).observe(time.perf_counter() - t)
+        return response
+
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.include_router(recognize.router)
+    app.include_router(gallery.router)
+    app.include_router(health.router)
+    return app

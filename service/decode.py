@@ -1,0 +1,146 @@
+"""Decoding uploads with OpenCV, from memory (no temp files), into model-ready uint8 frames.
+
+Video: uniform sampling of N frames over the whole clip (linspace over frame indices, as RICE
+does); frames not sampled are skipped with grab() and only the kept ones are retrieve()d and
+colour-converted. Every limit is checked as early as the container lets us.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from model.config import PreprocessConfig
+from model.preprocess import prepare_frame
+from service.errors import InvalidMedia, UnsupportedMedia
+
+# Leading bytes of still-image formats: such uploads are images, not clips.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
+_AUDIO_MAGIC = (b"ID3", b"fLaC", b"OggS", b"\xff\xfb", b"\xff\xf3")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_duration_s: float = 600.0
+    max_frame_pixels: int = 3840 * 2160
+    max_decoded_frames: int = 36000
+    timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    frames: np.ndarray  # uint8 [N, crop, crop, 3], RGB
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+    decode_ms: float
+
+
+def _looks_like_container(data: bytes) -> bool:
+    """MP4/MOV (ftyp box), Matroska/WebM (EBML), AVI (RIFF....AVI ), MPEG-TS/PS."""
+    return (
+        data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide")
+        or data[:4] == b"\x1a\x45\xdf\xa3"
+        or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+        or data[:1] == b"\x47"
+        or data[:4] == b"\x00\x00\x01\xba"
+    )
+
+
+def _sample_indices(total: int, n: int) -> list[int]:
+    """Uniformly spaced frame indices, first and last included (fewer when the clip is shorter)."""
+    if total <= n:
+        return list(range(total))
+    return sorted({int(round(x)) for x in np.linspace(0, total - 1, n)})
+
+
+def _count_frames(data: bytes, limits: DecodeLimits, started: float) -> int:
+    """For containers that do not state their length: grab through once to count."""
+    stream = io.BytesIO(data)  # must outlive the capture: OpenCV reads it lazily
+    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+    n = 0
+    try:
+        while cap.grab():
+            n += 1
+            if n > limits.max_decoded_frames:
+                raise InvalidMedia(f"clip has more than {limits.max_decoded_frames} frames")
+            if time.perf_counter() - started > limits.timeout_s:
+                raise InvalidMedia(f"decoding took longer than {limits.timeout_s:g} s")
+    finally:
+        cap.release()
+    return n
+
+
+def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: DecodeLimits) -> DecodedClip:
+    """Video bytes -> `num_frames` uniformly sampled, preprocessed frames (fewer for short clips)."""
+    started = time.perf_counter()
+    if not data:
+        raise InvalidMedia("the uploaded file is empty")
+    if data.startswith(_IMAGE_MAGIC) and not (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        raise UnsupportedMedia("this is a still image, not a video; use POST /v1/recognize/image")
+    if data.startswith(_AUDIO_MAGIC):
+        raise UnsupportedMedia("this is an audio file, not a video")
+    stream = io.BytesIO(data)  # must outlive the capture: OpenCV reads it lazily
+    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+    try:
+        if not cap.isOpened():
+            if _looks_like_container(data):
+                raise InvalidMedia("the video container is truncated or corrupt")
+            raise UnsupportedMedia("not a video in a supported container (mp4, mov, webm, mkv, avi)")
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if width <= 0 or height <= 0:
+            raise UnsupportedMedia("the file has no video stream")
+        if min(width, height) < 16:
+            raise InvalidMedia(f"frame size {width}x{height} is too small (at least 16x16)")
+        if width * height > limits.max_frame_pixels:
+            raise InvalidMedia(f"frame size {width}x{height} exceeds the limit of {limits.max_frame_pixels} pixels")
+        if total > limits.max_decoded_frames:
+            raise InvalidMedia(f"clip has {total} frames; the limit is {limits.max_decoded_frames}")
+        if total > 0 and fps > 0 and total / fps > limits.max_duration_s:
+            raise InvalidMedia(f"clip lasts {total / fps:.1f} s; the limit is {limits.max_duration_s:g} s")
+        if total <= 0:
+            total = _count_frames(data, limits, started)
+        wanted = _sample_indices(total, num_frames)
+        kept: list[np.ndarray] = []
+        idx = 0
+        for target in wanted:
+            while idx < target:  # skip without colour conversion
+                if not cap.grab():
+                    break
+                idx += 1
+            if idx < target or not cap.grab():
+                break  # fewer frames than the header promised: use what decoded
+            idx += 1
+            ok, frame = cap.retrieve()
+            if ok and frame is not None:
+                kept.append(prepare_frame(frame, pre))
+            if time.perf_counter() - started > limits.timeout_s:
+                raise InvalidMedia(f"decoding took longer than {limits.timeout_s:g} s")
+    finally:
+        cap.release()
+    if not kept:
+        raise InvalidMedia("no decodable video frames in the upload")
+    return DecodedClip(np.stack(kept), total, fps, width, height, (time.perf_counter() - started) * 1e3)
+
+
+def decode_image(data: bytes, pre: PreprocessConfig, max_pixels: int) -> np.ndarray:
+    """Image bytes (JPEG, PNG, WebP, BMP, ...) -> one preprocessed frame, uint8 [crop, crop, 3]."""
+    if not data:
+        raise InvalidMedia("the uploaded image is empty")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UnsupportedMedia("not an image in a supported format (jpeg, png, webp, bmp, tiff)")
+    h, w = img.shape[:2]
+    if h * w > max_pixels:
+        raise InvalidMedia(f"image size {w}x{h} exceeds the limit of {max_pixels} pixels")
+    if min(h, w) < 8:
+        raise InvalidMedia(f"image {w}x{h} is too small (at least 8x8)")
+    return prepare_frame(img, pre)

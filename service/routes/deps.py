@@ -1,0 +1,35 @@
+"""Shared route dependencies."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, UploadFile
+
+from service.app_state import AppState
+from service.errors import BadRequest, NotReady, PayloadTooLarge
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "rice", None)
+    if state is None:
+        raise NotReady("the service is starting")
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+async def read_upload(upload: UploadFile | None, request: Request, max_bytes: int, field: str) -> bytes:
+    """The bytes of a multipart file field, or of the raw body when the request is not multipart."""
+    if upload is not None:
+        data = await upload.read(max_bytes + 1)
+    elif request.headers.get("content-type", "").startswith(("multipart/", "application/x-www-form-urlencoded")):
+        raise BadRequest(f"missing multipart field {field!r}")
+    else:
+        data = await request.body()
+        if not data:
+            raise BadRequest(f"send the upload as multipart field {field!r} or as the raw request body")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"upload exceeds {max_bytes} bytes")
+    return data

@@ -1,0 +1,80 @@
+"""Gallery ingestion, deletion and stats."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+
+from service.errors import BadRequest
+from service.routes.deps import State, read_upload
+from service.schemas import Deleted, GalleryStats, ItemCreated
+
+router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
+
+_ID = re.compile(r"^[\w.:@/+-]{1,256}$")  # printable ids without spaces, at most 256 characters
+
+
+def _valid_id(value: str, what: str) -> str:
+    if not _ID.match(value):
+        raise BadRequest(f"{what} must be 1-256 characters of letters, digits and . _ - : @ / +")
+    return value
+
+
+def _parse_metadata(raw: str | None, limit: int) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if len(raw.encode()) > limit:
+        raise BadRequest(f"metadata exceeds {limit} bytes")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"metadata is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise BadRequest("metadata must be a JSON object")
+    return value
+
+
+@router.post("/items", status_code=201, response_model=ItemCreated)
+async def add_item(
+    request: Request,
+    state: State,
+    image: UploadFile = File(..., description="the product image (jpeg, png, webp, bmp)"),
+    sku: str = Form(..., description="the product's SKU"),
+    shop_id: str | None = Form(None, description="the shop selling it (searches may filter by shop)"),
+    item_id: str | None = Form(None, description="id of this image; an existing id is replaced. Default: a new UUID"),
+    metadata: str | None = Form(None, description="a JSON object returned with search results (at most RICE_MAX_METADATA_BYTES)"),
+) -> ItemCreated:
+    """Add (or replace) one product image in the gallery. Visible to searches once answered."""
+    _valid_id(sku, "sku")
+    if shop_id is not None:
+        _valid_id(shop_id, "shop_id")
+    if item_id is not None:
+        _valid_id(item_id, "item_id")
+    meta = _parse_metadata(metadata, state.settings.max_metadata_bytes)
+    data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
+    vector = await state.pipeline.embed_image(data)
+    new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta)
+    return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
+
+
+@router.delete("/items/{item_id}", response_model=Deleted)
+async def delete_item(item_id: str, state: State) -> Deleted:
+    """Remove one gallery image (404 if there is no such item)."""
+    version, ids = await state.replica.delete_item(item_id)
+    return Deleted(deleted=ids, gallery_version=version)
+
+
+@router.delete("/skus/{sku}", response_model=Deleted)
+async def delete_sku(sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")) -> Deleted:
+    """Remove every image of a SKU (404 if it has none)."""
+    version, ids = await state.replica.delete_sku(sku, shop_id)
+    return Deleted(deleted=ids, gallery_version=version)
+
+
+@router.get("/stats", response_model=GalleryStats)
+async def stats(state: State) -> GalleryStats:
+    """Size and version of this replica's gallery."""
+    return GalleryStats(**state.replica.stats())

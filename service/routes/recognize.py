@@ -1,0 +1,59 @@
+"""POST /v1/recognize (a clip) and POST /v1/recognize/image (one still image)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+
+from service.errors import BadRequest
+from service.pipeline import Recognition
+from service.routes.deps import State, read_upload
+from service.schemas import RecognizeResponse, SkuResult
+
+router = APIRouter(tags=["recognize"])
+
+
+def _check(state: State, top_k: int, num_frames: int | None = None) -> None:
+    s = state.settings
+    if top_k > s.max_top_k:
+        raise BadRequest(f"top_k must be between 1 and {s.max_top_k}")
+    if num_frames is not None and num_frames > s.max_num_frames:
+        raise BadRequest(f"num_frames must be between 1 and {s.max_num_frames}")
+
+
+def _answer(state: State, r: Recognition) -> RecognizeResponse:
+    return RecognizeResponse(
+        results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
+        gallery_version=r.gallery_version,
+        model_version=state.engine.model_version,
+        frames_used=r.frames_used,
+        timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
+    )
+
+
+@router.post("/v1/recognize", response_model=RecognizeResponse)
+async def recognize_clip(
+    request: Request,
+    state: State,
+    file: UploadFile | None = File(None, description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body"),
+    top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
+    shop_id: str | None = Query(None, description="search only this shop's gallery"),
+    num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
+) -> RecognizeResponse:
+    """Recognise the product shown in a clip: top-k SKUs, best first."""
+    _check(state, top_k, num_frames)
+    data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
+    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames))
+
+
+@router.post("/v1/recognize/image", response_model=RecognizeResponse)
+async def recognize_image(
+    request: Request,
+    state: State,
+    file: UploadFile | None = File(None, description="a still image (jpeg, png, webp, bmp); or the raw body"),
+    top_k: int = Query(5, ge=1, description="number of SKUs to return"),
+    shop_id: str | None = Query(None, description="search only this shop's gallery"),
+) -> RecognizeResponse:
+    """Recognise the product in one still image."""
+    _check(state, top_k)
+    data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
+    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id))

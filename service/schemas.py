@@ -1,0 +1,45 @@
+"""Response models: the API contract, also published in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class SkuResult(BaseModel):
+    sku: str
+    score: float = Field(description="cosine similarity of the query to the SKU's best-matching image")
+    item_id: str = Field(description="the gallery image that matched best")
+    shop_id: str | None
+    metadata: dict[str, Any]
+
+
+class RecognizeResponse(BaseModel):
+    results: list[SkuResult]
+    gallery_version: int = Field(description="the gallery version this answer was searched in")
+    model_version: str
+    frames_used: int
+    timings_ms: dict[str, float]
+
+
+class ItemCreated(BaseModel):
+    item_id: str
+    sku: str
+    shop_id: str | None
+    gallery_version: int
+    model_version: str
+
+
+class Deleted(BaseModel):
+    deleted: list[str] = Field(description="item ids removed")
+    gallery_version: int
+
+
+class GalleryStats(BaseModel):
+    items: int
+    skus: int
+    shops: int
+    dim: int
+    gallery_version: int
+    namespace: str = Field(description="the model version whose vectors are searched")
