@@ -32,9 +32,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return np.asarray(t * t * (3.0 - 2.0 * t))
 
 
-def _keyframe_track(
-    rng: np.random.Generator, num_frames: int, values: np.ndarray
-) -> np.ndarray:
+def _keyframe_track(rng: np.random.Generator, num_frames: int, values: np.ndarray) -> np.ndarray:
     """Interpolate keyframe ``values`` (K x D) smoothly over ``num_frames`` frames."""
     k = values.shape[0]
     if num_frames == 1:
@@ -52,9 +50,7 @@ def _keyframe_track(
 def _motion_blur(frame: np.ndarray, length: int, angle_deg: float) -> np.ndarray:
     line = np.zeros((length, length), np.float32)
     line[length // 2, :] = 1.0
-    rot = cv2.getRotationMatrix2D(
-        ((length - 1) / 2.0, (length - 1) / 2.0), angle_deg, 1.0
-    )
+    rot = cv2.getRotationMatrix2D(((length - 1) / 2.0, (length - 1) / 2.0), angle_deg, 1.0)
     kernel = cv2.warpAffine(line, rot, (length, length))
     total = float(kernel.sum())
     if total <= 0.0:
@@ -94,9 +90,7 @@ def camera_motion_clip(
         ``num_frames`` BGR uint8 frames of shape (height, width, 3).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"expected BGR uint8 HxWx3 image, got {image.dtype} {image.shape}"
-        )
+        raise ValueError(f"expected BGR uint8 HxWx3 image, got {image.dtype} {image.shape}")
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
     out_w, out_h = int(out_size[0]), int(out_size[1])
@@ -133,9 +127,7 @@ def camera_motion_clip(
     )
 
     # Exposure drifts slowly (auto-exposure), with a little per-frame flicker.
-    light_keys = np.stack(
-        [rng.uniform(0.8, 1.2, k), rng.uniform(-25.0, 25.0, k)], axis=1
-    )
+    light_keys = np.stack([rng.uniform(0.8, 1.2, k), rng.uniform(-25.0, 25.0, k)], axis=1)
     light = _keyframe_track(rng, num_frames, light_keys)
 
     p_motion_blur = float(rng.uniform(0.1, 0.35))
@@ -146,9 +138,7 @@ def camera_motion_clip(
     for i in range(num_frames):
         dx, dy, log_zoom, angle = track[i]
         scale = base_scale * float(np.exp(log_zoom))
-        center = np.array(
-            [out_w / 2.0 + dx + shake[i, 0], out_h / 2.0 + dy + shake[i, 1]]
-        )
+        center = np.array([out_w / 2.0 + dx + shake[i, 0], out_h / 2.0 + dy + shake[i, 1]])
         m = cv2.getRotationMatrix2D((src_w / 2.0, src_h / 2.0), float(angle), scale)
         m[0, 2] += center[0] - src_w / 2.0
         m[1, 2] += center[1] - src_h / 2.0
@@ -167,16 +157,12 @@ def camera_motion_clip(
         if rng.random() < p_motion_blur:
             speed = float(np.hypot(*velocity))
             length = int(np.clip(3 + speed * rng.uniform(0.5, 1.5), 3, 15)) | 1
-            if speed > 0.5:
-                direction = float(np.degrees(np.arctan2(velocity[1], velocity[0])))
-            else:
-                direction = float(rng.uniform(0.0, 180.0))
+            # Nearly static camera: no travel direction to follow, so pick one.
+            direction = float(np.degrees(np.arctan2(velocity[1], velocity[0]))) if speed > 0.5 else float(rng.uniform(0.0, 180.0))
             frame = _motion_blur(frame, length, -direction)
         elif rng.random() < p_gauss_blur:
             sigma = float(rng.uniform(0.6, 1.8))
-            frame = cv2.GaussianBlur(
-                frame, (0, 0), sigma, borderType=cv2.BORDER_REFLECT
-            )
+            frame = cv2.GaussianBlur(frame, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
 
         alpha = float(light[i, 0]) * float(rng.uniform(0.97, 1.03))
         beta = float(light[i, 1]) + float(rng.uniform(-3.0, 3.0))
@@ -194,29 +180,21 @@ def _check_frames(frames: list[np.ndarray]) -> tuple[int, int]:
     first = frames[0]
     for idx, f in enumerate(frames):
         if f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
-            raise ValueError(
-                f"frame {idx}: expected BGR uint8 HxWx3, got {f.dtype} {f.shape}"
-            )
+            raise ValueError(f"frame {idx}: expected BGR uint8 HxWx3, got {f.dtype} {f.shape}")
         if f.shape != first.shape:
             raise ValueError(f"frame {idx} has shape {f.shape}, expected {first.shape}")
     return int(first.shape[1]), int(first.shape[0])
 
 
-def _write_frames(
-    frames: list[np.ndarray], path: Path, fps: float, fourcc: str
-) -> None:
+def _write_frames(frames: list[np.ndarray], path: Path, fps: float, fourcc: str) -> None:
     width, height = _check_frames(frames)
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if len(fourcc) != 4:
         raise ValueError(f"fourcc must be 4 characters, got {fourcc!r}")
-    writer = cv2.VideoWriter(
-        str(path), cv2.VideoWriter.fourcc(*fourcc), float(fps), (width, height)
-    )
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), float(fps), (width, height))
     if not writer.isOpened():
-        raise RuntimeError(
-            f"cv2.VideoWriter could not open {path} with fourcc {fourcc!r}"
-        )
+        raise RuntimeError(f"cv2.VideoWriter could not open {path} with fourcc {fourcc!r}")
     try:
         for f in frames:
             writer.write(np.ascontiguousarray(f))
@@ -224,9 +202,7 @@ def _write_frames(
         writer.release()
     # Some backends "open" fine but write nothing for unsupported sizes/codecs.
     if not path.exists() or path.stat().st_size == 0:
-        raise RuntimeError(
-            f"cv2.VideoWriter produced no data for {path} with fourcc {fourcc!r}"
-        )
+        raise RuntimeError(f"cv2.VideoWriter produced no data for {path} with fourcc {fourcc!r}")
 
 
 def encode_video(
@@ -260,9 +236,7 @@ def encode_video(
         return path.read_bytes()
 
 
-def write_video(
-    frames: list[np.ndarray], path: str | os.PathLike[str], fps: float = 15.0
-) -> None:
+def write_video(frames: list[np.ndarray], path: str | os.PathLike[str], fps: float = 15.0) -> None:
     """Write BGR uint8 frames to ``path``, choosing the codec from its suffix.
 
     ``.mp4``/``.m4v``/``.mov`` use MPEG-4 Part 2 ("mp4v"); ``.avi`` uses Motion JPEG.
@@ -275,8 +249,6 @@ def write_video(
     out = Path(path)
     fourcc = _FOURCC_BY_SUFFIX.get(out.suffix.lower())
     if fourcc is None:
-        raise ValueError(
-            f"unsupported video suffix {out.suffix!r}; expected one of {sorted(_FOURCC_BY_SUFFIX)}"
-        )
+        raise ValueError(f"unsupported video suffix {out.suffix!r}; expected one of {sorted(_FOURCC_BY_SUFFIX)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_frames(frames, out, fps, fourcc)

@@ -87,9 +87,7 @@ def _bands(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 def _waves(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     amp, wl, period = rng.uniform(6, 12), rng.uniform(30, 60), rng.uniform(22, 32)
-    return np.asarray(
-        ((yy + amp * np.sin(xx * 2 * np.pi / wl)) // (period / 2)) % 2 == 0
-    )
+    return np.asarray(((yy + amp * np.sin(xx * 2 * np.pi / wl)) // (period / 2)) % 2 == 0)
 
 
 def _plaid(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -111,19 +109,13 @@ def _shape_mask(shape: tuple[int, int], pts: np.ndarray) -> np.ndarray:
 
 def _big_circle(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = yy.shape
-    return np.asarray(
-        np.hypot(yy - h * 0.3, xx - w * 0.5) < w * rng.uniform(0.32, 0.42)
-    )
+    return np.asarray(np.hypot(yy - h * 0.3, xx - w * 0.5) < w * rng.uniform(0.32, 0.42))
 
 
-def _big_triangle(
-    yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _big_triangle(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = yy.shape
     s = rng.uniform(0.38, 0.46)
-    pts = np.array(
-        [[w / 2, h * 0.05], [w * (0.5 - s), h * 0.55], [w * (0.5 + s), h * 0.55]]
-    )
+    pts = np.array([[w / 2, h * 0.05], [w * (0.5 - s), h * 0.55], [w * (0.5 + s), h * 0.55]])
     return _shape_mask(yy.shape, pts)
 
 
@@ -135,9 +127,7 @@ def _big_star(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.nd
     return _shape_mask(yy.shape, pts)
 
 
-def _big_diamond(
-    yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _big_diamond(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = yy.shape
     r = w * rng.uniform(0.36, 0.46)
     return np.asarray(np.abs(xx - w / 2) + np.abs(yy - h * 0.3) < r)
@@ -161,9 +151,7 @@ def _draw_product(
     sat, val = sv
     base = _hsv_to_bgr(hue, sat, val)
     # Accent: same hue family, so the product's dominant colour stays its own.
-    accent = _hsv_to_bgr(
-        hue + rng.uniform(-12, 12), sat * 0.45, min(255, val * 0.55 + 110)
-    )
+    accent = _hsv_to_bgr(hue + rng.uniform(-12, 12), sat * 0.45, min(255, val * 0.55 + 110))
     yy, xx = np.mgrid[0:bh, 0:bw].astype(np.float32)
     box = np.where(pattern(yy, xx, rng)[..., None], accent, base).astype(np.uint8)
 
@@ -178,9 +166,7 @@ def _draw_product(
     font = cv2.FONT_HERSHEY_DUPLEX
     scale = min(1.6, (bw - 36) / cv2.getTextSize(kind, font, 1.0, 3)[0][0])
     (tw, th), _ = cv2.getTextSize(kind, font, scale, 3)
-    cv2.putText(
-        box, kind, ((bw - tw) // 2, ly0 + th + 12), font, scale, ink, 3, cv2.LINE_AA
-    )
+    cv2.putText(box, kind, ((bw - tw) // 2, ly0 + th + 12), font, scale, ink, 3, cv2.LINE_AA)
     brand = f"BRAND {idx + 1}"
     (tw2, _), _ = cv2.getTextSize(brand, cv2.FONT_HERSHEY_SIMPLEX, 0.75, 2)
     cv2.putText(
@@ -237,9 +223,7 @@ def make_products(n: int, seed: int = 0, shops: int = 2) -> list[DemoProduct]:
 def _package_crop(image: np.ndarray) -> np.ndarray:
     """Crop the packaging out of a catalog photo by dropping its plain backdrop."""
     corner = np.median(
-        np.stack([image[0, 0], image[0, -1], image[-1, 0], image[-1, -1]]).astype(
-            np.int16
-        ),
+        np.stack([image[0, 0], image[0, -1], image[-1, 0], image[-1, -1]]).astype(np.int16),
         axis=0,
     )
     diff = np.abs(image.astype(np.int16) - corner).max(axis=2) > 30
@@ -249,16 +233,10 @@ def _package_crop(image: np.ndarray) -> np.ndarray:
     return image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
-def _background(
-    rng: np.random.Generator, w: int, h: int, distractors: int
-) -> np.ndarray:
+def _background(rng: np.random.Generator, w: int, h: int, distractors: int) -> np.ndarray:
     """A room/shelf-like cluttered backdrop of size (h, w)."""
-    wall = np.array(
-        _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(20, 90), rng.uniform(120, 210))
-    )
-    ramp = np.linspace(
-        rng.uniform(0.75, 0.95), rng.uniform(1.0, 1.15), w, dtype=np.float32
-    )
+    wall = np.array(_hsv_to_bgr(rng.uniform(0, 180), rng.uniform(20, 90), rng.uniform(120, 210)))
+    ramp = np.linspace(rng.uniform(0.75, 0.95), rng.uniform(1.0, 1.15), w, dtype=np.float32)
     bg = np.clip(wall[None, None, :] * ramp[None, :, None], 0, 255).repeat(h, 0)
     # Low-frequency texture so the wall is not a flat colour.
     coarse = rng.normal(0, 1, (h // 8 + 1, w // 8 + 1)).astype(np.float32)
@@ -274,9 +252,7 @@ def _background(
             )
             cv2.rectangle(bg, (x, y), (x + pw, y + ph), c, -1)
         else:
-            cv2.circle(
-                bg, (x, y), int(rng.integers(h // 20, h // 6)), c, -1, cv2.LINE_AA
-            )
+            cv2.circle(bg, (x, y), int(rng.integers(h // 20, h // 6)), c, -1, cv2.LINE_AA)
     wood = _hsv_to_bgr(rng.uniform(8, 20), rng.uniform(100, 170), rng.uniform(70, 150))
     for sy in np.sort(rng.uniform(0.25, 0.95, int(rng.integers(1, 3)))):  # shelves
         y = int(sy * h)
@@ -287,20 +263,14 @@ def _background(
                 int(rng.integers(h // 14, h // 7)),
             )
             x = int(rng.integers(0, max(1, w - iw)))
-            c = _hsv_to_bgr(
-                rng.uniform(0, 180), rng.uniform(80, 255), rng.uniform(80, 240)
-            )
+            c = _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(80, 255), rng.uniform(80, 240))
             cv2.rectangle(bg, (x, y - ih), (x + iw, y), c, -1)
-            cv2.rectangle(
-                bg, (x, y - ih * 2 // 3), (x + iw, y - ih // 3), (235, 235, 235), -1
-            )
+            cv2.rectangle(bg, (x, y - ih * 2 // 3), (x + iw, y - ih // 3), (235, 235, 235), -1)
             cv2.rectangle(bg, (x, y - ih), (x + iw, y), (40, 40, 40), 1)
     return bg
 
 
-def _hand_sprite(
-    pkg: np.ndarray, rng: np.random.Generator, occlusion: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _hand_sprite(pkg: np.ndarray, rng: np.random.Generator, occlusion: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """Pad the package into a sprite, optionally with a hand gripping a corner.
 
     Returns the BGR sprite, its uint8 alpha and the padding in pixels.
@@ -327,9 +297,7 @@ def _hand_sprite(
     unit = pw * rng.uniform(0.2, 0.26)
     palm = (int(cx - sx * unit * 0.3), int(cy + unit * 0.9))
     axes = (int(unit * 1.1), int(unit * 1.4))
-    cv2.ellipse(
-        hand, palm, axes, float(rng.uniform(-25, 25)), 0, 360, 255, -1, cv2.LINE_AA
-    )
+    cv2.ellipse(hand, palm, axes, float(rng.uniform(-25, 25)), 0, 360, 255, -1, cv2.LINE_AA)
     # Forearm continues off the sprite, so the hand never floats.
     fore = (palm[0] - sx * int(unit * 2.5), sh)
     cv2.line(hand, palm, fore, 255, int(unit * 1.5), cv2.LINE_AA)
@@ -345,7 +313,8 @@ def _hand_sprite(
     thumb_tip = (int(palm[0] - sx * unit * 1.6), int(palm[1] - unit * 1.3))
     cv2.line(hand, palm, thumb_tip, 255, max(3, int(unit * 0.5)), cv2.LINE_AA)
 
-    # Keep occlusion bounded: the product must stay recognisable.
+    # Keep occlusion bounded (product must stay recognisable): an oversized hand
+    # is dropped rather than drawn; with the sizes above it covers ~4-11%.
     on_pkg = hand[pad : pad + ph, pad : pad + pw] > 127
     if on_pkg.mean() > 0.2:
         return sprite, alpha, pad
@@ -401,9 +370,7 @@ def render_clip(
     sprite, alpha, pad = _hand_sprite(pkg, rng, occlusion)
     rgba = np.dstack([sprite, alpha])
     ph, pw = pkg.shape[:2]
-    src = np.array(
-        [[pad, pad], [pad + pw, pad], [pad + pw, pad + ph], [pad, pad + ph]], np.float32
-    )
+    src = np.array([[pad, pad], [pad + pw, pad], [pad + pw, pad + ph], [pad, pad + ph]], np.float32)
 
     # Smooth trajectory through 2-3 keyframes: centre, height, roll, yaw tilt.
     k = int(rng.integers(2, 4))
@@ -434,16 +401,14 @@ def render_clip(
         # edge grows, the far edge shrinks and the box gets narrower.
         hl, hr = ht * (1 + yaw * 0.5), ht * (1 - yaw * 0.5)
         wd *= 1 - abs(yaw) * 0.5
-        quad = np.array(
-            [[-wd / 2, -hl / 2], [wd / 2, -hr / 2], [wd / 2, hr / 2], [-wd / 2, hl / 2]]
-        )
+        quad = np.array([[-wd / 2, -hl / 2], [wd / 2, -hr / 2], [wd / 2, hr / 2], [-wd / 2, hl / 2]])
         a = np.radians(roll)
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         quad = quad @ rot.T
         # Keep the package itself on screen (the hand may leave the frame).
         cx = float(np.clip(cx, -quad[:, 0].min(), w - quad[:, 0].max()))
         cy = float(np.clip(cy, -quad[:, 1].min(), h - quad[:, 1].max()))
-        dst = (quad + (cx, cy)).astype(np.float32)
+        dst = (quad + np.array([cx, cy])).astype(np.float32)
         m = cv2.getPerspectiveTransform(src, dst)
         warped = cv2.warpPerspective(rgba, m, (w, h), flags=cv2.INTER_LINEAR)
 
@@ -481,20 +446,12 @@ def write_demo_catalog(
     manifest: dict[str, Any] = {"products": [], "clips": []}
     for p in products:
         rel_img = f"catalog/{p.sku}.jpg"
-        if not cv2.imwrite(
-            str(root / rel_img), p.image, [cv2.IMWRITE_JPEG_QUALITY, 92]
-        ):
+        if not cv2.imwrite(str(root / rel_img), p.image, [cv2.IMWRITE_JPEG_QUALITY, 92]):
             raise RuntimeError(f"could not write {root / rel_img}")
-        manifest["products"].append(
-            {"sku": p.sku, "name": p.name, "shop_id": p.shop_id, "image": rel_img}
-        )
+        manifest["products"].append({"sku": p.sku, "name": p.name, "shop_id": p.shop_id, "image": rel_img})
         for i in range(clips_per_product):
             rel_clip = f"clips/{p.sku}_{i}.mp4"
             write_video(render_clip(p, clip_rng), root / rel_clip)
-            manifest["clips"].append(
-                {"path": rel_clip, "sku": p.sku, "shop_id": p.shop_id}
-            )
-    (root / "manifest.json").write_text(
-        json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
-    )
+            manifest["clips"].append({"path": rel_clip, "sku": p.sku, "shop_id": p.shop_id})
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -40,19 +40,13 @@ def _decode(data: bytes) -> list[np.ndarray]:
 def _photo(seed: int = 0, h: int = 180, w: int = 240) -> np.ndarray:
     """A textured test photo, so camera motion produces visible changes."""
     rng = np.random.default_rng(seed)
-    img = cv2.resize(
-        rng.integers(0, 256, (h // 10, w // 10, 3), dtype=np.uint8), (w, h)
-    )
-    cv2.putText(
-        img, "TEST", (40, 110), cv2.FONT_HERSHEY_SIMPLEX, 2.0, (255, 255, 255), 4
-    )
+    img = cv2.resize(rng.integers(0, 256, (h // 10, w // 10, 3), dtype=np.uint8), (w, h))
+    cv2.putText(img, "TEST", (40, 110), cv2.FONT_HERSHEY_SIMPLEX, 2.0, (255, 255, 255), 4)
     return img
 
 
 def test_encode_video_roundtrip_frame_count_and_size() -> None:
-    frames = camera_motion_clip(
-        _photo(), np.random.default_rng(1), num_frames=12, out_size=(160, 120)
-    )
+    frames = camera_motion_clip(_photo(), np.random.default_rng(1), num_frames=12, out_size=(160, 120))
     data = encode_video(frames, fps=15.0)
     decoded = _decode(data)
     assert len(decoded) == 12
@@ -86,15 +80,10 @@ def test_write_video_picks_codec_from_suffix(tmp_path: Path) -> None:
 
 def test_camera_motion_clip_size_and_motion() -> None:
     img = _photo()
-    frames = camera_motion_clip(
-        img, np.random.default_rng(3), num_frames=16, out_size=(224, 200)
-    )
+    frames = camera_motion_clip(img, np.random.default_rng(3), num_frames=16, out_size=(224, 200))
     assert len(frames) == 16
     assert all(f.shape == (200, 224, 3) and f.dtype == np.uint8 for f in frames)
-    diffs = [
-        np.abs(a.astype(int) - b.astype(int)).mean()
-        for a, b in itertools.pairwise(frames)
-    ]
+    diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in itertools.pairwise(frames)]
     assert max(diffs) > 1.0  # the camera actually moves
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 3.0
 
@@ -111,10 +100,7 @@ def test_make_products_deterministic_and_distinct() -> None:
     b = make_products(12, seed=3)
     assert [p.sku for p in a] == [f"SKU-{i:04d}" for i in range(1, 13)]
     assert [p.shop_id for p in a[:3]] == ["shop-1", "shop-2", "shop-1"]
-    assert all(
-        np.array_equal(p.image, q.image) and p.name == q.name
-        for p, q in zip(a, b, strict=True)
-    )
+    assert all(np.array_equal(p.image, q.image) and p.name == q.name for p, q in zip(a, b, strict=True))
     assert len({p.name for p in a}) == 12
     for p, q in itertools.combinations(a, 2):
         diff = np.abs(p.image.astype(int) - q.image.astype(int)).mean()
@@ -125,9 +111,7 @@ def test_make_products_deterministic_and_distinct() -> None:
 
 def test_render_clip_frames() -> None:
     product = make_products(3, seed=0)[1]
-    frames = render_clip(
-        product, np.random.default_rng(0), num_frames=10, size=(320, 240)
-    )
+    frames = render_clip(product, np.random.default_rng(0), num_frames=10, size=(320, 240))
     assert len(frames) == 10
     assert all(f.shape == (240, 320, 3) and f.dtype == np.uint8 for f in frames)
     assert not np.array_equal(frames[0], frames[-1])
@@ -141,9 +125,7 @@ def test_render_clip_product_clearly_visible() -> None:
     for seed in range(3):
         frames = render_clip(product, np.random.default_rng(seed), num_frames=8)
         for frame in frames:
-            mask = (np.abs(frame.astype(int) - (255, 0, 255)).max(axis=2) < 50).astype(
-                np.uint8
-            )
+            mask = (np.abs(frame.astype(int) - (255, 0, 255)).max(axis=2) < 50).astype(np.uint8)
             _, _, stats, _ = cv2.connectedComponentsWithStats(mask)
             biggest = stats[1:][np.argmax(stats[1:, cv2.CC_STAT_AREA])]
             height_frac = biggest[cv2.CC_STAT_HEIGHT] / frame.shape[0]

@@ -1,0 +1,20 @@
+"""R@k as the RICE paper reports it: a query is a hit at k if any ground truth is in its top k."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def recall_at_k(ranked: Sequence[Sequence[str]], truth: Sequence[str | set[str]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """ranked[i] = SKUs for query i, best first; truth[i] = its SKU (or set of SKUs)."""
+    if len(ranked) != len(truth):
+        raise ValueError("one ranking per query expected")
+    out: dict[str, float] = {}
+    n = max(len(ranked), 1)
+    for k in ks:
+        hits = 0
+        for r, t in zip(ranked, truth, strict=True):
+            gt = t if isinstance(t, set) else {t}
+            hits += any(x in gt for x in r[:k])
+        out[f"R@{k}"] = round(hits / n, 4)
+    return out

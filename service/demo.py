@@ -1,0 +1,47 @@
+"""`rice demo`: serve on localhost with the embedded gallery, seed it with the generated demo
+catalog, upload demo clips and print the top-k SKUs per clip beside the right answer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from service.democatalog import write_demo_catalog
+from service.server import background_server
+from service.settings import Settings
+
+
+def run_demo(settings: Settings, out_dir: Path, products: int, clips_per_product: int, top_k: int, seed: int) -> float:
+    """Returns the share of clips whose right SKU ranked first."""
+    t = time.perf_counter()
+    manifest = write_demo_catalog(out_dir, n_products=products, clips_per_product=clips_per_product, seed=seed)
+    print(f"generated {len(manifest['products'])} products and {len(manifest['clips'])} clips in {out_dir} ({time.perf_counter() - t:.1f} s)")
+    with background_server(settings) as url, httpx.Client(base_url=url, timeout=120.0) as client:
+        print(f"service ready at {url}; model {client.get('/v1/info').json()['model_version']}")
+        for p in manifest["products"]:
+            with (out_dir / p["image"]).open("rb") as f:
+                r = client.post(
+                    "/v1/gallery/items",
+                    files={"image": (Path(p["image"]).name, f, "image/jpeg")},
+                    # a stable item id makes re-running the demo an idempotent upsert
+                    data={"sku": p["sku"], "shop_id": p["shop_id"], "item_id": f"{p['sku']}-catalog", "metadata": f'{{"name": "{p["name"]}"}}'},
+                )
+            r.raise_for_status()
+        print(f"ingested {len(manifest['products'])} catalog images; gallery version {r.json()['gallery_version']}\n")
+        hits = 0
+        print(f"{'clip':<22} {'truth':<10} {'top-' + str(top_k) + ' (score)':<60} ok  ms")
+        for c in manifest["clips"]:
+            with (out_dir / c["path"]).open("rb") as f:
+                r = client.post("/v1/recognize", params={"top_k": top_k}, files={"file": (Path(c["path"]).name, f, "video/mp4")})
+            r.raise_for_status()
+            body = r.json()
+            ranked = [(x["sku"], x["score"]) for x in body["results"]]
+            ok = bool(ranked) and ranked[0][0] == c["sku"]
+            hits += ok
+            shown = ", ".join(f"{s} ({v:.2f})" for s, v in ranked)
+            print(f"{Path(c['path']).name:<22} {c['sku']:<10} {shown:<60} {'yes' if ok else 'NO ':<3} {body['timings_ms']['total']:.0f}")
+    share = hits / max(len(manifest["clips"]), 1)
+    print(f"\nright SKU ranked first for {hits}/{len(manifest['clips'])} clips ({share:.0%})")
+    return share
