@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="serve on localhost, ingest a generated catalog, recognise generated clips")
     d.add_argument("--out", default="demo_out", help="where the generated catalog, clips and gallery go")
     d.add_argument("--products", type=int, default=12)
-    d.add_argument("--clips-per-product", type=int, default=1)
+    d.add_argument("--clips-per-product", type=int, default=2)
     d.add_argument("--top-k", type=int, default=3)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--port", type=int, default=0, help="0 = any free port")
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the demo's table
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -131,8 +131,9 @@ def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: Dec
     return DecodedClip(np.stack(kept), total, fps, width, height, (time.perf_counter() - started) * 1e3)
 
 
-def decode_image(data: bytes, pre: PreprocessConfig, max_pixels: int) -> np.ndarray:
-    """Image bytes (JPEG, PNG, WebP, BMP, ...) -> one preprocessed frame, uint8 [crop, crop, 3]."""
+def decode_image(data: bytes, pre: PreprocessConfig, max_pixels: int, whole: bool = False) -> np.ndarray:
+    """Image bytes (JPEG, PNG, WebP, BMP, ...) -> one preprocessed frame, uint8 [crop, crop, 3].
+    whole=True (catalog images) letterboxes the image instead of centre-cropping it."""
     if not data:
         raise InvalidMedia("the uploaded image is empty")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -143,4 +144,4 @@ def decode_image(data: bytes, pre: PreprocessConfig, max_pixels: int) -> np.ndar
         raise InvalidMedia(f"image size {w}x{h} exceeds the limit of {max_pixels} pixels")
     if min(h, w) < 8:
         raise InvalidMedia(f"image {w}x{h} is too small (at least 8x8)")
-    return prepare_frame(img, pre)
+    return prepare_frame(img, pre, whole=whole)

@@ -336,6 +336,7 @@ def render_clip(
     size: tuple[int, int] = (320, 240),
     occlusion: bool = True,
     distractors: int = 3,
+    scale: tuple[float, float] = (0.4, 0.65),
 ) -> list[np.ndarray]:
     """Render a livestream-like clip of a seller holding up ``product``.
 
@@ -351,6 +352,8 @@ def render_clip(
         size: frame (width, height).
         occlusion: draw a hand partly covering the product.
         distractors: small objects per shelf in the background.
+        scale: range of the package's height as a share of the frame height
+            (a seller holding the product up to the camera: about 0.8).
 
     Returns:
         ``num_frames`` BGR uint8 frames of shape (height, width, 3).
@@ -378,7 +381,7 @@ def render_clip(
         [
             rng.uniform(0.35, 0.65, k) * w,
             rng.uniform(0.4, 0.6, k) * h,
-            rng.uniform(0.4, 0.65, k) * h,  # the roll below shrinks the bbox a bit
+            rng.uniform(scale[0], scale[1], k) * h,  # the roll below shrinks the bbox a bit
             rng.uniform(-18, 18, k),
             rng.uniform(-0.25, 0.25, k),
         ],
@@ -427,12 +430,16 @@ def write_demo_catalog(
     n_products: int = 12,
     clips_per_product: int = 1,
     seed: int = 0,
+    scale: tuple[float, float] = (0.6, 0.9),
 ) -> dict[str, Any]:
     """Write a demo catalog (images, clips, manifest) under ``out_dir``.
 
     Layout: ``catalog/<sku>.jpg``, ``clips/<sku>_<i>.mp4`` (i from 0) and
     ``manifest.json`` = {"products": [{"sku", "name", "shop_id", "image"}],
     "clips": [{"path", "sku", "shop_id"}]} with paths relative to ``out_dir``.
+
+    ``scale`` is the package's height as a share of the frame: a seller holds the product up
+    to the camera, so the demo defaults to close-ups.
 
     Returns:
         The manifest dictionary that was written.
@@ -451,7 +458,7 @@ def write_demo_catalog(
         manifest["products"].append({"sku": p.sku, "name": p.name, "shop_id": p.shop_id, "image": rel_img})
         for i in range(clips_per_product):
             rel_clip = f"clips/{p.sku}_{i}.mp4"
-            write_video(render_clip(p, clip_rng), root / rel_clip)
+            write_video(render_clip(p, clip_rng, scale=scale), root / rel_clip)
             manifest["clips"].append({"path": rel_clip, "sku": p.sku, "shop_id": p.shop_id})
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

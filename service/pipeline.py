@@ -65,10 +65,10 @@ class Pipeline:
         self.metrics.stage_seconds.labels("queue_encode").observe(timings["encode"] / 1e3)
         return emb
 
-    async def embed_image(self, data: bytes) -> np.ndarray:
-        """One still image -> its L2-normalised embedding [D]."""
+    async def embed_catalog_image(self, data: bytes) -> np.ndarray:
+        """One catalog image (whole product, letterboxed) -> its L2-normalised embedding [D]."""
         t = time.perf_counter()
-        frame = await self._run_decode(decode_image, data, self.preprocess, self.max_image_pixels)
+        frame = await self._run_decode(decode_image, data, self.preprocess, self.max_image_pixels, True)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t)
         emb = await self._embed(frame[None], {})
         return clip_vector(emb)

@@ -55,7 +55,7 @@ async def add_item(
         _valid_id(item_id, "item_id")
     meta = _parse_metadata(metadata, state.settings.max_metadata_bytes)
     data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
-    vector = await state.pipeline.embed_image(data)
+    vector = await state.pipeline.embed_catalog_image(data)
     new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
