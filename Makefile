@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 
-.PHONY: setup demo run test lint clean
+.PHONY: setup demo run test clean
 
 $(BIN)/rice: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,11 @@ run: setup
 	$(BIN)/rice serve --port $(PORT)
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) data demo_out .pytest_cache .mypy_cache .ruff_cache

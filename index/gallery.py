@@ -52,11 +52,14 @@ class Gallery:
 
     def apply(self, records: list[Record]) -> None:
         """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing."""
+        for r in records:  # validate the whole batch first: a bad record must not half-apply it
+            if not r.deleted and (r.vector is None or np.asarray(r.vector).reshape(-1).shape[0] != self.dim):
+                got = None if r.vector is None else np.asarray(r.vector).size
+                raise ValueError(f"record {r.item_id!r}: vector of {got} floats, gallery dim is {self.dim}")
         with self._lock:
             for r in records:
                 self._remove(r.item_id)
                 if not r.deleted:
-                    assert r.vector is not None
                     self._add(r)
                 self.version = max(self.version, r.version)
 
@@ -66,8 +69,6 @@ class Gallery:
 
     def _add(self, r: Record) -> None:
         vec = np.asarray(r.vector, dtype=np.float32).reshape(1, -1)
-        if vec.shape[1] != self.dim:
-            raise ValueError(f"vector dim {vec.shape[1]} != gallery dim {self.dim}")
         fid = self._next_id
         self._next_id += 1
         self._index.add_with_ids(vec, np.array([fid], dtype=np.int64))
@@ -83,7 +84,7 @@ class Gallery:
         self._by_shop[entry.shop_id].discard(fid)
         if not self._by_shop[entry.shop_id]:
             del self._by_shop[entry.shop_id]
-        self._index.remove_ids(np.array([fid], dtype=np.int64))
+        self._index.remove_ids(faiss.IDSelectorBatch(np.array([fid], dtype=np.int64)))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -98,7 +99,11 @@ class Gallery:
 
     def search(self, queries: np.ndarray, k: int, shop_id: str | None = None) -> tuple[list[list[Hit]], int]:
         """Top-k SKUs per query [Q, D] (best image per SKU). Returns (hits per query, version seen)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
         with self._lock:
             version = self.version
             if shop_id is None:
@@ -110,7 +115,7 @@ class Gallery:
                     return [[] for _ in range(len(q))], version
                 pool = len(shop)
                 sel = faiss.IDSelectorBatch(np.fromiter(shop, dtype=np.int64, count=len(shop)))
-                params = faiss.SearchParameters(sel=sel)
+                params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
             if pool == 0 or k <= 0:
                 return [[] for _ in range(len(q))], version
             # A SKU may own several images: widen the image search until k distinct SKUs are found.

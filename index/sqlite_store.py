@@ -59,7 +59,9 @@ class SQLiteStore:
         for r in records:
             if r.vector is None:
                 raise ValueError("upsert needs a vector for every record")
-            rows.append((namespace, r.item_id, r.sku, r.shop_id, metadata_to_json(r.metadata), int(r.vector.shape[0]), vector_to_bytes(r.vector)))
+            rows.append(
+                (namespace, r.item_id, r.sku, r.shop_id, metadata_to_json(r.metadata), int(r.vector.shape[0]), vector_to_bytes(r.vector))
+            )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -69,7 +71,7 @@ class SQLiteStore:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (namespace, item_id) DO UPDATE SET "
                     "sku=excluded.sku, shop_id=excluded.shop_id, metadata=excluded.metadata, dim=excluded.dim, "
                     "vector=excluded.vector, version=excluded.version, deleted=0",
-                    [row + (v,) for row in rows],
+                    [(*row, v) for row in rows],
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -56,7 +56,9 @@ def default_encoder() -> LoadedEncoder:
     """EfficientNet-Lite0 with the packaged ImageNet weights: what the service runs without a checkpoint."""
     cfg = EncoderConfig()
     backbone = build_backbone(cfg)
-    version = f"effnet-lite0-imagenet-{_file_hash(packaged_weights_path())[:8]}"
+    # The version covers the preprocessing too: the same weights fed differently embed differently.
+    h = hashlib.sha256((_file_hash(packaged_weights_path()) + repr(cfg.to_dict())).encode()).hexdigest()
+    version = f"effnet-lite0-imagenet-{h[:8]}"
     return LoadedEncoder(backbone, cfg, version, "built-in ImageNet EfficientNet-Lite0 (no checkpoint)")
 
 
@@ -80,7 +82,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
     return version
 
 

@@ -10,6 +10,7 @@ request so only the input that caused it fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -100,10 +101,8 @@ class Batcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in self._jobs:
             if not job.future.done():
                 job.future.set_exception(Overloaded("the service is shutting down"))

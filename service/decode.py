@@ -56,13 +56,13 @@ def _sample_indices(total: int, n: int) -> list[int]:
     """Uniformly spaced frame indices, first and last included (fewer when the clip is shorter)."""
     if total <= n:
         return list(range(total))
-    return sorted({int(round(x)) for x in np.linspace(0, total - 1, n)})
+    return sorted({round(x) for x in np.linspace(0, total - 1, n)})
 
 
 def _count_frames(data: bytes, limits: DecodeLimits, started: float) -> int:
     """For containers that do not state their length: grab through once to count."""
     stream = io.BytesIO(data)  # must outlive the capture: OpenCV reads it lazily
-    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])  # type: ignore[call-overload]  # stubs lack BytesIO
     n = 0
     try:
         while cap.grab():
@@ -86,7 +86,7 @@ def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: Dec
     if data.startswith(_AUDIO_MAGIC):
         raise UnsupportedMedia("this is an audio file, not a video")
     stream = io.BytesIO(data)  # must outlive the capture: OpenCV reads it lazily
-    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])  # type: ignore[call-overload]  # stubs lack BytesIO
     try:
         if not cap.isOpened():
             if _looks_like_container(data):

@@ -17,7 +17,9 @@ def run_demo(settings: Settings, out_dir: Path, products: int, clips_per_product
     """Returns the share of clips whose right SKU ranked first."""
     t = time.perf_counter()
     manifest = write_demo_catalog(out_dir, n_products=products, clips_per_product=clips_per_product, seed=seed)
-    print(f"generated {len(manifest['products'])} products and {len(manifest['clips'])} clips in {out_dir} ({time.perf_counter() - t:.1f} s)")
+    print(
+        f"generated {len(manifest['products'])} products and {len(manifest['clips'])} clips in {out_dir} ({time.perf_counter() - t:.1f} s)"
+    )
     with background_server(settings) as url, httpx.Client(base_url=url, timeout=120.0) as client:
         print(f"service ready at {url}; model {client.get('/v1/info').json()['model_version']}")
         for p in manifest["products"]:
@@ -26,7 +28,12 @@ def run_demo(settings: Settings, out_dir: Path, products: int, clips_per_product
                     "/v1/gallery/items",
                     files={"image": (Path(p["image"]).name, f, "image/jpeg")},
                     # a stable item id makes re-running the demo an idempotent upsert
-                    data={"sku": p["sku"], "shop_id": p["shop_id"], "item_id": f"{p['sku']}-catalog", "metadata": f'{{"name": "{p["name"]}"}}'},
+                    data={
+                        "sku": p["sku"],
+                        "shop_id": p["shop_id"],
+                        "item_id": f"{p['sku']}-catalog",
+                        "metadata": f'{{"name": "{p["name"]}"}}',
+                    },
                 )
             r.raise_for_status()
         print(f"ingested {len(manifest['products'])} catalog images; gallery version {r.json()['gallery_version']}\n")

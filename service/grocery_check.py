@@ -43,14 +43,22 @@ def run_grocery_check(
     ranked_photo: list[list[str]] = []
     with TestClient(create_app(settings, encoder=load_encoder(checkpoint))) as client:
         for p in products:
-            r = client.post("/v1/gallery/items", files={"image": (p.catalog_image.name, p.catalog_image.read_bytes(), "image/jpeg")}, data={"sku": p.sku})
+            r = client.post(
+                "/v1/gallery/items",
+                files={"image": (p.catalog_image.name, p.catalog_image.read_bytes(), "image/jpeg")},
+                data={"sku": p.sku},
+            )
             r.raise_for_status()
         model_version = client.get("/v1/info").json()["model_version"]
         for ph in photos:
             raw = ph.path.read_bytes()
             image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ValueError(f"unreadable photo: {ph.path}")
             clip = encode_video(camera_motion_clip(image, rng, num_frames=clip_frames, out_size=(256, 256)))
-            r = client.post("/v1/recognize", params={"top_k": 10, "num_frames": num_frames}, files={"file": ("clip.mp4", clip, "video/mp4")})
+            r = client.post(
+                "/v1/recognize", params={"top_k": 10, "num_frames": num_frames}, files={"file": ("clip.mp4", clip, "video/mp4")}
+            )
             r.raise_for_status()
             ranked_clip.append([x["sku"] for x in r.json()["results"]])
             r = client.post("/v1/recognize/image", params={"top_k": 10}, files={"file": (ph.path.name, raw, "image/jpeg")})

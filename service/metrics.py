@@ -15,7 +15,11 @@ class Metrics:
         self.requests = Counter("rice_requests_total", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("rice_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.stage_seconds = Histogram(
-            "rice_stage_seconds", "Time per pipeline stage (decode, queue_wait, encode, search)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+            "rice_stage_seconds",
+            "Time per pipeline stage (decode, queue_wait, encode, search)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram("rice_batch_size", "Frames per encoder batch", buckets=_BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("rice_queue_frames", "Frames waiting for the encoder", registry=r)

@@ -34,7 +34,9 @@ class GalleryReplica:
             self.gallery.set_version(self.store.version())
             return self.gallery.version
 
-    async def add(self, vector: np.ndarray, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any]) -> tuple[str, int]:
+    async def add(
+        self, vector: np.ndarray, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any]
+    ) -> tuple[str, int]:
         item_id = item_id or uuid.uuid4().hex
         rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
         version = await asyncio.to_thread(self.store.upsert, self.namespace, [rec])

@@ -96,7 +96,11 @@ def test_shop_filter_and_deletes(client, products: list[DemoProduct], clip_of: C
     assert _top(client, clip, shop_id="no-such-shop")["results"] == []
 
     # A second image of the same SKU: still one result per SKU.
-    r = client.post("/v1/gallery/items", files={"image": ("b.jpg", jpeg(target.image[::-1].copy()), "image/jpeg")}, data={"sku": target.sku, "shop_id": target.shop_id, "item_id": "second"})
+    r = client.post(
+        "/v1/gallery/items",
+        files={"image": ("b.jpg", jpeg(target.image[::-1].copy()), "image/jpeg")},
+        data={"sku": target.sku, "shop_id": target.shop_id, "item_id": "second"},
+    )
     assert r.status_code == 201
     skus = [x["sku"] for x in _top(client, clip, top_k=10)["results"]]
     assert len(skus) == len(set(skus)) == len(products)
@@ -118,7 +122,9 @@ def test_shop_filter_and_deletes(client, products: list[DemoProduct], clip_of: C
 def test_upsert_by_item_id_replaces(client, products: list[DemoProduct]) -> None:  # type: ignore[no-untyped-def]
     a, b = products[0], products[1]
     for p in (a, b):
-        r = client.post("/v1/gallery/items", files={"image": ("x.jpg", jpeg(p.image), "image/jpeg")}, data={"sku": p.sku, "item_id": "same"})
+        r = client.post(
+            "/v1/gallery/items", files={"image": ("x.jpg", jpeg(p.image), "image/jpeg")}, data={"sku": p.sku, "item_id": "same"}
+        )
         assert r.status_code == 201
     stats = client.get("/v1/gallery/stats").json()
     assert stats["items"] == 1 and stats["skus"] == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
@@ -41,7 +41,7 @@ def _parse_metadata(raw: str | None, limit: int) -> dict[str, Any]:
 async def add_item(
     request: Request,
     state: State,
-    image: UploadFile = File(..., description="the product image (jpeg, png, webp, bmp)"),
+    image: Annotated[UploadFile, File(description="the product image (jpeg, png, webp, bmp)")],
     sku: str = Form(..., description="the product's SKU"),
     shop_id: str | None = Form(None, description="the shop selling it (searches may filter by shop)"),
     item_id: str | None = Form(None, description="id of this image; an existing id is replaced. Default: a new UUID"),
@@ -68,7 +68,9 @@ async def delete_item(item_id: str, state: State) -> Deleted:
 
 
 @router.delete("/skus/{sku}", response_model=Deleted)
-async def delete_sku(sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")) -> Deleted:
+async def delete_sku(
+    sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
+) -> Deleted:
     """Remove every image of a SKU (404 if it has none)."""
     version, ids = await state.replica.delete_sku(sku, shop_id)
     return Deleted(deleted=ids, gallery_version=version)

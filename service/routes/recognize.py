@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, File, Query, Request, UploadFile
 
 from service.errors import BadRequest
@@ -34,7 +36,7 @@ def _answer(state: State, r: Recognition) -> RecognizeResponse:
 async def recognize_clip(
     request: Request,
     state: State,
-    file: UploadFile | None = File(None, description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body"),
+    file: Annotated[UploadFile | None, File(description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
     num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
@@ -49,7 +51,7 @@ async def recognize_clip(
 async def recognize_image(
     request: Request,
     state: State,
-    file: UploadFile | None = File(None, description="a still image (jpeg, png, webp, bmp); or the raw body"),
+    file: Annotated[UploadFile | None, File(description="a still image (jpeg, png, webp, bmp); or the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
 ) -> RecognizeResponse:

@@ -1,0 +1,106 @@
+"""The dynamic batcher: collation, per-request results, failure isolation, overload, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, Job, collate
+from service.errors import Overloaded
+
+
+def _frames(start: int, n: int) -> np.ndarray:
+    """n frames whose pixels all equal their global id, so an embedding can name its frame."""
+    return np.stack([np.full((2, 2, 3), start + i, np.uint8) for i in range(n)])
+
+
+def _encode(batch: np.ndarray) -> np.ndarray:
+    return batch[:, 0, 0, :1].astype(np.float32)  # [B, 1]: the frame id
+
+
+def test_collate_splits_jobs_across_batches_and_skips_cancelled() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = deque(Job(_frames(10 * i, n), loop.create_future()) for i, n in enumerate([3, 5, 2]))
+        jobs[2].future.cancel()
+        batch, slices = collate(jobs, 4)
+        assert len(batch) == 4 and [(s.start, s.stop) for s in slices] == [(0, 3), (3, 4)]
+        assert list(_encode(batch)[:, 0]) == [0, 1, 2, 10]
+        batch, slices = collate(jobs, 4)
+        assert list(_encode(batch)[:, 0]) == [11, 12, 13, 14] and len(slices) == 1
+        batch, slices = collate(jobs, 4)
+        assert slices == [] and not jobs  # the cancelled job is dropped, not encoded
+    finally:
+        loop.close()
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
+    sizes: list[int] = []
+    b = Batcher(_encode, max_batch=16, max_wait_ms=20, on_batch=lambda n, _s: sizes.append(n))
+    b.start()
+    try:
+        inputs = [_frames(20 * i, 10) for i in range(8)]
+        outs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, out in zip(inputs, outs, strict=True):
+            assert np.array_equal(out[:, 0], _encode(x)[:, 0])
+        assert sum(sizes) == 80 and max(sizes) == 16 and len(sizes) == 5
+    finally:
+        await b.stop()
+
+
+@pytest.mark.anyio
+async def test_a_failing_input_fails_only_its_own_request() -> None:
+    def encode(batch: np.ndarray) -> np.ndarray:
+        if (batch == 255).any():
+            raise ValueError("poisoned frame")
+        return _encode(batch)
+
+    b = Batcher(encode, max_batch=32, max_wait_ms=20)
+    b.start()
+    try:
+        good = [_frames(0, 4), _frames(10, 4)]
+        bad = np.full((3, 2, 2, 3), 255, np.uint8)
+        results = await asyncio.gather(b.submit(good[0]), b.submit(bad), b.submit(good[1]), return_exceptions=True)
+        assert isinstance(results[1], ValueError)
+        assert np.array_equal(results[0][:, 0], [0, 1, 2, 3]) and np.array_equal(results[2][:, 0], [10, 11, 12, 13])
+        assert b.queued_frames == 0
+    finally:
+        await b.stop()
+
+
+@pytest.mark.anyio
+async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget() -> None:
+    gate = threading.Event()
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        return _encode(batch)
+
+    cancelled: list[int] = []
+    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=10, on_cancel=cancelled.append)
+    b.start()
+    try:
+        first = asyncio.create_task(b.submit(_frames(0, 4)))  # taken into the (blocked) batch
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(b.submit(_frames(10, 8)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as exc:
+            await b.submit(_frames(30, 4))
+        assert int(exc.value.headers["Retry-After"]) >= 1
+        waiting.cancel()  # its client went away
+        await asyncio.sleep(0.01)
+        assert cancelled == [8] and b.queued_frames == 0
+        gate.set()
+        assert np.array_equal((await first)[:, 0], [0, 1, 2, 3])
+        t = time.perf_counter()
+        assert len(await b.submit(_frames(40, 4))) == 4  # admitted again
+        assert time.perf_counter() - t < 2
+    finally:
+        gate.set()
+        await b.stop()
