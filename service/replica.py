@@ -56,5 +56,14 @@ class GalleryReplica:
     def search(self, queries: np.ndarray, k: int, shop_id: str | None) -> tuple[list[list[Hit]], int]:
         return self.gallery.search(queries, k, shop_id)
 
+    def health(self) -> list[str]:
+        """Reasons this replica's gallery cannot be trusted right now (empty = healthy); catches up if behind."""
+        try:
+            if self.store.version() > self.gallery.version:
+                self.sync()
+        except Exception as exc:  # any store failure means we cannot vouch for the gallery
+            return [f"gallery_store_unavailable: {type(exc).__name__}"]
+        return []
+
     def stats(self) -> dict[str, Any]:
         return {**self.gallery.stats(), "namespace": self.namespace}

@@ -32,12 +32,7 @@ def readiness(state: State) -> list[str]:
         reasons.append("batcher_stopped")
     elif b.queued_frames > 0 and time.monotonic() - b.last_progress > STALL_AFTER_S:
         reasons.append("batcher_stalled")
-    try:
-        store_version = state.replica.store.version()
-        if store_version > state.replica.gallery.version:
-            state.replica.sync()
-    except Exception as exc:  # any store failure means we cannot vouch for the gallery
-        reasons.append(f"gallery_store_unavailable: {type(exc).__name__}")
+    reasons.extend(state.replica.health())
     return reasons
 
 
