@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,73 @@ def cmd_grocery_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from tqdm import tqdm
+
+    from service.ingest import Journal, http_poster, ingest_client, read_catalog, run_ingest
+
+    source = Path(args.source)
+    items = read_catalog(source, args.shop_id)
+    target = "in-process" if args.in_process else args.url
+    key = hashlib.sha1(f"{source.resolve()}|{target}".encode()).hexdigest()[:12]
+    journal = Journal(Path(args.state) if args.state else Path(".rice-ingest") / f"{key}.jsonl")
+    try:
+        with (
+            ingest_client(args.url, args.api_key, args.in_process) as client,
+            tqdm(total=len(items), unit="img", disable=args.quiet) as bar,
+        ):
+            bar.update(sum(it.item_id in journal.done for it in items))
+            report = run_ingest(items, http_poster(client), journal, args.workers, bar.update)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (journal: {journal.path})", file=sys.stderr)
+        return 130
+    finally:
+        journal.close()
+    summary = report.to_dict()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        counts = f"{report.ingested} ingested, {report.skipped} already done, {len(report.failed)} failed of {report.total}"
+        print(f"{counts} (journal: {journal.path})")
+        for path, reason in sorted(report.failed.items()):
+            print(f"  FAILED {path}: {reason}")
+    return 1 if report.failed else 0
+
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
+
+
+def cmd_recognize(args: argparse.Namespace) -> int:
+    import httpx
+
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES) if p.is_dir() else [p]
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    params: dict[str, str | int] = {"top_k": args.top_k, "num_frames": args.num_frames}
+    if args.shop_id:
+        params["shop_id"] = args.shop_id
+    answers = []
+    failed = 0
+    with httpx.Client(base_url=args.url, headers=headers, timeout=120.0) as client:
+        for path in paths:
+            r = client.post("/v1/recognize", params=params, files={"file": (path.name, path.read_bytes(), "application/octet-stream")})
+            body = r.json()
+            answers.append({"path": str(path), "status": r.status_code, **body})
+            failed += r.status_code != 200
+            if not args.json:
+                if r.status_code == 200:
+                    shown = ", ".join(f"{x['sku']} ({x['score']:.2f})" for x in body["results"]) or "(empty gallery)"
+                    print(f"{path}: {shown}")
+                else:
+                    print(f"{path}: HTTP {r.status_code} {body.get('error', {}).get('message', '')}")
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rice", description="Livestream product recognition (RICE): serve, demo, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,6 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-frames", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_grocery_check)
+    i = sub.add_parser(
+        "ingest",
+        help="add a catalog to the gallery: a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id",
+        description="Concurrent and resumable: re-running skips finished files and never duplicates items "
+        "(item ids derive from sku + path). Bad files are reported at the end; the exit status is 1 if any failed.",
+    )
+    i.add_argument("source", help="catalog folder (sub-folder name = SKU) or CSV file")
+    i.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+    i.add_argument("--in-process", action="store_true", help="no server: embed and store in this process (RICE_* settings)")
+    i.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
+    i.add_argument("--workers", type=int, default=4, help="concurrent uploads")
+    i.add_argument("--state", help="journal file for resuming (default: .rice-ingest/<hash of source and target>.jsonl)")
+    i.add_argument("--api-key", default=None, help="API key with write rights (or set RICE_CLIENT_API_KEY)")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.set_defaults(func=cmd_ingest)
+
+    r = sub.add_parser("recognize", help="recognise clips (files or folders) against a running service")
+    r.add_argument("paths", nargs="+", help="clip files or folders of clips")
+    r.add_argument("--url", default="http://127.0.0.1:8000")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--shop-id")
+    r.add_argument("--num-frames", type=int, default=10)
+    r.add_argument("--api-key", default=None)
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.set_defaults(func=cmd_recognize)
     return p
 
 
@@ -77,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2"):  # one line per request drowns the demo's table
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    if getattr(args, "api_key", None) is None and "api_key" in args:
+        args.api_key = os.environ.get("RICE_CLIENT_API_KEY")
     return int(args.func(args))
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
+from model.checkpoint import LoadedEncoder
 from service.app import create_app
 from service.settings import Settings
 
@@ -28,10 +29,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextmanager
-def background_server(settings: Settings, ready_timeout_s: float = 120.0) -> Iterator[str]:
-    """Start the service on a thread; yield its base URL once /readyz answers 200; stop it after."""
+def background_server(settings: Settings, encoder: LoadedEncoder | None = None, ready_timeout_s: float = 120.0) -> Iterator[str]:
+    """Start the service on a thread; yield its base URL once /readyz answers 200; stop it after.
+    `encoder` reuses an already-loaded model (tests)."""
     port = settings.port or free_port(settings.host)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(create_app(settings, encoder=encoder), host=settings.host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from model.checkpoint import LoadedEncoder
-from service.app import create_app
 from service.democatalog import DemoProduct
 from service.server import background_server
 from tests.conftest import jpeg, settings_for
@@ -47,37 +46,29 @@ def test_clips_are_recognised_and_gallery_survives_restart(
     clips = {p.sku: clip_of(p, seed=i) for i, p in enumerate(products)}
     settings = settings_for(tmp_path)
 
-    import service.server as server_mod
+    with background_server(settings, encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
+        version = _ingest(c, products)
+        first = {}
+        for p in products:
+            body = _top(c, clips[p.sku], top_k=3)
+            assert body["frames_used"] == 10
+            assert body["gallery_version"] == version
+            assert body["model_version"] == encoder.model_version
+            assert {"decode", "encode", "search", "total"} <= set(body["timings_ms"])
+            assert len(body["results"]) == 3
+            scores = [r["score"] for r in body["results"]]
+            assert scores == sorted(scores, reverse=True)
+            first[p.sku] = body["results"]
+        # Clearly visible products: the right SKU ranks first for every clip.
+        assert {sku: res[0]["sku"] for sku, res in first.items()} == {p.sku: p.sku for p in products}
+        assert first[products[0].sku][0]["metadata"] == {"name": products[0].name}
 
-    # Inject the already-loaded encoder so the test pays for weight loading once.
-    original = server_mod.create_app
-    server_mod.create_app = lambda s: create_app(s, encoder=encoder)  # type: ignore[assignment]
-    try:
-        with background_server(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
-            version = _ingest(c, products)
-            first = {}
-            for p in products:
-                body = _top(c, clips[p.sku], top_k=3)
-                assert body["frames_used"] == 10
-                assert body["gallery_version"] == version
-                assert body["model_version"] == encoder.model_version
-                assert {"decode", "encode", "search", "total"} <= set(body["timings_ms"])
-                assert len(body["results"]) == 3
-                scores = [r["score"] for r in body["results"]]
-                assert scores == sorted(scores, reverse=True)
-                first[p.sku] = body["results"]
-            # Clearly visible products: the right SKU ranks first for every clip.
-            assert {sku: res[0]["sku"] for sku, res in first.items()} == {p.sku: p.sku for p in products}
-            assert first[products[0].sku][0]["metadata"] == {"name": products[0].name}
-
-        # A new process on the same gallery file answers the same.
-        with background_server(settings) as url, httpx.Client(base_url=url, timeout=60) as c:
-            stats = c.get("/v1/gallery/stats").json()
-            assert stats["items"] == len(products) and stats["gallery_version"] == version
-            for p in products[:3]:
-                assert _top(c, clips[p.sku], top_k=3)["results"] == first[p.sku]
-    finally:
-        server_mod.create_app = original  # type: ignore[assignment]
+    # A new process on the same gallery file answers the same.
+    with background_server(settings, encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
+        stats = c.get("/v1/gallery/stats").json()
+        assert stats["items"] == len(products) and stats["gallery_version"] == version
+        for p in products[:3]:
+            assert _top(c, clips[p.sku], top_k=3)["results"] == first[p.sku]
 
 
 def test_shop_filter_and_deletes(client, products: list[DemoProduct], clip_of: Callable[..., bytes]) -> None:  # type: ignore[no-untyped-def]

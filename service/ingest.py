@@ -1,0 +1,183 @@
+"""`rice ingest`: feed a catalog (a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id)
+into a running service, concurrently, resumably, reporting bad files without stopping.
+
+Item ids are derived from (sku, file path), so running the same catalog twice upserts the same
+items: nothing is ever duplicated. A journal (JSONL, one line per finished file) lets an interrupted
+run skip what is already done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    path: Path
+    sku: str
+    shop_id: str | None
+    item_id: str
+
+
+@dataclass
+class IngestReport:
+    total: int = 0
+    ingested: int = 0
+    skipped: int = 0  # already done by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "ingested": self.ingested,
+            "skipped": self.skipped,
+            "failed": len(self.failed),
+            "failures": self.failed,
+        }
+
+
+def stable_item_id(sku: str, path: Path) -> str:
+    return "img-" + hashlib.sha1(f"{sku}\x00{path.as_posix()}".encode()).hexdigest()[:20]
+
+
+def read_catalog(source: Path, shop_id: str | None = None) -> list[CatalogImage]:
+    """A folder (sub-folder name = SKU) or a CSV with columns path,sku[,shop_id] (header optional;
+    relative paths are relative to the CSV's folder)."""
+    items: list[CatalogImage] = []
+    if source.is_dir():
+        for sku_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+            for f in sorted(sku_dir.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    rel = f.relative_to(source)
+                    items.append(CatalogImage(f, sku_dir.name, shop_id, stable_item_id(sku_dir.name, rel)))
+        return items
+    with source.open(newline="") as fh:
+        for row in csv.reader(fh):
+            if not row or row[0].strip().lower() == "path" or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{source}: each row needs path,sku[,shop_id]: {row}")
+            path = Path(row[0].strip())
+            sku = row[1].strip()
+            shop = row[2].strip() if len(row) > 2 and row[2].strip() else shop_id
+            full = path if path.is_absolute() else source.parent / path
+            items.append(CatalogImage(full, sku, shop, stable_item_id(sku, path)))
+    return items
+
+
+class Poster(Protocol):
+    def __call__(self, image: CatalogImage, data: bytes) -> tuple[int, dict[str, Any]]: ...
+
+
+def http_poster(client: Any) -> Poster:
+    """POST /v1/gallery/items with an httpx-compatible client (a real URL or an in-process TestClient)."""
+
+    def post(image: CatalogImage, data: bytes) -> tuple[int, dict[str, Any]]:
+        form = {"sku": image.sku, "item_id": image.item_id}
+        if image.shop_id:
+            form["shop_id"] = image.shop_id
+        r = client.post("/v1/gallery/items", files={"image": (image.path.name, data, "application/octet-stream")}, data=form)
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"error": {"message": r.text[:200]}}
+        return r.status_code, body
+
+    return post
+
+
+class Journal:
+    """Append-only record of finished files; thread-safe; survives interruption line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: set[str] = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption: that file is simply redone
+                if rec.get("status") == "ok":
+                    self.done.add(rec["item_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("a")
+        self._lock = threading.Lock()
+
+    def record(self, item_id: str, status: str, detail: str = "") -> None:
+        with self._lock:
+            self._fh.write(json.dumps({"item_id": item_id, "status": status, "detail": detail}) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def run_ingest(
+    items: list[CatalogImage],
+    post: Poster,
+    journal: Journal,
+    workers: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    report = IngestReport(total=len(items))
+    todo = [it for it in items if it.item_id not in journal.done]
+    report.skipped = len(items) - len(todo)
+
+    def one(image: CatalogImage) -> tuple[CatalogImage, str | None]:
+        try:
+            data = image.path.read_bytes()
+        except OSError as exc:
+            return image, f"unreadable: {exc.strerror or exc}"
+        status, body = post(image, data)
+        if status == 201:
+            return image, None
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        return image, f"HTTP {status}: {err.get('message', body)}"
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(one, it) for it in todo]
+        for fut in as_completed(futures):
+            image, error = fut.result()
+            if error is None:
+                report.ingested += 1
+                journal.record(image.item_id, "ok")
+            else:
+                report.failed[str(image.path)] = error
+                journal.record(image.item_id, "failed", error)
+            if progress:
+                progress(1)
+    finally:
+        # On Ctrl-C, drop queued uploads instead of finishing them: the journal resumes the rest.
+        pool.shutdown(wait=True, cancel_futures=True)
+    return report
+
+
+@contextmanager
+def ingest_client(url: str | None, api_key: str | None, in_process: bool) -> Iterator[Any]:
+    """An httpx client for a running service, or an in-process app built from RICE_* settings."""
+    headers = {"X-API-Key": api_key} if api_key else {}
+    if in_process:
+        from fastapi.testclient import TestClient
+
+        from service.app import create_app
+
+        with TestClient(create_app(), headers=headers) as c:
+            yield c
+        return
+    import httpx
+
+    with httpx.Client(base_url=url or "http://127.0.0.1:8000", headers=headers, timeout=120.0) as c:
+        yield c

@@ -1,0 +1,113 @@
+"""`rice ingest` against a real server: interrupted and re-run, nothing duplicated, nothing missed;
+bad files reported without stopping. `rice recognize` prints the right SKU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import pytest
+
+from model.checkpoint import LoadedEncoder
+from model.clipsynth import encode_video
+from service.democatalog import DemoProduct, render_clip
+from service.ingest import read_catalog
+from service.server import background_server
+from tests.conftest import settings_for
+
+pytestmark = pytest.mark.integration
+RICE = [sys.executable, "-m", "service.cli"]
+
+
+def _catalog(root: Path, products: list[DemoProduct]) -> int:
+    """One folder per SKU with three views each, plus two bad files. Returns the number of good images."""
+    good = 0
+    for p in products:
+        d = root / p.sku
+        d.mkdir(parents=True)
+        for k, img in enumerate([p.image, p.image[:, ::-1], cv2.GaussianBlur(p.image, (5, 5), 0)]):
+            cv2.imwrite(str(d / f"view{k}.jpg"), img)
+            good += 1
+    (root / products[0].sku / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / products[1].sku / "empty.png").write_bytes(b"")
+    return good
+
+
+def test_ingest_is_resumable_and_reports_bad_files(tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct]) -> None:
+    root = tmp_path / "catalog"
+    good = _catalog(root, products)
+    state = tmp_path / "state.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with background_server(settings_for(tmp_path, max_batch_size=4), encoder) as url, httpx.Client(base_url=url) as c:
+        cmd = [*RICE, "ingest", str(root), "--url", url, "--workers", "1", "--state", str(state), "--quiet", "--json"]
+        # First run: interrupt it (SIGINT, as Ctrl-C) once a few files are done.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not state.exists() or len(state.read_text().splitlines()) < 4):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        done_before = sum(json.loads(line)["status"] == "ok" for line in state.read_text().splitlines() if line.endswith("}"))
+        assert 0 < done_before < good, "the interruption must land mid-run for this test to mean anything"
+
+        # Second run finishes the job; the journal makes it skip what was done.
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        summary = json.loads(out.stdout)
+        assert out.returncode == 1  # some files failed
+        assert summary["skipped"] >= done_before
+        assert summary["skipped"] + summary["ingested"] == good
+        assert sorted(Path(p).name for p in summary["failures"]) == ["broken.jpg", "empty.png"]
+
+        stats = c.get("/v1/gallery/stats").json()
+        assert stats["items"] == good and stats["skus"] == len(products)  # nothing duplicated, nothing missed
+
+        # A third run without the journal re-sends everything as upserts: still no duplicates.
+        out = subprocess.run(
+            [*cmd[:-4], "--state", str(tmp_path / "fresh.jsonl"), "--quiet", "--json"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert json.loads(out.stdout)["ingested"] == good
+        assert c.get("/v1/gallery/stats").json()["items"] == good
+
+
+def test_catalog_csv_and_recognize_cli(tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct]) -> None:
+    import numpy as np
+
+    (tmp_path / "img").mkdir()
+    rows = ["path,sku,shop_id"]
+    for p in products:
+        cv2.imwrite(str(tmp_path / "img" / f"{p.sku}.jpg"), p.image)
+        rows.append(f"img/{p.sku}.jpg,{p.sku},{p.shop_id}")
+    (tmp_path / "catalog.csv").write_text("\n".join(rows) + "\n")
+    items = read_catalog(tmp_path / "catalog.csv")
+    assert [(i.sku, i.shop_id) for i in items] == [(p.sku, p.shop_id) for p in products]
+    target = products[2]
+    clip = tmp_path / "clips" / "live.mp4"
+    clip.parent.mkdir()
+    clip.write_bytes(encode_video(render_clip(target, np.random.default_rng(2), num_frames=20, scale=(0.8, 0.95), occlusion=False)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with background_server(settings_for(tmp_path), encoder) as url:
+        out = subprocess.run(
+            [*RICE, "ingest", str(tmp_path / "catalog.csv"), "--url", url, "--quiet", "--state", str(tmp_path / "s.jsonl")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = subprocess.run(
+            [*RICE, "recognize", str(clip.parent), "--url", url, "--top-k", "3", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        assert answer[0]["results"][0]["sku"] == target.sku
