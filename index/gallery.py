@@ -1,11 +1,22 @@
-"""In-memory faiss gallery: exact inner-product search over L2-normalised vectors, answered as SKUs.
+"""In-memory faiss gallery: inner-product search over L2-normalised vectors, answered as SKUs.
 
-Search returns SKUs, not images: a SKU's score is its best image's score. A shop filter restricts
-the search to that shop's images with a faiss ID selector, so results are exact, not post-filtered.
+Search returns SKUs, not images: a SKU's score is its best image's score.
+
+Storage is one `IndexFlatIP` whose rows are slots: a deleted item's row is zeroed and its slot
+reused by the next add, so deletes cost O(D), not a compaction of the whole index. Searches:
+
+- unfiltered, small gallery: exact flat search (asking for as many extra rows as there are
+  zeroed ones, so dead rows never push a live one out of the top n);
+- unfiltered, gallery past `AnnConfig.threshold`: an IVF index (see `index.ann`), trained in the
+  background and swapped in atomically, kept up to date by add/remove in place;
+- one shop: exact, over that shop's rows only (a gather and a matrix product), so thousands of
+  small shops each cost what their own size costs; a shop larger than `exact_shop_max` uses the
+  index with a faiss ID selector instead.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -14,7 +25,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.ann import AnnConfig, IvfBuild
 from index.records import Record
+
+log = logging.getLogger("rice.index")
 
 
 @dataclass(frozen=True)
@@ -37,18 +51,35 @@ class _Entry:
 class Gallery:
     """Thread-safe faiss index of gallery images with SKU aggregation and a shop filter."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, ann: AnnConfig | None = None, exact_shop_max: int = 50_000) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.ann_config = ann or AnnConfig()
+        self.exact_shop_max = exact_shop_max
+        self._flat = faiss.IndexFlatIP(dim)  # row i holds slot i's vector (zeros when free)
         self._entries: dict[int, _Entry] = {}
-        self._ids: dict[str, int] = {}  # item_id -> faiss id
+        self._ids: dict[str, int] = {}  # item_id -> slot
         self._by_shop: dict[str | None, set[int]] = defaultdict(set)
-        self._next_id = 0
+        self._free: list[int] = []
+        self._ann: faiss.Index | None = None
+        self._ann_size = 0  # live items when the approximate index was trained
+        self._build: IvfBuild | None = None
         self._lock = threading.RLock()
         self.version = 0  # the last gallery version applied
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def approximate(self) -> bool:
+        """True while unfiltered searches go through the approximate index."""
+        return self._ann is not None
+
+    def _rows(self) -> np.ndarray:
+        """A writable view of the flat index's rows [ntotal, D] (re-taken after every add: adds may move them)."""
+        n = self._flat.ntotal
+        if n == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def apply(self, records: list[Record]) -> None:
         """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing."""
@@ -57,34 +88,102 @@ class Gallery:
                 got = None if r.vector is None else np.asarray(r.vector).size
                 raise ValueError(f"record {r.item_id!r}: vector of {got} floats, gallery dim is {self.dim}")
         with self._lock:
+            base = self._flat.ntotal
+            rows = self._rows()
+            appended: list[np.ndarray] = []  # rows for slots >= base, added to faiss in one call
+            removed: set[int] = set()  # slots that left the approximate index
+            added: set[int] = set()  # slots whose vector is new
+
+            def write(slot: int, vec: np.ndarray) -> None:
+                if slot < base:
+                    rows[slot] = vec
+                else:
+                    appended[slot - base] = vec
+
             for r in records:
-                self._remove(r.item_id)
+                old = self._ids.pop(r.item_id, None)
+                if old is not None:
+                    entry = self._entries.pop(old)
+                    shop = self._by_shop[entry.shop_id]
+                    shop.discard(old)
+                    if not shop:
+                        del self._by_shop[entry.shop_id]
+                    write(old, np.zeros(self.dim, np.float32))
+                    self._free.append(old)
+                    if old in added:
+                        added.discard(old)
+                    else:
+                        removed.add(old)
                 if not r.deleted:
-                    self._add(r)
+                    vec = np.asarray(r.vector, dtype=np.float32).reshape(-1)
+                    if self._free:
+                        slot = self._free.pop()
+                    else:
+                        slot = base + len(appended)
+                        appended.append(vec)
+                    write(slot, vec)
+                    added.add(slot)
+                    self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
+                    self._ids[r.item_id] = slot
+                    self._by_shop[r.shop_id].add(slot)
                 self.version = max(self.version, r.version)
+            if appended:
+                self._flat.add(np.stack(appended))
+            self._update_ann(removed, added)
+
+    def _update_ann(self, removed: set[int], added: set[int]) -> None:
+        """Keep the approximate index (and one being built) in step; start or drop it by size."""
+        if self._build is not None:
+            self._build.touched |= removed | added
+        if self._ann is not None:
+            if removed:
+                self._ann.remove_ids(faiss.IDSelectorBatch(np.fromiter(removed, np.int64, len(removed))))
+            if added:
+                slots = np.fromiter(sorted(added), np.int64, len(added))
+                self._ann.add_with_ids(self._rows()[slots], slots)
+        n, cfg = len(self._entries), self.ann_config
+        if self._ann is not None and n < cfg.threshold // 2:
+            self._ann = None  # small again: exact is cheaper than approximate
+        stale = self._ann is None or n >= cfg.rebuild_growth * self._ann_size
+        if cfg.enabled and n >= cfg.threshold and stale and self._build is None:
+            self._start_build()
+
+    def _start_build(self) -> None:
+        slots = np.fromiter(self._entries, np.int64, len(self._entries))
+        build = IvfBuild(self.dim, self.ann_config, slots, self._rows()[slots].copy())
+        self._build = build
+        threading.Thread(target=self._finish_build, args=(build,), name="ivf-build", daemon=True).start()
+
+    def _finish_build(self, build: IvfBuild) -> None:
+        """Train and fill the new index off the lock, then replay what changed meanwhile and swap."""
+        try:
+            index = build.run()
+            with self._lock:
+                if self._build is not build:
+                    return
+                if build.touched:
+                    touched = np.fromiter(build.touched, np.int64, len(build.touched))
+                    index.remove_ids(faiss.IDSelectorBatch(touched))
+                    live = np.array([s for s in touched.tolist() if s in self._entries], np.int64)
+                    if len(live):
+                        index.add_with_ids(self._rows()[live], live)
+                self._ann, self._ann_size = index, len(build.slots)
+        except Exception:  # a failed build leaves exact search in place; it is retried on further growth
+            log.exception("approximate index build failed")
+        finally:
+            with self._lock:
+                if self._build is build:
+                    self._build = None
+            build.done.set()
+
+    def wait_for_index(self, timeout_s: float = 600.0) -> bool:
+        """Block until no background index build is running (tests and benchmarks); True if none is."""
+        build = self._build
+        return build is None or build.done.wait(timeout_s)
 
     def set_version(self, version: int) -> None:
         with self._lock:
             self.version = max(self.version, version)
-
-    def _add(self, r: Record) -> None:
-        vec = np.asarray(r.vector, dtype=np.float32).reshape(1, -1)
-        fid = self._next_id
-        self._next_id += 1
-        self._index.add_with_ids(vec, np.array([fid], dtype=np.int64))
-        self._entries[fid] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
-        self._ids[r.item_id] = fid
-        self._by_shop[r.shop_id].add(fid)
-
-    def _remove(self, item_id: str) -> None:
-        fid = self._ids.pop(item_id, None)
-        if fid is None:
-            return
-        entry = self._entries.pop(fid)
-        self._by_shop[entry.shop_id].discard(fid)
-        if not self._by_shop[entry.shop_id]:
-            del self._by_shop[entry.shop_id]
-        self._index.remove_ids(faiss.IDSelectorBatch(np.array([fid], dtype=np.int64)))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -106,34 +205,58 @@ class Gallery:
             raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
         with self._lock:
             version = self.version
-            if shop_id is None:
-                pool = len(self._entries)
-                params = None
-            else:
-                shop = self._by_shop.get(shop_id)
-                if not shop:
-                    return [[] for _ in range(len(q))], version
-                pool = len(shop)
-                sel = faiss.IDSelectorBatch(np.fromiter(shop, dtype=np.int64, count=len(shop)))
-                params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+            shop = None if shop_id is None else self._by_shop.get(shop_id)
+            pool = len(self._entries) if shop_id is None else len(shop or ())
             if pool == 0 or k <= 0:
                 return [[] for _ in range(len(q))], version
+            if shop is not None and len(shop) <= self.exact_shop_max:
+                return self._search_slots(q, k, np.fromiter(shop, np.int64, len(shop))), version
+            index: faiss.Index = self._flat
+            extra = len(self._free)
+            params: faiss.SearchParameters | None = None
+            if self._ann is not None:
+                index, extra = self._ann, 0  # dead slots are removed from the IVF, not zeroed
+                params = faiss.SearchParametersIVF(nprobe=self.ann_config.nprobe)  # type: ignore[call-arg]
+            if shop is not None:
+                sel = faiss.IDSelectorBatch(np.fromiter(shop, np.int64, len(shop)))
+                if self._ann is not None:
+                    params = faiss.SearchParametersIVF(sel=sel, nprobe=self.ann_config.nprobe)  # type: ignore[call-arg]
+                else:
+                    params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+                extra = 0  # the selector only lets live slots of the shop through
             # A SKU may own several images: widen the image search until k distinct SKUs are found.
             n = min(pool, max(4 * k, 16))
             while True:
-                scores, ids = self._index.search(q, n, params=params)
+                scores, ids = index.search(q, min(n + extra, index.ntotal), params=params)
                 results = [self._aggregate(s, i, k) for s, i in zip(scores, ids, strict=True)]
                 if n >= pool or all(len(r) >= k for r in results):
                     return results, version
                 n = min(pool, n * 4)
 
+    def _search_slots(self, q: np.ndarray, k: int, slots: np.ndarray) -> list[list[Hit]]:
+        """Exact search over the given slots only: gather their rows, one matrix product."""
+        scores = q @ self._rows()[slots].T  # [Q, S]
+        out = []
+        for row in scores:
+            n = min(len(slots), max(4 * k, 16))
+            while True:
+                top = np.argpartition(-row, n - 1)[:n] if n < len(slots) else np.arange(len(slots))
+                top = top[np.argsort(-row[top], kind="stable")]
+                hits = self._aggregate(row[top], slots[top], k)
+                if len(hits) >= k or n >= len(slots):
+                    break
+                n = min(len(slots), n * 4)
+            out.append(hits)
+        return out
+
     def _aggregate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
+        live = [(s, e) for s, fid in zip(scores.tolist(), ids.tolist(), strict=True) if (e := self._entries.get(fid)) is not None]
+        # Equal scores are ordered by item id, not by slot: slots depend on a replica's history, and
+        # two replicas holding the same items must answer the same.
+        live.sort(key=lambda se: (-se[0], se[1].item_id))
         best: dict[str, Hit] = {}
-        for score, fid in zip(scores.tolist(), ids.tolist(), strict=True):
-            if fid < 0:
-                continue
-            e = self._entries[fid]
-            if e.sku not in best:  # faiss returns scores in descending order
+        for score, e in live:  # -1 padding and zeroed (free) rows have no entry
+            if e.sku not in best:
                 best[e.sku] = Hit(e.sku, float(score), e.item_id, e.shop_id, e.metadata)
                 if len(best) == k:
                     break

@@ -70,3 +70,46 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class StoreUnavailable(ConnectionError):
+    """The store's server cannot be reached (or did not answer in time); nothing was acknowledged."""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One mutation read from a change log: every record a single gallery version wrote.
+
+    `records` holds only the records of the namespace the reader asked for (other namespaces'
+    upserts come back empty, so the reader still sees every version go by)."""
+
+    version: int
+    namespace: str | None  # None for deletes, which act on every namespace
+    records: list[Record]
+    written_at: float  # writer's wall clock (seconds since the epoch), for lag measurements
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The live items of a namespace, read after (epoch, version): every change after `version`
+    is in the log, so replaying the log from `version` on top of the records is exact."""
+
+    epoch: str
+    version: int
+    records: list[Record]
+
+
+class ChangeLog(Protocol):
+    """A store that other processes write to, followed through an append-only log of mutations."""
+
+    def snapshot(self, namespace: str) -> Snapshot:
+        """The namespace's live records, with the (epoch, version) the log must be followed from."""
+        ...
+
+    def read_log(self, namespace: str, after_version: int, block_ms: int, count: int) -> list[LogEntry]:
+        """Log entries with version > `after_version`, oldest first; waits up to `block_ms` for the first one."""
+        ...
+
+    def position(self) -> tuple[str | None, int]:
+        """(epoch, latest version): the epoch changes when the server lost its data."""
+        ...

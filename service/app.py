@@ -10,12 +10,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from index.ann import AnnConfig
 from index.records import Store
+from index.redis_store import RedisStore
 from index.sqlite_store import SQLiteStore
 from model.checkpoint import LoadedEncoder, load_encoder
 from service.app_state import AppState
+from service.auth import ApiKeys
 from service.batcher import Batcher
 from service.decode import DecodeLimits
+from service.disconnect import CancelOnDisconnect
 from service.engine import EncoderEngine
 from service.errors import PayloadTooLarge, error_body, install_error_handlers
 from service.metrics import Metrics
@@ -71,6 +75,13 @@ async def _send_json(send: Send, status: int, body: Mapping[str, object]) -> Non
     await send({"type": "http.response.body", "body": data})
 
 
+def open_store(settings: Settings) -> Store:
+    """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set, else embedded SQLite."""
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, settings.redis_prefix, settings.redis_log_maxlen)
+    return SQLiteStore(settings.gallery_path)
+
+
 def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None = None, store: Store | None = None) -> FastAPI:
     """Build the service. `encoder` and `store` let tests inject prepared components."""
     settings = settings or Settings()
@@ -79,36 +90,53 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = encoder or load_encoder(settings.checkpoint)
-        engine = EncoderEngine(loaded, settings.device, settings.torch_threads)
-        log.info("model %s from %s on %s", engine.model_version, engine.source, engine.device)
+        engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype)
+        log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
         warm = engine.warm_up(settings.max_batch_size)
         log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
-        metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device)})
-        gallery_store = store or SQLiteStore(settings.gallery_path)
-        replica = GalleryReplica(gallery_store, engine.model_version, engine.dim)
-        replica.sync()
+        dtype = str(engine.dtype).removeprefix("torch.")
+        metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
+        gallery_store = store or open_store(settings)
+        ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
+        replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
+        replica.start()  # loads the gallery; with Redis, also follows the shared stream
 
         def on_batch(size: int, seconds: float) -> None:
             metrics.batch_size.observe(size)
             metrics.stage_seconds.labels("encode").observe(seconds)
+            metrics.encoded_frames.inc(size)
 
         batcher = Batcher(
             engine.encode,
             settings.max_batch_size,
             settings.max_wait_ms,
             settings.max_queue_frames,
+            depth=settings.pipeline_depth,
             on_batch=on_batch,
             on_cancel=metrics.cancelled.inc,
+            on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
+            on_error=metrics.batch_errors.inc,
         )
         batcher.start()
         limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
-        pipeline = Pipeline(batcher, replica, engine.config.preprocess, limits, settings.max_frame_pixels, settings.decode_threads, metrics)
+        pipeline = Pipeline(
+            batcher,
+            replica,
+            engine.config.preprocess,
+            limits,
+            settings.max_frame_pixels,
+            settings.decode_threads,
+            metrics,
+            settings.max_decode_pending,
+        )
         app.state.rice = AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
         try:
             yield
         finally:
-            await batcher.stop()
+            # uvicorn has already drained in-flight HTTP requests; finish what is still queued.
+            await batcher.stop(settings.drain_timeout_s)
             pipeline.close()
+            replica.stop()
             if store is None:
                 gallery_store.close()
 
@@ -119,18 +147,29 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         description="Upload a clip of a product being shown; get the shop's matching SKUs.",
     )
     install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc)
+    app.state.api_keys = ApiKeys.parse(settings.api_keys.get_secret_value())  # bad RICE_API_KEYS fails start-up
+
+    # Added before the request counter so it sits inside it: a streamed upload going over the
+    # limit then raises in the route's own body read and the error table answers 413 (outside the
+    # counter's BaseHTTPMiddleware it would surface as an ExceptionGroup, i.e. a 500).
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.request_seconds.labels(path).observe(time.perf_counter() - t)
-        return response
+        status = "500"  # an exception escaping call_next becomes the generic 500 outside
+        metrics.inflight.inc()
+        try:
+            response = await call_next(request)
+            status = str(response.status_code)
+            return response
+        finally:
+            metrics.inflight.dec()
+            path = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.requests.labels(path, request.method, status).inc()
+            metrics.request_seconds.labels(path).observe(time.perf_counter() - t)
 
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(CancelOnDisconnect, on_cancel=metrics.cancelled_requests.inc)  # outermost: cancels all below
     app.include_router(recognize.router)
     app.include_router(gallery.router)
     app.include_router(health.router)

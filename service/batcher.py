@@ -1,16 +1,27 @@
 """The dynamic batcher: frames of many concurrent requests share encoder batches.
 
-It owns one bounded queue (counted in frames) and one worker task. A batch closes when it holds
-`max_batch` frames or `max_wait` has passed since its first frame. The model runs on a single
-dedicated thread, off the event loop. Each request gets exactly its own rows back; a request whose
-client went away has its remaining frames dropped; a batch that raises is retried request by
-request so only the input that caused it fails.
+It owns one bounded queue (counted in frames) and one worker task; nothing else. A batch closes
+when it holds `max_batch` frames, or when `max_wait` has passed since its oldest frame arrived
+and the encoder has nothing to run. The model runs on one dedicated thread, off the event loop.
+
+Pipelining: up to `depth` batches are in flight, so while the encoder runs one batch the next
+full one is already collated and waiting in the encoder thread's queue; the encoder never idles
+for an event-loop round trip between batches under load. A partly filled batch is held back
+while the encoder is busy (it keeps filling instead), so pipelining never shrinks batches.
+
+Each request gets exactly its own rows back; a request whose client went away has its queued
+frames dropped (frames already inside a running batch are computed and discarded); a batch that
+raises is retried request by request so only the input that caused it fails.
+
+Only numpy and the domain errors are imported: the GPU benchmark uses this module without the
+web stack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,10 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import Overloaded
+from service.errors import NotReady, Overloaded
+
+log = logging.getLogger("rice.batcher")
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request's frames and where its embeddings go."""
 
@@ -30,7 +43,8 @@ class Job:
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
     offset: int = 0  # frames already taken into batches
-    out: list[np.ndarray] = field(default_factory=list)
+    parts: dict[int, np.ndarray] = field(default_factory=dict)  # job row -> embeddings from there
+    done_rows: int = 0
     first_batch_at: float | None = None
 
     @property
@@ -41,8 +55,9 @@ class Job:
 @dataclass(frozen=True)
 class Slice:
     job: Job
-    start: int  # row in the batch
+    start: int  # first row in the batch
     stop: int
+    job_row: int = 0  # the job's row that batch row `start` holds
 
 
 def collate(jobs: deque[Job], max_batch: int) -> tuple[np.ndarray, list[Slice]]:
@@ -53,12 +68,12 @@ def collate(jobs: deque[Job], max_batch: int) -> tuple[np.ndarray, list[Slice]]:
     rows = 0
     while jobs and rows < max_batch:
         job = jobs[0]
-        if job.future.done():  # cancelled by its client
+        if job.future.done():  # cancelled by its client, or failed
             jobs.popleft()
             continue
         take = min(job.remaining, max_batch - rows)
         parts.append(job.frames[job.offset : job.offset + take])
-        slices.append(Slice(job, rows, rows + take))
+        slices.append(Slice(job, rows, rows + take, job.offset))
         job.offset += take
         rows += take
         if job.remaining == 0:
@@ -67,65 +82,118 @@ def collate(jobs: deque[Job], max_batch: int) -> tuple[np.ndarray, list[Slice]]:
     return batch, slices
 
 
+def _timed(encode: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> tuple[np.ndarray, float]:
+    """Runs on the encoder thread: the encode time excludes waiting in that thread's queue."""
+    t = time.perf_counter()
+    out = encode(batch)
+    return out, time.perf_counter() - t
+
+
 class Batcher:
+    """Owns the bounded frame queue and the encoder thread. Create, `start()` on the event loop,
+    `submit()` from request handlers, `stop()` on shutdown."""
+
     def __init__(
         self,
         encode: Callable[[np.ndarray], np.ndarray],
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue_frames: int = 2048,
+        depth: int = 2,
         on_batch: Callable[[int, float], None] | None = None,
         on_cancel: Callable[[int], None] | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self._encode = encode
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1e3
         self.max_queue_frames = max_queue_frames
+        self.depth = depth
         self._on_batch = on_batch
         self._on_cancel = on_cancel
+        self._on_queue_wait = on_queue_wait
+        self._on_error = on_error
         self._jobs: deque[Job] = deque()
         self._queued_frames = 0
+        self._running = 0  # batches handed to the encoder thread and not finished
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(depth)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         self._task: asyncio.Task[None] | None = None
-        self.last_progress = time.monotonic()  # for readiness: the worker is alive and moving
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._s_per_frame = 0.0  # moving average of encode time per frame, for Retry-After
+        self.last_progress = time.monotonic()  # last finished batch (or start of work after idling)
         self.batches = 0
+        self.frames_encoded = 0
 
     @property
     def queued_frames(self) -> int:
+        """Frames waiting for a batch (not counting those inside running batches)."""
         return self._queued_frames
+
+    @property
+    def running_batches(self) -> int:
+        return self._running
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stalled_for(self) -> float:
+        """Seconds the batcher has had work (queued or running) without finishing a batch; 0 when idle."""
+        if self._queued_frames == 0 and self._running == 0:
+            return 0.0
+        return time.monotonic() - self.last_progress
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Refuse new work, let queued and running batches finish for up to `drain_timeout_s`,
+        then fail whatever is left with NotReady (503)."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._queued_frames or self._running) and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for job in self._jobs:
             if not job.future.done():
-                job.future.set_exception(Overloaded("the service is shutting down"))
-        self._executor.shutdown(wait=True)
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+                job.future.set_exception(NotReady("the service is shutting down"))
+        self._jobs.clear()
+        self._queued_frames = 0
+        for task in list(self._inflight):
+            task.cancel()
+        # A wedged encoder thread must not hang shutdown: don't wait for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def retry_after_s(self) -> int:
-        """A rough wait until the queue drains, for Retry-After."""
-        return max(1, int(self._queued_frames / max(self.max_batch, 1) * 0.05) + 1)
+        """Seconds until the queue has likely drained, from the measured encode speed (at least 1)."""
+        per_frame = self._s_per_frame or 0.05
+        return max(1, int((self._queued_frames + self._running * self.max_batch) * per_frame + 0.999))
 
     async def submit(self, frames: np.ndarray) -> np.ndarray:
-        """Embed one request's frames [N, H, W, 3] -> [N, D]. Raises Overloaded when the queue is full."""
+        """Embed one request's frames [N, H, W, 3] -> [N, D].
+
+        Raises Overloaded (with Retry-After) when the queue is full, NotReady when shutting down.
+        Cancelling the caller (its client disconnected) drops its frames that are still queued.
+        """
         n = len(frames)
         if n == 0:
             raise ValueError("no frames to encode")
+        if self._closing:
+            raise NotReady("the service is shutting down")
         if self._queued_frames + n > self.max_queue_frames:
             raise Overloaded(
                 f"encoder queue is full ({self._queued_frames} frames waiting); retry later",
                 headers={"Retry-After": str(self.retry_after_s())},
             )
+        if self._queued_frames == 0 and self._running == 0:
+            self.last_progress = time.monotonic()  # idle until now: the stall clock starts here
         job = Job(frames, asyncio.get_running_loop().create_future())
         self._jobs.append(job)
         self._queued_frames += n
@@ -133,59 +201,104 @@ class Batcher:
         try:
             return await job.future
         except asyncio.CancelledError:
-            # The client disconnected: give its frames back to the queue budget now.
+            # The client went away: give its queued frames back to the budget now; collate skips
+            # the job because its future is done.
             dropped = job.remaining
             job.offset = len(job.frames)
             self._queued_frames -= dropped
-            if self._on_cancel and dropped:
+            if dropped and self._on_cancel:
                 self._on_cancel(dropped)
             raise
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._jobs:
-                self._wakeup.clear()
-                self.last_progress = time.monotonic()
-                await self._wakeup.wait()
-            # Wait for the batch to fill, at most max_wait after the oldest job arrived.
-            deadline = self._jobs[0].enqueued + self.max_wait if self._jobs else 0.0
-            while sum(j.remaining for j in self._jobs) < self.max_batch:
-                timeout = deadline - time.perf_counter()
-                if timeout <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except TimeoutError:
-                    break
-            batch, slices = collate(self._jobs, self.max_batch)
-            if not slices:
-                continue
-            self._queued_frames -= len(batch)
-            now = time.perf_counter()
-            for s in slices:
-                if s.job.first_batch_at is None:
-                    s.job.first_batch_at = now
-            t0 = time.perf_counter()
             try:
-                emb = await loop.run_in_executor(self._executor, self._encode, batch)
-                self._deliver(slices, emb)
-            except Exception as exc:
+                await self._dispatch_one()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not silently kill batching for the whole process
+                log.exception("batcher loop error; continuing")
+                await asyncio.sleep(0.1)
+
+    async def _dispatch_one(self) -> None:
+        """Wait for a free slot and a batch worth closing; hand it to the encoder thread."""
+        await self._slots.acquire()
+        try:
+            await self._wait_for_batch()
+            batch, slices = collate(self._jobs, self.max_batch)
+        except BaseException:
+            self._slots.release()
+            raise
+        if not slices:
+            self._slots.release()
+            return
+        self._queued_frames -= len(batch)
+        now = time.perf_counter()
+        for s in slices:
+            if s.job.first_batch_at is None:
+                s.job.first_batch_at = now
+                if self._on_queue_wait:
+                    self._on_queue_wait(now - s.job.enqueued)
+        self._running += 1
+        task = asyncio.get_running_loop().create_task(self._encode_batch(batch, slices))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _wait_for_batch(self) -> None:
+        """Return when a batch should be collated: a full one is waiting, or the oldest frame has
+        waited `max_wait` and the encoder is idle (while it is busy, a partial batch keeps filling)."""
+        while True:
+            timeout: float | None = None
+            if self._queued_frames >= self.max_batch:
+                return
+            if self._queued_frames > 0 and self._running == 0:
+                oldest = next((j for j in self._jobs if not j.future.done()), None)
+                if oldest is None:  # only cancelled jobs: let collate drop them
+                    return
+                timeout = oldest.enqueued + self.max_wait - time.perf_counter()
+                if timeout <= 0:
+                    return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _encode_batch(self, batch: np.ndarray, slices: list[Slice]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                emb, seconds = await loop.run_in_executor(self._executor, _timed, self._encode, batch)
+            except asyncio.CancelledError:  # stop() gave up on this batch: its requests get a 503
+                for s in slices:
+                    if not s.job.future.done():
+                        s.job.future.set_exception(NotReady("the service is shutting down"))
+                raise
+            except Exception as exc:  # any encoder failure: find the culprit requests
+                if self._on_error:
+                    self._on_error()
                 await self._isolate_failure(slices, batch, exc)
+            else:
+                self._deliver(slices, emb)
+                per_frame = seconds / len(batch)
+                self._s_per_frame = per_frame if not self._s_per_frame else 0.8 * self._s_per_frame + 0.2 * per_frame
+                self.frames_encoded += len(batch)
+                if self._on_batch:
+                    self._on_batch(len(batch), seconds)
+        finally:
             self.batches += 1
+            self._running -= 1
             self.last_progress = time.monotonic()
-            if self._on_batch:
-                self._on_batch(len(batch), time.perf_counter() - t0)
+            self._slots.release()
+            self._wakeup.set()
 
     def _deliver(self, slices: list[Slice], emb: np.ndarray) -> None:
         for s in slices:
             job = s.job
             if job.future.done():
                 continue
-            job.out.append(emb[s.start : s.stop])
-            if job.offset == len(job.frames) and sum(len(o) for o in job.out) == len(job.frames):
-                job.future.set_result(np.concatenate(job.out))
+            job.parts[s.job_row] = emb[s.start : s.stop]
+            job.done_rows += s.stop - s.start
+            if job.done_rows == len(job.frames):
+                job.future.set_result(np.concatenate([job.parts[k] for k in sorted(job.parts)]))
 
     async def _isolate_failure(self, slices: list[Slice], batch: np.ndarray, exc: Exception) -> None:
         """Re-run each request's rows alone; fail only those that still raise."""
@@ -194,16 +307,21 @@ class Batcher:
             self._fail(slices[0].job, exc)
             return
         for s in slices:
+            if s.job.future.done():
+                continue
             try:
-                emb = await loop.run_in_executor(self._executor, self._encode, batch[s.start : s.stop])
-                self._deliver([Slice(s.job, 0, s.stop - s.start)], emb)
-            except Exception as own_exc:
+                emb, _ = await loop.run_in_executor(self._executor, _timed, self._encode, batch[s.start : s.stop])
+            except Exception as own_exc:  # this request's own input raises: it alone fails
                 self._fail(s.job, own_exc)
+            else:
+                self._deliver([Slice(s.job, 0, s.stop - s.start, s.job_row)], emb)
 
     def _fail(self, job: Job, exc: Exception) -> None:
+        log.warning("encoder failed on a request's frames: %s: %s", type(exc).__name__, exc)
         if not job.future.done():
             job.future.set_exception(exc)
-        if job in self._jobs:  # drop the rest of a failed job's frames
+        if job.remaining:  # drop the rest of a failed job's frames
             self._queued_frames -= job.remaining
             job.offset = len(job.frames)
+        with contextlib.suppress(ValueError):
             self._jobs.remove(job)

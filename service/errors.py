@@ -2,18 +2,22 @@
 
 Every error body is {"error": {"code": ..., "message": ...}}. Anything not in the table is a
 generic 500 whose details go to the log and a counter, never to the client.
+
+The web stack is imported only inside `install_error_handlers`, so the batcher (and the GPU
+benchmark, which runs where FastAPI is not installed) can raise these errors without it.
 """
 
 from __future__ import annotations
 
 import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from index.records import ItemNotFound
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
 log = logging.getLogger("rice.errors")
 
@@ -31,6 +35,21 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one we do not know (401: the client should authenticate)."""
+
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="rice"'})
+
+
+class Forbidden(ServiceError):
+    """A valid API key without the right this endpoint needs (403: authenticating again won't help)."""
+
+    code = "forbidden"
 
 
 class PayloadTooLarge(ServiceError):
@@ -54,15 +73,21 @@ class NotFound(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """A bounded queue is full; carries Retry-After."""
+
     code = "overloaded"
 
 
 class NotReady(ServiceError):
+    """Starting up or shutting down."""
+
     code = "not_ready"
 
 
 ERROR_STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     ItemNotFound: 404,
     PayloadTooLarge: 413,
@@ -73,15 +98,23 @@ ERROR_STATUS: dict[type[Exception], int] = {
 }
 
 
+def status_of(exc: Exception) -> int:
+    """The HTTP status the table gives `exc` (500 when it is not a known error)."""
+    return next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def install_error_handlers(app: FastAPI, on_unexpected: object = None) -> None:
+def install_error_handlers(app: FastAPI, on_unexpected: Callable[[], object] | None = None) -> None:
     """Register the table once; routes just raise."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
-        status = next(s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls))
+        status = status_of(exc)
         if isinstance(exc, ServiceError):
             return JSONResponse(error_body(exc.code, exc.message), status, headers=exc.headers)
         return JSONResponse(error_body("not_found", str(exc.args[0]) if exc.args else "not found"), status)
@@ -100,8 +133,9 @@ def install_error_handlers(app: FastAPI, on_unexpected: object = None) -> None:
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the log only: internals (paths, shapes, library versions) never reach clients.
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        if callable(on_unexpected):
+        if on_unexpected is not None:
             on_unexpected()
         return JSONResponse(error_body("internal", "internal server error"), 500)
 

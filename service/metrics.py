@@ -1,4 +1,7 @@
-"""Prometheus metrics, one registry per app (so several apps in one process never collide)."""
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+The names are a contract with the dashboard; docs/PERFORMANCE.md lists them. Add, don't rename.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+STAGES = ("decode", "queue_wait", "encode", "search")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -14,19 +19,38 @@ class Metrics:
         r = self.registry
         self.requests = Counter("rice_requests_total", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("rice_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("rice_inflight_requests", "HTTP requests being handled now", registry=r)
         self.stage_seconds = Histogram(
             "rice_stage_seconds",
-            "Time per pipeline stage (decode, queue_wait, encode, search)",
+            "Time per pipeline stage: decode (per upload), queue_wait (per request, until its first "
+            "frame enters a batch), encode (per batch), search (per query)",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram("rice_batch_size", "Frames per encoder batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.encoded_frames = Counter("rice_encoded_frames_total", "Frames the encoder has embedded", registry=r)
         self.queue_depth = Gauge("rice_queue_frames", "Frames waiting for the encoder", registry=r)
-        self.rejected = Counter("rice_rejected_total", "Requests rejected because the queue was full (429)", registry=r)
+        self.decode_pending = Gauge("rice_decode_pending", "Uploads waiting for or in decoding", registry=r)
+        self.rejected = Counter("rice_rejected_total", "Requests rejected with 429 because a bounded queue was full", ["queue"], registry=r)
         self.cancelled = Counter("rice_cancelled_frames_total", "Queued frames dropped because their client went away", registry=r)
+        self.cancelled_requests = Counter(
+            "rice_cancelled_requests_total", "Requests abandoned because their client disconnected", registry=r
+        )
         self.batch_errors = Counter("rice_batch_errors_total", "Encoder batches that raised", registry=r)
         self.unexpected_errors = Counter("rice_unexpected_errors_total", "Requests that ended in a 500", registry=r)
+        self.auth_failures = Counter("rice_auth_failures_total", "Requests refused by API-key checks", ["status"], registry=r)
+        self.ready = Gauge("rice_ready", "1 when /readyz would answer 200", registry=r)
+        self.batcher_stalled_seconds = Gauge(
+            "rice_batcher_stalled_seconds", "Seconds the batcher has had work without finishing a batch", registry=r
+        )
         self.gallery_items = Gauge("rice_gallery_items", "Images in this replica's gallery", registry=r)
         self.gallery_version = Gauge("rice_gallery_version", "Gallery version this replica has applied", registry=r)
-        self.model_info = Info("rice_model", "The served model", registry=r)
+        self.gallery_lag = Gauge(
+            "rice_gallery_lag_seconds", "Age of the newest store change this replica has not yet applied (0 = in sync)", registry=r
+        )
+        self.model_info = Info("rice_model", "The served model (version, source, device, dtype)", registry=r)
+        for stage in STAGES:  # export every series from the start, so dashboards never see gaps
+            self.stage_seconds.labels(stage)
+        for queue in ("encoder", "decode"):
+            self.rejected.labels(queue)

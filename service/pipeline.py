@@ -1,4 +1,9 @@
-"""Request pipeline: decode (thread pool) -> encode (batcher) -> clip embedding -> gallery search."""
+"""Request pipeline: decode (thread pool) -> encode (batcher) -> clip embedding -> gallery search.
+
+Both waiting rooms are bounded: at most `max_decode_pending` uploads wait for or sit in the
+decoding pool, and the batcher bounds its frame queue; past either, the request gets 429 with
+Retry-After instead of queueing into a timeout.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from index.gallery import Hit
 from model.config import PreprocessConfig
 from service.batcher import Batcher
 from service.decode import DecodeLimits, decode_clip, decode_image
+from service.errors import Overloaded
 from service.metrics import Metrics
 from service.replica import GalleryReplica
 
@@ -43,6 +49,7 @@ class Pipeline:
         max_image_pixels: int,
         decode_threads: int,
         metrics: Metrics,
+        max_decode_pending: int = 64,
     ) -> None:
         self.batcher = batcher
         self.replica = replica
@@ -50,26 +57,52 @@ class Pipeline:
         self.limits = limits
         self.max_image_pixels = max_image_pixels
         self.metrics = metrics
+        self.max_decode_pending = max_decode_pending
+        self.decode_threads = decode_threads
+        self._decode_pending = 0
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def decode_pending(self) -> int:
+        return self._decode_pending
+
     async def _run_decode(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+        """Run a decode on the pool; 429 when too many uploads are already waiting for it."""
+        if self._decode_pending >= self.max_decode_pending:
+            self.metrics.rejected.labels("decode").inc()
+            # Each decode takes well under a second on typical clips; one round of the pool per second.
+            wait = max(1, self._decode_pending // max(self.decode_threads, 1))
+            raise Overloaded(f"{self._decode_pending} uploads are waiting to be decoded; retry later", headers={"Retry-After": str(wait)})
+        self._decode_pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder, self._timed_decode, fn, *args)
+        finally:
+            self._decode_pending -= 1
+
+    def _timed_decode(self, fn: Any, *args: Any) -> Any:
+        """On a pool thread: the decode histogram measures decoding, not waiting for a thread."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t)
 
     async def _embed(self, frames: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         t = time.perf_counter()
-        emb = await self.batcher.submit(frames)
+        try:
+            emb = await self.batcher.submit(frames)
+        except Overloaded:
+            self.metrics.rejected.labels("encoder").inc()
+            raise
         timings["encode"] = (time.perf_counter() - t) * 1e3  # includes the batcher's queue wait
-        self.metrics.stage_seconds.labels("queue_encode").observe(timings["encode"] / 1e3)
         return emb
 
     async def embed_catalog_image(self, data: bytes) -> np.ndarray:
         """One catalog image (whole product, letterboxed) -> its L2-normalised embedding [D]."""
-        t = time.perf_counter()
         frame = await self._run_decode(decode_image, data, self.preprocess, self.max_image_pixels, True)
-        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t)
         emb = await self._embed(frame[None], {})
         return clip_vector(emb)
 
@@ -85,7 +118,6 @@ class Pipeline:
         t = time.perf_counter()
         clip = await self._run_decode(decode_clip, data, num_frames, self.preprocess, self.limits)
         timings["decode"] = (time.perf_counter() - t) * 1e3
-        self.metrics.stage_seconds.labels("decode").observe(timings["decode"] / 1e3)
         emb = await self._embed(clip.frames, timings)
         hits, version = self._search(clip_vector(emb), top_k, shop_id, timings)
         timings["total"] = (time.perf_counter() - t) * 1e3

@@ -1,69 +1,171 @@
 """This process's copy of the gallery: a faiss index kept in step with the durable store.
 
-Writes go to the store first (durable, versioned); the local index then catches up by applying
-the store's changes since the version it has, so the same code path serves the embedded store
-(where this process is the only writer) and shared stores (where others write too).
+Writes go to the store first (durable, versioned); the local index then catches up:
+
+- embedded store (SQLite, this process is the only writer): by pulling the store's changes since
+  the version it has, right after each write;
+- shared store with a change log (Redis, many replicas write): a `Follower` thread applies the
+  log as it grows; a write here waits (bounded) until the follower has applied it.
+
+Either way every answer reports the gallery version it saw, and `wait_for_version` gives
+read-your-writes: a request may ask for a version at least as new as one it was told.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from index.ann import AnnConfig
 from index.gallery import Gallery, Hit
-from index.records import Record, Store
+from index.records import ChangeLog, Record, Store, StoreUnavailable
+from service.errors import NotReady
+from service.follower import Follower
 
 
 class GalleryReplica:
-    def __init__(self, store: Store, namespace: str, dim: int) -> None:
+    def __init__(self, store: Store, namespace: str, dim: int, ann: AnnConfig | None = None, wait_s: float = 2.0) -> None:
+        """`wait_s` bounds how long a write waits to become visible here, and readiness's patience with lag."""
         self.store = store
         self.namespace = namespace  # the model version: vectors of other models are never searched
-        self.gallery = Gallery(dim)
+        self.dim = dim
+        self.ann = ann
+        self.wait_s = wait_s
+        self.gallery = Gallery(dim, ann)
         self._sync_lock = threading.Lock()
+        self._behind_since: float | None = None
+        self.follower: Follower | None = None
+        if hasattr(store, "read_log"):  # a store other processes write to: follow its log
+            self.follower = Follower(cast(ChangeLog, store), namespace, lambda: Gallery(dim, ann), lambda: self.gallery, self._swap)
+
+    def _swap(self, gallery: Gallery) -> None:
+        self.gallery = gallery  # a single reference assignment: a search holds one gallery or the other
+
+    def start(self) -> None:
+        """Load the gallery (and start following the store's log when it has one)."""
+        if self.follower is not None:
+            self.follower.start()
+        else:
+            self.sync()
+
+    def stop(self) -> None:
+        """Stop following the store's log."""
+        if self.follower is not None:
+            self.follower.stop()
 
     def sync(self) -> int:
         """Apply every change the store has beyond our version; returns the version now applied."""
+        if self.follower is not None:  # the follower applies; wait (bounded) until it has the store's head
+            target = self.store.version()
+            self._wait_blocking(target, self.wait_s)
+            return self.gallery.version
         with self._sync_lock:
+            # Read the head first: every change up to it is in the changes read next, so claiming
+            # it cannot skip a change that a concurrent writer commits in between.
+            head = self.store.version()
             changes = self.store.changes_since(self.namespace, self.gallery.version)
             self.gallery.apply(changes)
-            # Deletes in other namespaces also advance the global version.
-            self.gallery.set_version(self.store.version())
+            self.gallery.set_version(head)  # deletes in other namespaces also advance the version
             return self.gallery.version
+
+    def _wait_blocking(self, version: int, timeout_s: float) -> bool:
+        assert self.follower is not None
+        deadline = time.monotonic() + timeout_s
+        with self.follower.progress:
+            while self.gallery.version < version:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.follower.progress.wait(min(left, 0.05))
+        return True
+
+    async def wait_for_version(self, version: int, timeout_s: float | None = None) -> bool:
+        """Wait until this replica has applied `version` (read-your-writes); False on timeout."""
+        if self.gallery.version >= version:
+            return True
+        timeout = self.wait_s if timeout_s is None else timeout_s
+        if self.follower is None:
+            await asyncio.to_thread(self._pull)
+            return self.gallery.version >= version
+        deadline = time.monotonic() + timeout
+        while self.gallery.version < version:  # polling keeps the event loop free and holds no thread
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
+    def _pull(self) -> None:
+        try:
+            self.sync()
+        except StoreUnavailable as exc:
+            raise NotReady(f"gallery store unavailable: {exc}") from exc
+
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        except StoreUnavailable as exc:
+            raise NotReady(f"gallery store unavailable: {exc}") from exc
+        version = result if isinstance(result, int) else result[0]
+        # Durable now; make it visible here before answering (bounded: another replica's backlog
+        # must not hold this answer forever; the client can still ask for the version later).
+        if self.follower is None:
+            await asyncio.to_thread(self._pull)
+        else:
+            await self.wait_for_version(version)
+        return result
 
     async def add(
         self, vector: np.ndarray, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any]
     ) -> tuple[str, int]:
         item_id = item_id or uuid.uuid4().hex
         rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
-        version = await asyncio.to_thread(self.store.upsert, self.namespace, [rec])
-        await asyncio.to_thread(self.sync)
-        return item_id, version
+        version = await self._write(self.store.upsert, self.namespace, [rec])
+        return item_id, int(version)
 
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
-        version, ids = await asyncio.to_thread(self.store.delete_items, [item_id])
-        await asyncio.to_thread(self.sync)
-        return version, ids
+        return cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
 
     async def delete_sku(self, sku: str, shop_id: str | None) -> tuple[int, list[str]]:
-        version, ids = await asyncio.to_thread(self.store.delete_sku, sku, shop_id)
-        await asyncio.to_thread(self.sync)
-        return version, ids
+        return cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
 
     def search(self, queries: np.ndarray, k: int, shop_id: str | None) -> tuple[list[list[Hit]], int]:
         return self.gallery.search(queries, k, shop_id)
 
+    def lag(self) -> int:
+        """Versions the store is ahead of this replica (0 for the embedded store)."""
+        return self.follower.lag if self.follower is not None else 0
+
+    def lag_seconds(self) -> float:
+        """How long this replica has been behind the store (0 = in sync); the rice_gallery_lag_seconds gauge."""
+        if self.lag() == 0:
+            self._behind_since = None
+            return 0.0
+        self._behind_since = self._behind_since or time.monotonic()
+        return time.monotonic() - self._behind_since
+
     def health(self) -> list[str]:
-        """Reasons this replica's gallery cannot be trusted right now (empty = healthy); catches up if behind."""
-        try:
-            if self.store.version() > self.gallery.version:
-                self.sync()
-        except Exception as exc:  # any store failure means we cannot vouch for the gallery
-            return [f"gallery_store_unavailable: {type(exc).__name__}"]
-        return []
+        """Reasons this replica's gallery cannot be trusted right now (empty = healthy)."""
+        f = self.follower
+        if f is None:  # embedded store: catch up if behind
+            try:
+                if self.store.version() > self.gallery.version:
+                    self.sync()
+            except Exception as exc:  # any store failure means we cannot vouch for the gallery
+                return [f"gallery_store_unavailable: {type(exc).__name__}"]
+            return []
+        reasons = []
+        if not f.connected:
+            reasons.append("redis_unreachable")
+        # Behind is normal for a few milliseconds after every write elsewhere; only a lag that lasts
+        # longer than a write is allowed to wait for it makes the replica unready.
+        if self.lag_seconds() > self.wait_s:
+            reasons.append("gallery_behind")
+        return reasons
 
     def stats(self) -> dict[str, Any]:
         return {**self.gallery.stats(), "namespace": self.namespace}

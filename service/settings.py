@@ -3,7 +3,7 @@ environment variables with the RICE_ prefix, e.g. RICE_GALLERY_PATH=/data/galler
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,14 @@ class Settings(BaseSettings):
 
     # gallery
     gallery_path: str = Field("data/gallery.db", description="embedded SQLite gallery file (':memory:' for none)")
+
+    # gallery sync
+    redis_url: str | None = Field(None, description="shared Redis gallery for many replicas (redis://host:port/db); unset = SQLite")
+    redis_prefix: str = Field("rice:{gallery}:", description="prefix of every gallery key in Redis")
+    redis_log_maxlen: int = Field(100_000, ge=0, description="mutations kept in the Redis stream (about); 0 = all")
+    sync_wait_s: float = Field(2.0, ge=0, le=60, description="longest wait for min_gallery_version (else 503)")
+    ann_threshold: int = Field(200_000, ge=1, description="gallery size from which unfiltered search is approximate (IVF)")
+    ann_nprobe: int = Field(32, ge=1, le=4096, description="IVF lists scanned per query (recall vs latency)")
 
     # batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="frames per encoder batch")
@@ -33,6 +41,15 @@ class Settings(BaseSettings):
     decode_timeout_s: float = Field(20.0, gt=0, description="decode time budget per clip (422)")
     decode_threads: int = Field(4, ge=1, le=64, description="size of the decoding thread pool")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest metadata JSON per gallery item")
+
+    # serving
+    dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")
+    pipeline_depth: int = Field(2, ge=1, le=4, description="encoder batches in flight (2: the next batch is ready when one ends)")
+    max_decode_pending: int = Field(64, ge=1, description="uploads waiting for or in decoding beyond which requests get 429")
+    stall_after_s: float = Field(5.0, gt=0, description="/readyz fails when the batcher has work but finished no batch for this long")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, how long queued frames may still be encoded")
+    api_keys: SecretStr = Field(SecretStr(""), description='API keys and rights: "key1:rw,key2:r" or JSON {"key1": "rw"}; empty = open')
+    read_requires_key: bool = Field(False, description="with keys set, recognition and gallery reads need a key with r too")
 
     # server
     host: str = "127.0.0.1"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, Job, collate
-from service.errors import Overloaded
+from service.errors import NotReady, Overloaded
 
 
 def _frames(start: int, n: int) -> np.ndarray:
@@ -83,7 +83,8 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
         return _encode(batch)
 
     cancelled: list[int] = []
-    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=10, on_cancel=cancelled.append)
+    # depth=1: no pipelined second batch, so the waiting request's frames all stay queued.
+    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=10, depth=1, on_cancel=cancelled.append)
     b.start()
     try:
         first = asyncio.create_task(b.submit(_frames(0, 4)))  # taken into the (blocked) batch
@@ -103,4 +104,87 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
         assert time.perf_counter() - t < 2
     finally:
         gate.set()
+        await b.stop()
+
+
+@pytest.mark.anyio
+async def test_pipelining_queues_the_next_full_batch_but_lets_a_partial_one_keep_filling() -> None:
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        return _encode(batch)
+
+    b = Batcher(gated, max_batch=4, max_wait_ms=0, depth=2, on_batch=lambda n, _s: sizes.append(n))
+    b.start()
+    try:
+        first = asyncio.create_task(b.submit(_frames(0, 4)))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(b.submit(_frames(10, 4)))  # a full batch: collated while the first runs
+        await asyncio.sleep(0.05)
+        assert b.running_batches == 2 and b.queued_frames == 0
+        third = asyncio.create_task(b.submit(_frames(20, 2)))  # partial: no slot, and it keeps filling
+        fourth = asyncio.create_task(b.submit(_frames(30, 2)))
+        await asyncio.sleep(0.05)
+        assert b.queued_frames == 4 and b.stalled_for() > 0
+        gate.set()
+        outs = await asyncio.gather(first, second, third, fourth)
+        assert [list(o[:, 0]) for o in outs] == [[0, 1, 2, 3], [10, 11, 12, 13], [20, 21], [30, 31]]
+        assert sizes == [4, 4, 4]  # the two partial requests shared one full batch
+        assert b.stalled_for() == 0
+    finally:
+        gate.set()
+        await b.stop()
+
+
+@pytest.mark.anyio
+async def test_stop_drains_queued_work_then_refuses_new_work() -> None:
+    def slow(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)
+        return _encode(batch)
+
+    b = Batcher(slow, max_batch=2, max_wait_ms=0)
+    b.start()
+    pending = [asyncio.create_task(b.submit(_frames(10 * i, 2))) for i in range(4)]
+    await asyncio.sleep(0.01)
+    await b.stop(drain_timeout_s=5)
+    assert [list((await p)[:, 0]) for p in pending] == [[0, 1], [10, 11], [20, 21], [30, 31]]
+    with pytest.raises(NotReady):
+        await b.submit(_frames(0, 1))
+
+
+@pytest.mark.anyio
+async def test_stop_without_drain_fails_queued_requests_with_not_ready() -> None:
+    gate = threading.Event()
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        return _encode(batch)
+
+    b = Batcher(gated, max_batch=1, max_wait_ms=0, depth=1)
+    b.start()
+    running = asyncio.create_task(b.submit(_frames(0, 1)))
+    queued = asyncio.create_task(b.submit(_frames(1, 1)))
+    await asyncio.sleep(0.05)
+    await b.stop(drain_timeout_s=0)
+    gate.set()
+    results = await asyncio.gather(running, queued, return_exceptions=True)
+    assert isinstance(results[0], NotReady) and isinstance(results[1], NotReady)  # neither request hangs
+
+
+@pytest.mark.anyio
+async def test_retry_after_follows_measured_encode_speed() -> None:
+    def slow(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.02 * len(batch))  # 20 ms per frame
+        return _encode(batch)
+
+    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=400)
+    b.start()
+    try:
+        await b.submit(_frames(0, 4))
+        b._queued_frames = 200  # pretend a backlog: 200 frames x ~20 ms = ~4 s
+        assert 3 <= b.retry_after_s() <= 6
+        b._queued_frames = 0
+    finally:
         await b.stop()

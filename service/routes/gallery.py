@@ -6,8 +6,9 @@ import json
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
+from service.auth import require_read, require_write
 from service.errors import BadRequest
 from service.routes.deps import State, read_upload
 from service.schemas import Deleted, GalleryStats, ItemCreated
@@ -37,7 +38,7 @@ def _parse_metadata(raw: str | None, limit: int) -> dict[str, Any]:
     return value
 
 
-@router.post("/items", status_code=201, response_model=ItemCreated)
+@router.post("/items", status_code=201, response_model=ItemCreated, dependencies=[Depends(require_write)])
 async def add_item(
     request: Request,
     state: State,
@@ -60,14 +61,14 @@ async def add_item(
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 
-@router.delete("/items/{item_id}", response_model=Deleted)
+@router.delete("/items/{item_id}", response_model=Deleted, dependencies=[Depends(require_write)])
 async def delete_item(item_id: str, state: State) -> Deleted:
     """Remove one gallery image (404 if there is no such item)."""
     version, ids = await state.replica.delete_item(item_id)
     return Deleted(deleted=ids, gallery_version=version)
 
 
-@router.delete("/skus/{sku}", response_model=Deleted)
+@router.delete("/skus/{sku}", response_model=Deleted, dependencies=[Depends(require_write)])
 async def delete_sku(
     sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
 ) -> Deleted:
@@ -76,7 +77,7 @@ async def delete_sku(
     return Deleted(deleted=ids, gallery_version=version)
 
 
-@router.get("/stats", response_model=GalleryStats)
+@router.get("/stats", response_model=GalleryStats, dependencies=[Depends(require_read)])
 async def stats(state: State) -> GalleryStats:
     """Size and version of this replica's gallery."""
     return GalleryStats(**state.replica.stats())

@@ -13,24 +13,26 @@ from service.routes.deps import State
 
 router = APIRouter(tags=["health"])
 
-STALL_AFTER_S = 10.0  # a batcher with queued work and no finished batch for this long is stuck
-
 
 @router.get("/livez")
 async def livez() -> dict[str, str]:
-    """The process is up and its event loop answers."""
+    """The process is up and its event loop answers. Checks no dependency: restarting would not fix one."""
     return {"status": "alive"}
 
 
 def readiness(state: State) -> list[str]:
-    """Reasons this replica cannot serve right now (empty = ready)."""
+    """Machine-readable reasons this replica cannot serve right now (empty = ready).
+
+    batcher_stalled: the batcher has had queued or running work for `stall_after_s` without
+    finishing a batch (a wedged encoder or device); it clears by itself once batches finish.
+    """
     reasons = []
     if not state.engine.warmed:
         reasons.append("model_not_warmed")
     b = state.batcher
     if not b.alive:
         reasons.append("batcher_stopped")
-    elif b.queued_frames > 0 and time.monotonic() - b.last_progress > STALL_AFTER_S:
+    elif b.stalled_for() > state.settings.stall_after_s:
         reasons.append("batcher_stalled")
     reasons.extend(state.replica.health())
     return reasons
@@ -43,6 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
     if state is None:
         return JSONResponse({"ready": False, "reasons": ["starting"]}, 503)
     reasons = readiness(state)
+    state.metrics.ready.set(0 if reasons else 1)
     return JSONResponse({"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503)
 
 
@@ -51,8 +54,14 @@ async def metrics(state: State) -> Response:
     """Prometheus metrics."""
     m = state.metrics
     m.queue_depth.set(state.batcher.queued_frames)
+    m.decode_pending.set(state.pipeline.decode_pending)
+    m.batcher_stalled_seconds.set(state.batcher.stalled_for())
+    m.ready.set(0 if readiness(state) else 1)
     m.gallery_items.set(len(state.replica.gallery))
     m.gallery_version.set(state.replica.gallery.version)
+    # The replica reports its lag once it follows a shared store; until then it is always in sync.
+    lag = getattr(state.replica, "lag_seconds", None)
+    m.gallery_lag.set(float(lag() if callable(lag) else lag or 0.0))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -79,7 +88,9 @@ async def info(state: State) -> dict[str, Any]:
             "decode_timeout_s": s.decode_timeout_s,
             "max_metadata_bytes": s.max_metadata_bytes,
             "max_queue_frames": s.max_queue_frames,
+            "max_decode_pending": s.max_decode_pending,
         },
-        "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms},
+        "batching": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "pipeline_depth": s.pipeline_depth},
+        "auth": {"keys_configured": bool(s.api_keys.get_secret_value().strip()), "read_requires_key": s.read_requires_key},
         "uptime_s": round(time.time() - state.started_at, 1),
     }

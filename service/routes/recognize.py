@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
-from service.errors import BadRequest
+from service.auth import require_read
+from service.errors import BadRequest, NotReady
 from service.pipeline import Recognition
 from service.routes.deps import State, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
-router = APIRouter(tags=["recognize"])
+router = APIRouter(tags=["recognize"], dependencies=[Depends(require_read)])
 
 
 def _check(state: State, top_k: int, num_frames: int | None = None) -> None:
@@ -20,6 +21,22 @@ def _check(state: State, top_k: int, num_frames: int | None = None) -> None:
         raise BadRequest(f"top_k must be between 1 and {s.max_top_k}")
     if num_frames is not None and num_frames > s.max_num_frames:
         raise BadRequest(f"num_frames must be between 1 and {s.max_num_frames}")
+
+
+_MIN_VERSION_DOC = (
+    "read-your-writes: search a gallery at least this new (a gallery_version from a write); waits up to RICE_SYNC_WAIT_S, else 503"
+)
+
+
+async def _wait_for_gallery(state: State, version: int) -> None:
+    """Bounded wait until this replica has applied `version`; 503 (not_ready) if it does not in time."""
+    if version and not await state.replica.wait_for_version(version, state.settings.sync_wait_s):
+        have = state.replica.gallery.version
+        raise NotReady(
+            f"gallery_behind: this replica has gallery version {have}, the request needs {version} "
+            f"(not reached within {state.settings.sync_wait_s:g} s); retry",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _answer(state: State, r: Recognition) -> RecognizeResponse:
@@ -40,9 +57,11 @@ async def recognize_clip(
     top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
     num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
+    min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
 ) -> RecognizeResponse:
     """Recognise the product shown in a clip: top-k SKUs, best first."""
     _check(state, top_k, num_frames)
+    await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
     return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames))
 
@@ -54,8 +73,10 @@ async def recognize_image(
     file: Annotated[UploadFile | None, File(description="a still image (jpeg, png, webp, bmp); or the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
+    min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
 ) -> RecognizeResponse:
     """Recognise the product in one still image."""
     _check(state, top_k)
+    await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
     return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id))

@@ -1,0 +1,99 @@
+"""Gallery search: exact (flat) vs approximate (IVF) at N x 512: build time, latency single and
+batched, recall@10 against exact, memory per million vectors.
+
+    .venv/bin/python bench/gallery_search.py --n 100000
+    .venv/bin/python bench/gallery_search.py --n 1000000 --queries 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+
+from index.ann import AnnConfig
+from index.gallery import Gallery
+from index.records import Record
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, centers: int = 4096, noise: float = 0.35) -> np.ndarray:
+    """Unit vectors around random centres (product embeddings cluster by kind), built in chunks."""
+    c = rng.standard_normal((centers, dim)).astype(np.float32)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):
+        m = min(n, s + 100_000) - s
+        v = c[rng.integers(0, centers, m)] + noise * rng.standard_normal((m, dim)).astype(np.float32)
+        out[s : s + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def rss_mb() -> float:
+    """Resident memory now (not the peak), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def fill(g: Gallery, vecs: np.ndarray) -> float:
+    t = time.perf_counter()
+    for s in range(0, len(vecs), 50_000):
+        g.apply([Record(f"i{i}", f"s{i}", f"shop{i % 5000}", vecs[i], version=1) for i in range(s, min(len(vecs), s + 50_000))])
+    return time.perf_counter() - t
+
+
+def latency(g: Gallery, queries: np.ndarray, batch: int, shop: str | None = None) -> tuple[float, float, list[list[str]]]:
+    times, ids = [], []
+    for s in range(0, len(queries), batch):
+        t = time.perf_counter()
+        hits, _ = g.search(queries[s : s + batch], 10, shop)
+        times.append((time.perf_counter() - t) * 1e3)
+        ids += [[h.item_id for h in r] for r in hits]
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--nprobe", type=int, default=32)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    vecs = clustered(rng, args.n, args.dim)
+    # Queries look like gallery items seen again (another photo of a catalogued product): item + noise.
+    qrng = np.random.default_rng(1)
+    q = vecs[qrng.integers(0, args.n, args.queries)] + 0.05 * qrng.standard_normal((args.queries, args.dim)).astype(np.float32)
+    queries = q / np.linalg.norm(q, axis=1, keepdims=True)
+    base = rss_mb()
+
+    exact = Gallery(args.dim, AnnConfig(enabled=False))
+    fill_s = fill(exact, vecs)
+    mem_exact = rss_mb() - base
+    print(f"n={args.n} dim={args.dim}: exact fill {fill_s:.1f} s ({args.n / fill_s:,.0f} vectors/s), +{mem_exact:,.0f} MB RSS")
+
+    approx = Gallery(args.dim, AnnConfig(threshold=1, nprobe=args.nprobe))
+    before = rss_mb()
+    t = time.perf_counter()
+    fill(approx, vecs)
+    approx.wait_for_index(3600)
+    build_s = time.perf_counter() - t
+    print(f"approx fill + IVF build {build_s:.1f} s, nlist={approx.ann_config.lists_for(args.n)}, +{rss_mb() - before:,.0f} MB RSS")
+
+    rows = []
+    for name, g in (("exact", exact), ("ivf", approx)):
+        p50, p99, ids = latency(g, queries, 1)
+        b50, b99, _ = latency(g, queries, 64)
+        s50, s99, _ = latency(g, queries, 1, "shop7")
+        rows.append((name, p50, p99, b50, b99, s50, s99, ids))
+    exact_ids = rows[0][-1]
+    print("| index | single p50 / p99 ms | batch of 64 p50 / p99 ms | one shop (of 5000) p50 / p99 ms | recall@10 |")
+    print("|---|---|---|---|---|")
+    for name, p50, p99, b50, b99, s50, s99, ids in rows:
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact_ids, strict=True)])
+        print(f"| {name} | {p50:.2f} / {p99:.2f} | {b50:.1f} / {b99:.1f} | {s50:.2f} / {s99:.2f} | {recall:.3f} |")
+    print(f"memory per million vectors (exact gallery, RSS growth): {mem_exact / args.n * 1e6 / 1024:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Shared gallery store on Redis: the current state in hashes plus an append-only stream of mutations.
+
+Behaves like `SQLiteStore` (same versions, tombstones, namespaces, errors) but many service
+processes share it: each boots from the state (`snapshot`) and then follows the stream
+(`read_log`). This is the only module that talks to Redis.
+
+Keys, all under one prefix whose `{...}` hash tag keeps them in one cluster slot:
+
+- `version`: the gallery version counter (INCR), `epoch`: a random id written once; it is
+  missing or different after the server lost its data, which tells followers to resync.
+- `log`: the stream; entry id `<version>-0`, one entry per version, fields op, v, t (writer's
+  clock), ns, items (JSON), dim, vecs (raw little-endian float32 bytes, items x dim).
+- per namespace `n:<ns>:hdr` (item -> JSON header: sku, shop_id, dim, metadata as a string),
+  `n:<ns>:vec` (item -> raw float32 bytes; absent = tombstone), `n:<ns>:ver` (zset item ->
+  version, for changes_since), and `namespaces` (the set of them).
+- `sku:<sku>`: live members (`<len(ns)>:<ns><item_id>`) of a SKU, for delete_sku.
+
+Every mutation is one Lua script (atomic, replicated and AOF-logged as a unit): it checks what
+it must, then INCRs the version, updates the state and appends the stream entry, so versions
+are contiguous in the stream (a gap means entries were trimmed away). A call returns only
+after Redis executed the script, i.e. after the AOF write when appendfsync is `always`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from index.records import (
+    ItemNotFound,
+    LogEntry,
+    Record,
+    Snapshot,
+    StoreUnavailable,
+    metadata_to_json,
+    vector_to_bytes,
+)
+
+DEFAULT_PREFIX = "rice:{gallery}:"
+_CHUNK = 1000  # items per round trip when reading the state
+
+# Shared by both delete scripts: tombstone the given (namespace, item) pairs under one new version.
+_TOMBSTONE = """
+local function tombstone(p, epoch, maxlen, t, hits, ids)
+  if #hits == 0 then return {0} end
+  redis.call('SET', p .. 'epoch', epoch, 'NX')
+  local v = redis.call('INCR', p .. 'version')
+  for _, h in ipairs(hits) do
+    local ns, id = h[1], h[2]
+    local sku = cjson.decode(redis.call('HGET', p .. 'n:' .. ns .. ':hdr', id)).sku
+    redis.call('HDEL', p .. 'n:' .. ns .. ':vec', id)
+    redis.call('ZADD', p .. 'n:' .. ns .. ':ver', v, id)
+    redis.call('SREM', p .. 'sku:' .. sku, #ns .. ':' .. ns .. id)
+  end
+  local xadd = {'XADD', p .. 'log'}
+  if tonumber(maxlen) > 0 then
+    table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
+  end
+  table.insert(xadd, v .. '-0')
+  for _, x in ipairs({'op', 'delete', 'v', tostring(v), 't', t, 'items', cjson.encode(ids)}) do table.insert(xadd, x) end
+  redis.call(unpack(xadd))
+  local out = {v}
+  for _, id in ipairs(ids) do table.insert(out, id) end
+  return out
+end
+"""
+
+# ARGV: prefix, namespace, epoch, maxlen, t, dim, items JSON, vecs bytes, n, then n x (item_id, sku, header).
+_UPSERT = """
+local p, ns, epoch, maxlen, t, dim, items, vecs = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local n = tonumber(ARGV[9])
+local width = tonumber(dim) * 4
+redis.call('SET', p .. 'epoch', epoch, 'NX')
+local v = redis.call('INCR', p .. 'version')
+redis.call('SADD', p .. 'namespaces', ns)
+local hdr, vec, ver = p .. 'n:' .. ns .. ':hdr', p .. 'n:' .. ns .. ':vec', p .. 'n:' .. ns .. ':ver'
+for i = 0, n - 1 do
+  local b = 10 + i * 3
+  local id, sku, h = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local member = #ns .. ':' .. ns .. id
+  if redis.call('HEXISTS', vec, id) == 1 then
+    local old = cjson.decode(redis.call('HGET', hdr, id)).sku
+    if old ~= sku then redis.call('SREM', p .. 'sku:' .. old, member) end
+  end
+  redis.call('HSET', hdr, id, h)
+  redis.call('HSET', vec, id, string.sub(vecs, i * width + 1, (i + 1) * width))
+  redis.call('ZADD', ver, v, id)
+  redis.call('SADD', p .. 'sku:' .. sku, member)
+end
+local xadd = {'XADD', p .. 'log'}
+if tonumber(maxlen) > 0 then
+  table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
+end
+table.insert(xadd, v .. '-0')
+for _, x in ipairs({'op', 'upsert', 'v', tostring(v), 't', t, 'ns', ns, 'items', items, 'dim', dim, 'vecs', vecs}) do
+  table.insert(xadd, x)
+end
+redis.call(unpack(xadd))
+return v
+"""
+
+# ARGV: prefix, epoch, maxlen, t, item ids...
+_DELETE_ITEMS = (
+    _TOMBSTONE
+    + """
+local p = ARGV[1]
+local nss = redis.call('SMEMBERS', p .. 'namespaces')
+local hits, ids, seen = {}, {}, {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  for _, ns in ipairs(nss) do
+    if not seen[ns .. '\\0' .. id] and redis.call('HEXISTS', p .. 'n:' .. ns .. ':vec', id) == 1 then
+      seen[ns .. '\\0' .. id] = true
+      table.insert(hits, {ns, id})
+      if not seen[id] then seen[id] = true; table.insert(ids, id) end
+    end
+  end
+end
+return tombstone(p, ARGV[2], ARGV[3], ARGV[4], hits, ids)
+"""
+)
+
+# ARGV: prefix, epoch, maxlen, t, sku, has_shop ('0'/'1'), shop
+_DELETE_SKU = (
+    _TOMBSTONE
+    + """
+local p, sku, has_shop, shop = ARGV[1], ARGV[5], ARGV[6], ARGV[7]
+local hits, ids, seen = {}, {}, {}
+for _, m in ipairs(redis.call('SMEMBERS', p .. 'sku:' .. sku)) do
+  local colon = string.find(m, ':', 1, true)
+  local len = tonumber(string.sub(m, 1, colon - 1))
+  local ns, id = string.sub(m, colon + 1, colon + len), string.sub(m, colon + len + 1)
+  local ok = has_shop == '0'
+  if not ok then
+    ok = cjson.decode(redis.call('HGET', p .. 'n:' .. ns .. ':hdr', id)).shop_id == shop
+  end
+  if ok then
+    table.insert(hits, {ns, id})
+    if not seen[id] then seen[id] = true; table.insert(ids, id) end
+  end
+end
+return tombstone(p, ARGV[2], ARGV[3], ARGV[4], hits, ids)
+"""
+)
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """Connection problems become StoreUnavailable: callers need not know this is Redis."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+class RedisStore:
+    """`index.records.Store` and `index.records.ChangeLog` on a Redis server."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, log_maxlen: int = 100_000, timeout_s: float = 5.0) -> None:
+        """`log_maxlen` bounds the stream (approximately; 0 = unbounded): a follower further behind resyncs."""
+        # No automatic retries: re-sending a write whose answer was lost could apply it twice.
+        # Typed as Any: redis-py's stubs type every reply as a union of everything a reply can be.
+        self._r: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), health_check_interval=30
+        )
+        self._timeout_s = timeout_s
+        self.prefix = prefix
+        self.log_maxlen = log_maxlen
+        self._upsert: Any = self._r.register_script(_UPSERT)
+        self._delete_items: Any = self._r.register_script(_DELETE_ITEMS)
+        self._delete_sku: Any = self._r.register_script(_DELETE_SKU)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- Store ---------------------------------------------------------------------------------
+
+    def upsert(self, namespace: str, records: list[Record]) -> int:
+        """Store records (vectors required, one dimension per call); returns the new gallery version."""
+        dims = set()
+        for r in records:
+            if r.vector is None:
+                raise ValueError("upsert needs a vector for every record")
+            dims.add(int(np.asarray(r.vector).reshape(-1).shape[0]))
+        if len(dims) > 1:
+            raise ValueError(f"one upsert holds vectors of one dimension, got {sorted(dims)}")
+        dim = dims.pop() if dims else 0
+        items, args = [], []
+        for r in records:
+            meta = metadata_to_json(r.metadata)
+            items.append([r.item_id, r.sku, r.shop_id, meta])
+            args += [r.item_id, r.sku, json.dumps({"sku": r.sku, "shop_id": r.shop_id, "dim": dim, "meta": meta})]
+        vecs = b"".join(vector_to_bytes(np.asarray(r.vector).reshape(-1)) for r in records)
+        head = [self.prefix, namespace, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), dim, json.dumps(items), vecs, len(records)]
+        with _reachable():
+            return int(self._upsert(args=head + args))
+
+    def _tombstoned(self, reply: list[Any], what: str) -> tuple[int, list[str]]:
+        version = int(reply[0])
+        if version == 0:
+            raise ItemNotFound(what)
+        return version, sorted(x.decode() for x in reply[1:])
+
+    def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
+        """Tombstone live items in every namespace; raises ItemNotFound if none were live."""
+        what = f"no item with id {', '.join(item_ids)}"
+        if not item_ids:
+            raise ItemNotFound(what)
+        with _reachable():
+            reply = self._delete_items(args=[self.prefix, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), *item_ids])
+        return self._tombstoned(reply, what)
+
+    def delete_sku(self, sku: str, shop_id: str | None = None) -> tuple[int, list[str]]:
+        """Tombstone every live item of a SKU (in one shop if given); raises ItemNotFound if none."""
+        what = f"no items with sku {sku!r}" + ("" if shop_id is None else f" in shop {shop_id!r}")
+        args = [self.prefix, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), sku, "0" if shop_id is None else "1", shop_id or ""]
+        with _reachable():
+            reply = self._delete_sku(args=args)
+        return self._tombstoned(reply, what)
+
+    def changes_since(self, namespace: str, version: int) -> list[Record]:
+        """Records and tombstones of a namespace with version > `version`, in version order."""
+        hdr, vec, ver = self._key("n", namespace, "hdr"), self._key("n", namespace, "vec"), self._key("n", namespace, "ver")
+        out: list[Record] = []
+        with _reachable():
+            ids = [x.decode() for x in self._r.zrangebyscore(ver, f"({version}", "+inf")]
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                # One MULTI per chunk: header, vector and version of each item are read together.
+                pipe = self._r.pipeline(transaction=True)
+                pipe.hmget(hdr, chunk)
+                pipe.hmget(vec, chunk)
+                pipe.zmscore(ver, chunk)
+                headers, vectors, versions = pipe.execute()
+                for item_id, h, x, v in zip(chunk, headers, vectors, versions, strict=True):
+                    out.append(_record(item_id, json.loads(h), x, int(v)))
+        out.sort(key=lambda r: r.version)  # stable: a chunk read later may hold newer versions
+        return [r for r in out if r.version > version]
+
+    def version(self) -> int:
+        """The latest gallery version written."""
+        return self.position()[1]
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._r.close()
+
+    # -- ChangeLog -----------------------------------------------------------------------------
+
+    def position(self) -> tuple[str | None, int]:
+        """(epoch, latest version); the epoch is None on a server that has no gallery data."""
+        with _reachable():
+            epoch, version = self._r.mget([self._key("epoch"), self._key("version")])
+        return (epoch.decode() if epoch is not None else None), int(version or 0)
+
+    def snapshot(self, namespace: str) -> Snapshot:
+        """The live records of a namespace, plus the (epoch, version) to follow the log from."""
+        with _reachable():
+            self._r.set(self._key("epoch"), uuid.uuid4().hex, nx=True)  # an empty server gets its epoch now
+        epoch, version = self.position()
+        assert epoch is not None
+        return Snapshot(epoch, version, [r for r in self.changes_since(namespace, 0) if not r.deleted])
+
+    def read_log(self, namespace: str, after_version: int, block_ms: int, count: int) -> list[LogEntry]:
+        """Log entries after `after_version`, oldest first, waiting up to `block_ms` (0 = not at all)."""
+        with _reachable():
+            reply = self._r.xread({self._key("log"): f"{after_version}-0"}, count=count, block=block_ms if block_ms > 0 else None)
+        if not reply:
+            return []
+        return [_entry(fields, namespace) for _, fields in reply[0][1]]
+
+    def log_versions(self) -> tuple[int, int]:
+        """(first, last) version still in the log; (0, 0) when it is empty."""
+        with _reachable():
+            first = self._r.xrange(self._key("log"), count=1)
+            last = self._r.xrevrange(self._key("log"), count=1)
+        if not first:
+            return 0, 0
+        return int(first[0][0].split(b"-")[0]), int(last[0][0].split(b"-")[0])
+
+    def trim_log(self, keep: int) -> None:
+        """Keep only the newest `keep` log entries (exactly); followers further behind will resync."""
+        with _reachable():
+            self._r.xtrim(self._key("log"), maxlen=keep, approximate=False)
+
+    def ping(self) -> bool:
+        """True when the server answers."""
+        try:
+            with _reachable():
+                return bool(self._r.ping())
+        except StoreUnavailable:
+            return False
+
+
+def _record(item_id: str, header: dict[str, Any], vector: bytes | None, version: int) -> Record:
+    dim = int(header["dim"])
+    vec = None if vector is None else np.frombuffer(vector, dtype="<f4", count=dim).astype(np.float32)
+    return Record(item_id, header["sku"], header["shop_id"], vec, json.loads(header["meta"]), version, vector is None)
+
+
+def _entry(fields: dict[bytes, bytes], namespace: str) -> LogEntry:
+    version, written_at = int(fields[b"v"]), float(fields[b"t"])
+    if fields[b"op"] == b"delete":
+        ids = json.loads(fields[b"items"])
+        return LogEntry(version, None, [Record(i, "", None, None, version=version, deleted=True) for i in ids], written_at)
+    ns = fields[b"ns"].decode()
+    if ns != namespace:  # another model's vectors: only the version matters to this reader
+        return LogEntry(version, ns, [], written_at)
+    items = json.loads(fields[b"items"])
+    dim = int(fields[b"dim"])
+    vecs = np.frombuffer(fields[b"vecs"], dtype="<f4").reshape(len(items), dim) if items else np.zeros((0, dim), np.float32)
+    records = [
+        Record(item_id, sku, shop_id, vecs[i].astype(np.float32), json.loads(meta), version)
+        for i, (item_id, sku, shop_id, meta) in enumerate(items)
+    ]
+    return LogEntry(version, ns, records, written_at)

@@ -1,0 +1,290 @@
+"""Training and evaluation data: a JSONL manifest of (clip, product image, SKU, shop) rows, readers
+for the LPR4M and MovingFashion layouts, a builder that turns the grocery layout (product photos +
+catalog images) into clips, and the clip dataset (uniform frame sampling, 0/1 frame mask, cut-tail
+and crop/flip/colour augmentation in training only). Decoding runs in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from model.config import PreprocessConfig
+from model.preprocess import pad_to_square, prepare_frame, resize_center_crop
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """One (clip, product image) pair. `clip` is a video file, a folder of frames, or a list of frame
+    files; `also` lists further correct SKUs (an LPR4M query can have several ground-truth images)."""
+
+    clip: str | tuple[str, ...]
+    image: str
+    sku: str
+    shop: str | None = None
+    group: str | None = None  # optional label for per-group reports, e.g. "packaged"
+    also: tuple[str, ...] = ()
+
+    @property
+    def truth(self) -> set[str]:
+        return {self.sku, *self.also}
+
+
+# --- manifests -----------------------------------------------------------------------------------
+
+
+def _resolve(base: Path, p: str) -> str:
+    return p if Path(p).is_absolute() else str(base / p)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[ClipRow]:
+    """JSONL rows {"clip", "image", "sku", ["shop", "group", "also"]}; relative paths are relative to the file."""
+    base = Path(path).parent
+    rows = []
+    with Path(path).open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            try:
+                clip = d.get("clip", [])  # gallery manifests have no clip
+                clip = tuple(_resolve(base, c) for c in clip) if isinstance(clip, list) else _resolve(base, clip)
+                rows.append(
+                    ClipRow(clip, _resolve(base, d["image"]), str(d["sku"]), d.get("shop"), d.get("group"), tuple(d.get("also", ())))
+                )
+            except KeyError as exc:
+                raise ValueError(f"{path}:{n}: missing field {exc}") from exc
+    return rows
+
+
+def write_manifest(rows: Iterable[ClipRow], path: str | os.PathLike[str]) -> None:
+    """Write rows as JSONL; paths under the manifest's folder are stored relative to it."""
+    base = Path(path).parent.resolve()
+
+    def rel(p: str) -> str:
+        q = Path(p).resolve()
+        return str(q.relative_to(base)) if q.is_relative_to(base) else str(q)
+
+    with Path(path).open("w") as f:
+        for r in rows:
+            d: dict[str, Any] = asdict(r)
+            d["clip"] = [rel(c) for c in r.clip] if isinstance(r.clip, tuple) else rel(r.clip)
+            d["image"] = rel(r.image)
+            d["also"] = list(r.also)
+            f.write(json.dumps({k: v for k, v in d.items() if v not in (None, [])}) + "\n")
+
+
+def gallery_of(rows: Sequence[ClipRow]) -> list[ClipRow]:
+    """The distinct product images of `rows` (the gallery when none is given separately)."""
+    seen: dict[tuple[str, str, str | None], ClipRow] = {}
+    for r in rows:
+        seen.setdefault((r.image, r.sku, r.shop), r)
+    return list(seen.values())
+
+
+# --- public dataset layouts ----------------------------------------------------------------------
+
+
+def lpr4m_live_id(clip_id: str) -> str:
+    """`<live_id>-<start_ms>-<end_ms>` where live_id is a UUID (5 dash groups) -> the livestream id."""
+    return "-".join(clip_id.split("-")[:5])
+
+
+def read_lpr4m(root: str | os.PathLike[str], split: str = "train") -> tuple[list[ClipRow], list[ClipRow]]:
+    """LPR4M -> (query rows, gallery rows). Training: annotations/training_videoinfo_*.txt, gallery =
+    the training images. Test: query/<clip_id>/ frames, gallery/<live_id>/ images, the ground-truth and
+    gallery JSONs in annotations/; SKU = image id, shop = livestream (per-shop galleries)."""
+    root = Path(root)
+    ann = root / "annotations"
+    if split == "train":
+        rows = []
+        for txt in sorted(ann.glob("training_videoinfo_*.txt")):
+            for line in txt.read_text().splitlines():
+                cols = line.split("\t")
+                if len(cols) < 9:
+                    continue
+                frames = tuple(_resolve(root, p) for p in ast.literal_eval(cols[1]))
+                rows.append(ClipRow(frames, _resolve(root, cols[4]), cols[8], lpr4m_live_id(cols[0])))
+        return rows, gallery_of(rows)
+    gt = json.loads(next(ann.glob("test_videoid_to_gtimage*.json")).read_text())
+    galleries = json.loads(next(ann.glob("test_liveid_to_gallery*.json")).read_text())
+
+    def image_path(live: str, name: str) -> str:
+        p = root / name
+        return str(p) if p.exists() else str(root / "gallery" / live / Path(name).name)
+
+    gallery = [ClipRow((), image_path(live, im), Path(im).stem, live) for live, ims in galleries.items() for im in ims]
+    queries = []
+    for clip_id, images in gt.items():
+        skus = [Path(im).stem for im in images]
+        live = lpr4m_live_id(clip_id)
+        queries.append(ClipRow(str(root / "query" / clip_id), image_path(live, images[0]), skus[0], live, also=tuple(skus[1:])))
+    return queries, gallery
+
+
+def read_movingfashion(root: str | os.PathLike[str], split: str = "train") -> tuple[list[ClipRow], list[ClipRow]]:
+    """MovingFashion (train.json / test.json, videos/, imgs/) -> (query rows, gallery rows). The SKU is
+    the shop image; the test gallery is every test shop image (one global gallery)."""
+    root = Path(root)
+    table = json.loads((root / f"{split}.json").read_text())
+    entries = table.values() if isinstance(table, dict) else table
+    rows = []
+    for e in entries:
+        videos = e.get("video_paths") or [e["video_path"]]
+        for v in videos:
+            rows.append(ClipRow(_resolve(root, v), _resolve(root, e["img_path"]), Path(e["img_path"]).stem, e.get("source")))
+    return rows, gallery_of(rows)
+
+
+# --- frame reading and sampling ------------------------------------------------------------------
+
+
+def sample_indices(total: int, n: int) -> list[int]:
+    """`n` frame indices spread uniformly (linspace) over `total` frames; all of them when total <= n."""
+    if total <= n:
+        return list(range(total))
+    return [round(x) for x in np.linspace(0, total - 1, n)]
+
+
+def _frame_files(clip: str | tuple[str, ...]) -> list[str] | None:
+    if isinstance(clip, tuple):
+        return list(clip)
+    if Path(clip).is_dir():
+        return sorted(str(p) for p in Path(clip).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return None
+
+
+def read_clip_frames(clip: str | tuple[str, ...], n: int, keep: float = 1.0) -> list[np.ndarray]:
+    """Up to `n` BGR frames sampled uniformly from a video file, frame folder or frame list.
+    `keep` < 1 drops that fraction of the sampled frames from the end (cut-tail)."""
+    files = _frame_files(clip)
+    if files is not None:
+        idx = sample_indices(len(files), n)
+        idx = idx[: max(1, round(len(idx) * keep))]
+        frames = [cv2.imread(files[i], cv2.IMREAD_COLOR) for i in idx]
+        return [f for f in frames if f is not None]
+    cap = cv2.VideoCapture(str(clip))
+    try:
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0:  # some containers do not store a count: decode everything, then sample
+            all_frames = []
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                all_frames.append(frame)
+            idx = sample_indices(len(all_frames), n)
+            return [all_frames[i] for i in idx[: max(1, round(len(idx) * keep))]] if idx else []
+        idx = sample_indices(total, n)
+        wanted = set(idx[: max(1, round(len(idx) * keep))])
+        out = []
+        for i in range(max(wanted) + 1):
+            if not cap.grab():
+                break
+            if i in wanted:
+                ok, frame = cap.retrieve()
+                if ok:
+                    out.append(frame)
+        return out
+    finally:
+        cap.release()
+
+
+def worker_init(_: int) -> None:
+    """DataLoader workers decode one clip each: extra OpenCV/torch threads only contend for cores."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def read_image(path: str) -> np.ndarray:
+    """BGR uint8 image; ValueError when the file cannot be decoded."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"unreadable image: {path}")
+    return img
+
+
+class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """(clip, image) pairs as uint8 tensors: frames [T, C, C, 3] zero-padded with mask [T], image [C, C, 3].
+
+    Eval: the service's preprocessing (centre crop for frames, letterboxed catalog images).
+    Train (RICE v2 recipe): shorter side to resize*256/224, random crop, horizontal flip, colour jitter,
+    and cut-tail (p=0.5 drop 0-90% of the frames from the end). Augmentation is seeded by
+    (seed, epoch, index), so it does not depend on worker scheduling and resumes exactly.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[ClipRow],
+        pre: PreprocessConfig,
+        num_frames: int,
+        train: bool,
+        sku_index: dict[str, int] | None = None,
+        seed: int = 0,
+        cut_tail_p: float = 0.5,
+    ) -> None:
+        self.rows = list(rows)
+        self.pre = pre
+        self.num_frames = num_frames
+        self.train = train
+        self.sku_index = sku_index or {s: i for i, s in enumerate(sorted({r.sku for r in self.rows}))}
+        self.seed = seed
+        self.cut_tail_p = cut_tail_p
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        """Same crop, flip and colour change for every frame of one clip (or for one image)."""
+        c = self.pre.crop
+        big = [resize_center_crop(x, round(self.pre.resize * 256 / 224), round(c * 256 / 224)) for x in rgb]
+        top, left = rng.integers(0, big[0].shape[0] - c + 1, size=2)
+        flip = rng.random() < 0.5
+        alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+        out = []
+        for x in big:
+            x = x[top : top + c, left : left + c]
+            x = x[:, ::-1] if flip else x
+            out.append(cv2.convertScaleAbs(np.ascontiguousarray(x), alpha=alpha, beta=beta))
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        c = self.pre.crop
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            keep = 1.0 - rng.uniform(0.0, 0.9) if rng.random() < self.cut_tail_p else 1.0
+            bgr = read_clip_frames(row.clip, self.num_frames, keep)
+            frames = self._augment([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr], rng) if bgr else []
+            image = self._augment([pad_to_square(cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB))], rng)[0]
+        else:
+            frames = [prepare_frame(f, self.pre) for f in read_clip_frames(row.clip, self.num_frames)]
+            image = prepare_frame(read_image(row.image), self.pre, whole=True)
+        if not frames:
+            raise ValueError(f"no frames decoded from {row.clip}")
+        out = np.zeros((self.num_frames, c, c, 3), np.uint8)
+        out[: len(frames)] = np.stack(frames)
+        mask = torch.zeros(self.num_frames)
+        mask[: len(frames)] = 1.0
+        return {
+            "frames": torch.from_numpy(out),
+            "mask": mask,
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
+            "sku": torch.tensor(self.sku_index.get(row.sku, -1)),
+            "index": torch.tensor(i),
+        }

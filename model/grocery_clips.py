@@ -1,0 +1,114 @@
+"""Cold start: turn a folder of product photos + catalog images (the grocery layout) into training
+and evaluation clips, written as real MP4 files plus a JSONL manifest.
+
+`python -m model.grocery_clips --root DATA --out DIR --split train --mode mixed`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from model.clipsynth import camera_motion_clip, write_video
+from model.data import ClipRow, write_manifest
+from model.grocery import GroceryData, read_grocery
+
+
+def _render(job: tuple[list[str], str, int, int, int]) -> None:
+    """One clip: each photo in turn filmed with a hand-held camera, frames split evenly between them."""
+    photos, out, frames, size, seed = job
+    rng = np.random.default_rng(seed)
+    per = [frames // len(photos) + (i < frames % len(photos)) for i in range(len(photos))]
+    clip: list[np.ndarray] = []
+    for path, n in zip(photos, per, strict=True):
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"unreadable photo: {path}")
+        clip += camera_motion_clip(img, rng, num_frames=max(n, 1), out_size=(size, size))
+    write_video(clip, out)
+
+
+def build_grocery_clips(
+    data: GroceryData,
+    out_dir: str | os.PathLike[str],
+    split: str,
+    mode: str = "motion",
+    clips_per_photo: int = 1,
+    frames: int = 16,
+    size: int = 256,
+    photos_per_clip: int = 4,
+    seed: int = 0,
+    workers: int = 2,
+) -> Path:
+    """Write one MP4 per (photo, repeat) under out_dir/split and out_dir/split.jsonl; returns the manifest.
+
+    mode "motion": one photo with camera motion, zoom, roll, blur and compression (as a seller
+    filming one item); "photos": `photos_per_clip` photos of the same product in a row (several
+    views of one product, like a seller turning it); "mixed": alternate the two.
+    """
+    if mode not in ("motion", "photos", "mixed"):
+        raise ValueError(f"unknown mode {mode!r}")
+    out_dir = Path(out_dir)
+    photos = data.photos(split)
+    by_sku: dict[str, list[str]] = {}
+    for ph in photos:
+        by_sku.setdefault(ph.sku, []).append(str(ph.path))
+    products = {p.sku: p for p in data.products}
+    rng = np.random.default_rng(seed)
+    jobs, rows = [], []
+    for rep in range(clips_per_photo):
+        for i, ph in enumerate(photos):
+            use_photos = mode == "photos" or (mode == "mixed" and (i + rep) % 2 == 1)
+            chosen = [str(ph.path)]
+            if use_photos:
+                others = [p for p in by_sku[ph.sku] if p != str(ph.path)]
+                chosen += list(rng.choice(others, size=min(photos_per_clip - 1, len(others)), replace=False))
+            out = out_dir / split / f"{ph.path.stem}-{rep}.mp4"
+            jobs.append((chosen, str(out), frames, size, seed * 1_000_003 + rep * 100_003 + i))
+            product = products[ph.sku]
+            rows.append(ClipRow(str(out), str(product.catalog_image), ph.sku, group="packaged" if product.packaged else "fresh"))
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_render, jobs, chunksize=8))
+    manifest = out_dir / f"{split}.jsonl"
+    write_manifest(rows, manifest)
+    return manifest
+
+
+def write_grocery_gallery(data: GroceryData, path: str | os.PathLike[str]) -> None:
+    """Every product's catalog image as a gallery manifest (clip field empty)."""
+    rows = [ClipRow((), str(p.catalog_image), p.sku, group="packaged" if p.packaged else "fresh") for p in data.products]
+    write_manifest(rows, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="grocery-layout folder (classes.csv, train.txt, val.txt)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--mode", default="motion", choices=["motion", "photos", "mixed"])
+    p.add_argument("--clips-per-photo", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--holdout-every", type=int, default=0, help="also write heldout_skus.txt: every k-th product by class id")
+    args = p.parse_args()
+    data = read_grocery(args.root)
+    manifest = build_grocery_clips(
+        data, args.out, args.split, args.mode, args.clips_per_photo, args.frames, args.size, seed=args.seed, workers=args.workers
+    )
+    write_grocery_gallery(data, Path(args.out) / "gallery.jsonl")
+    if args.holdout_every:
+        held = [p.sku for p in sorted(data.products, key=lambda p: p.class_id)][:: args.holdout_every]
+        (Path(args.out) / "heldout_skus.txt").write_text("\n".join(held) + "\n")
+    print(manifest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""RICE (Yang et al., ICCV 2023): instance-level contrastive learning (ICL), the pairwise matching
+decoder (PMD) with in-batch hard negatives, and patch feature reconstruction (PFR).
+
+Pure torch. Under DistributedDataParallel every rank encodes its local (clip, image) pairs,
+gathers embeddings and clip tokens from all ranks with a differentiable all-gather, and computes
+its *share* of each loss (its own rows, divided by the global batch size), so that the shares sum
+to the loss of one process on the whole global batch. See `RICE.forward` for the gradient scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from model.encoder import clip_embedding
+
+
+@dataclass(frozen=True)
+class RICEConfig:
+    """Which RICE losses are on, their weights, and the decoder size (stored in checkpoints)."""
+
+    icl: bool = True
+    pmd: bool = True
+    pfr: bool = True
+    icl_weight: float = 1.0
+    pmd_weight: float = 1.0
+    pfr_weight: float = 1.0  # v2 uses 1.0, v1 0.05
+    temperature: float = 0.07  # initial value when learnable
+    learn_temperature: bool = True
+    hard_negatives: int = 3
+    decoder_width: int = 256
+    decoder_heads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.pfr and not self.pmd:
+            raise ValueError("PFR reads the PMD decoder's cross-attention: enable pmd too")
+        if not (self.icl or self.pmd):
+            raise ValueError("enable at least one of icl and pmd")
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError("decoder_width must be a multiple of decoder_heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RICEConfig:
+        return cls(**d)
+
+
+# --- distributed helpers -------------------------------------------------------------------------
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (an all_reduce),
+    so losses computed on gathered tensors send gradients back to the rank that produced them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n : (rank + 1) * n]
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [b, ...] from all ranks in rank order -> [world*b, ...]; identity on one process.
+    Every rank must pass the same shape (use drop_last in the sampler)."""
+    _, world = world_info()
+    if world == 1:
+        return x
+    if x.requires_grad:
+        return _AllGather.apply(x)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def same_sku_mask(sku_q: torch.Tensor, sku_all: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[b, N] True where gallery column j shares row i's SKU but is not row i's own pair
+    (row i's own pair is column offset + i): these are false negatives and leave the softmax."""
+    same = sku_q[:, None] == sku_all[None, :]  # [b, N]
+    own = torch.arange(sku_q.shape[0], device=sku_q.device) + offset
+    same[torch.arange(sku_q.shape[0], device=sku_q.device), own] = False
+    return same
+
+
+def icl_loss(
+    clip_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    skus: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    clip_all: torch.Tensor | None = None,
+    image_all: torch.Tensor | None = None,
+    sku_all: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Symmetric InfoNCE, mean over the given rows, with same-SKU pairs masked out of the negatives.
+
+    clip_emb, image_emb [b, D] (L2-normalised), skus [b] int; logit_scale = 1 / temperature.
+    The *_all arguments are the gathered batch [N, ...] (default: the local one); row i's positive
+    is column offset + i.
+    """
+    clip_all = clip_emb if clip_all is None else clip_all
+    image_all = image_emb if image_all is None else image_all
+    sku_all = skus if sku_all is None else sku_all
+    target = torch.arange(clip_emb.shape[0], device=clip_emb.device) + offset  # [b]
+    drop = same_sku_mask(skus, sku_all, offset)  # [b, N]
+    c2i = (logit_scale * clip_emb @ image_all.T).float().masked_fill(drop, float("-inf"))  # [b, N]
+    i2c = (logit_scale * image_emb @ clip_all.T).float().masked_fill(drop, float("-inf"))  # [b, N]
+    return (F.cross_entropy(c2i, target) + F.cross_entropy(i2c, target)) / 2
+
+
+@torch.no_grad()
+def mine_hard_negatives(
+    sim: torch.Tensor, skus: torch.Tensor, sku_all: torch.Tensor, k: int, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar clips of another SKU for each image row.
+
+    sim [b, N] image-to-clip similarity (no gradient flows through mining), skus [b], sku_all [N]
+    -> (column indices [b, k], valid [b, k]); valid is False where fewer than k other-SKU clips exist.
+    """
+    same = skus[:, None] == sku_all[None, :]  # [b, N], includes the positive itself
+    del offset  # the positive shares its own SKU, so it is excluded by `same`
+    masked = sim.float().masked_fill(same, float("-inf"))
+    values, idx = masked.topk(min(k, sim.shape[1]), dim=1)  # [b, k]
+    return idx, torch.isfinite(values)
+
+
+def pmd_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over {positive, hard negatives} with the positive as target, mean over rows.
+    pos_score [b], neg_score [b, k], valid [b, k]."""
+    logits = torch.cat([pos_score[:, None], neg_score.masked_fill(~valid, float("-inf"))], dim=1).float()  # [b, 1+k]
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention that also returns its probabilities (PFR reads them)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, Q, W] attends to mem [B, K, W]; pad [B, K] True = ignore -> ([B, Q, W], probs [B, h, Q, K])."""
+        b, q_len, w = x.shape
+        h = self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, h, w // h).transpose(1, 2)  # [B, h, L, W/h]
+
+        q, k, v = split(self.q(x)), split(self.k(mem)), split(self.v(mem))
+        logits = q @ k.transpose(-2, -1) / math.sqrt(w // h)  # [B, h, Q, K]
+        if pad is not None:
+            logits = logits.masked_fill(pad[:, None, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1)  # [B, h, Q, K]
+        out = (probs @ v).transpose(1, 2).reshape(b, q_len, w)  # [B, Q, W]
+        return self.out(out), probs
+
+
+class PairwiseMatchingDecoder(nn.Module):
+    """Scores one (image, clip) pair: self-attention over the image tokens, cross-attention from
+    image tokens to the clip's frame tokens, an MLP, then token 0 -> LN -> Linear -> GELU -> Linear(., 1)."""
+
+    def __init__(self, token_dim: int, width: int, heads: int) -> None:
+        super().__init__()
+        self.input = nn.Linear(token_dim, width)  # shared by both views, like the shared encoder
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.ln_query = nn.LayerNorm(width)
+        self.ln_mem = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, heads)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.score = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, image_tokens: torch.Tensor, clip_tokens: torch.Tensor, clip_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_tokens [P, N, d], clip_tokens [P, K, d], clip_pad [P, K] -> (score [P], cross-attn probs [P, h, N, K])."""
+        x = self.input(image_tokens)  # [P, N, W]
+        mem = self.ln_mem(self.input(clip_tokens))  # [P, K, W]
+        h = self.ln_self(x)
+        x = x + self.self_attn(h, h)[0]
+        attn, probs = self.cross_attn(self.ln_query(x), mem, clip_pad)
+        x = x + attn
+        x = x + self.mlp(self.ln_mlp(x))
+        return self.score(x[:, 0]).squeeze(-1), probs
+
+
+class PatchFeatureReconstruction(nn.Module):
+    """PFR: a 1x1 conv over attention heads turns cross-attention probabilities into reconstruction
+    weights W [B, N, K]; X_hat = W @ sg(clip tokens) should equal sg(image tokens). Both token sets are
+    detached, so the loss trains the model only through the attention logits."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        mid = max(heads // 2, 1)
+        first, second = nn.Conv2d(heads, mid, 1), nn.Conv2d(mid, 1, 1)
+        # Start as the mean over heads: a random init can leave the final ReLU dead everywhere,
+        # and then PFR sends no gradient at all.
+        for conv, fan_in in ((first, heads), (second, mid)):
+            nn.init.constant_(conv.weight, 1.0 / fan_in)
+            nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
+        self.mix = nn.Sequential(first, nn.ReLU(), second, nn.ReLU())
+
+    def forward(self, probs: torch.Tensor, clip_tokens: torch.Tensor, image_tokens: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
+        """probs [B, h, N, K], clip_tokens [B, K, d], image_tokens [B, N, d], clip_pad [B, K] -> MSE (scalar)."""
+        w = self.mix(probs).squeeze(1)  # [B, N, K]
+        w = w.masked_fill(clip_pad[:, None, :], float("-inf")).softmax(dim=-1)
+        x_hat = w @ clip_tokens.detach().to(w.dtype)  # [B, N, d]
+        return F.mse_loss(x_hat.float(), image_tokens.detach().float())
+
+
+class RICE(nn.Module):
+    """Shared encoder + RICE heads. `forward` returns the training losses; retrieval uses the
+    backbone's embeddings alone (the heads are training-time only, as in the released code)."""
+
+    def __init__(self, backbone: nn.Module, cfg: RICEConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        # CNN backbones have no CLS token; their mean token plays token 0 for the decoder's pooling.
+        self.add_global_token = not getattr(backbone, "has_cls_token", False)
+        token_dim = int(backbone.token_dim)  # type: ignore[arg-type]
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)), requires_grad=cfg.learn_temperature)
+        self.decoder = PairwiseMatchingDecoder(token_dim, cfg.decoder_width, cfg.decoder_heads) if cfg.pmd else None
+        self.pfr = PatchFeatureReconstruction(cfg.decoder_heads) if cfg.pfr else None
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (embedding [B, D], decoder tokens [B, N, d])."""
+        emb, tokens = self.backbone(images)
+        if self.add_global_token:
+            tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [B, 1 + HW, d]
+        return emb, tokens
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor, images: torch.Tensor, skus: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames [b, T, 3, H, W] (padded), mask [b, T] 1 = real frame, images [b, 3, H, W], skus [b] int.
+
+        Returns this rank's share of each loss and of the weighted total ("loss"). Shares sum over
+        ranks to the single-process loss on the global batch. DDP averages gradients over ranks, so
+        the caller multiplies "loss" by the world size before backward to get that loss's gradient.
+        """
+        b, t = mask.shape
+        real = mask.bool()
+        f = int(real.sum())
+        # One backbone pass over the real frames and the images; padded frames are never encoded.
+        emb, tokens = self.encode(torch.cat([frames[real], images]))  # [f + b, D], [f + b, N, d]
+        n_tok = tokens.shape[1]
+        frame_emb = emb.new_zeros(b, t, emb.shape[1])
+        frame_emb[real] = emb[:f]  # [b, T, D]
+        frame_tok = tokens.new_zeros(b, t, n_tok, tokens.shape[2])
+        frame_tok[real] = tokens[:f]  # [b, T, N, d]
+        clip_emb = clip_embedding(frame_emb, mask)  # [b, D]
+        image_emb = F.normalize(emb[f:].float(), dim=-1)  # [b, D]
+        image_tok = tokens[f:]  # [b, N, d]
+        clip_tok = frame_tok.flatten(1, 2)  # [b, T*N, d]
+        clip_pad = (~real).repeat_interleave(n_tok, dim=1)  # [b, T*N]
+
+        rank, _ = world_info()
+        offset = rank * b
+        clip_all, image_all, sku_all = gather_batch(clip_emb), gather_batch(image_emb), gather_batch(skus)
+        share = b / clip_all.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        total = clip_emb.new_zeros(())
+        if self.cfg.icl:
+            out["icl"] = share * icl_loss(
+                clip_emb, image_emb, skus, self.logit_scale.exp(), clip_all=clip_all, image_all=image_all, sku_all=sku_all, offset=offset
+            )
+            total = total + self.cfg.icl_weight * out["icl"]
+        if self.decoder is not None:
+            k = self.cfg.hard_negatives
+            neg_idx, valid = mine_hard_negatives(image_emb.detach() @ clip_all.detach().T, skus, sku_all, k)
+            clip_tok_all, pad_all = gather_batch(clip_tok), gather_batch(clip_pad)
+            pos_score, probs = self.decoder(image_tok, clip_tok, clip_pad)  # [b], [b, h, N, T*N]
+            k = neg_idx.shape[1]
+            neg = neg_idx.flatten()  # [b*k]
+            neg_score, _ = self.decoder(image_tok.repeat_interleave(k, dim=0), clip_tok_all[neg], pad_all[neg])
+            out["pmd"] = share * pmd_loss(pos_score, neg_score.view(b, k), valid)
+            total = total + self.cfg.pmd_weight * out["pmd"]
+            if self.pfr is not None:
+                out["pfr"] = share * self.pfr(probs, clip_tok, image_tok, clip_pad)
+                total = total + self.cfg.pfr_weight * out["pfr"]
+        out["loss"] = total
+        return out

@@ -1,0 +1,320 @@
+"""RICE training: one CPU process, or N processes under torchrun (gloo on CPU, NCCL on GPU) with
+DistributedDataParallel. Read top to bottom: config -> data -> model -> optimiser -> loop -> eval.
+
+    python -m model.train --train train.jsonl --val val.jsonl --out runs/x
+    torchrun --nproc-per-node 2 -m model.train --train train.jsonl --out runs/x
+
+`OUT/last.pt` is written every --ckpt-every steps (and at the end) and resumes exactly with
+--resume; `OUT/final.pt` is the servable checkpoint (`rice serve --checkpoint OUT/final.pt`).
+Both are model.checkpoint files: the encoder plus training extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.checkpoint import read_checkpoint, save_checkpoint
+from model.config import CLIP_MEAN, CLIP_STD, EfficientNetConfig, EncoderConfig, PreprocessConfig, ViTConfig
+from model.data import ClipDataset, gallery_of, read_manifest, worker_init
+from model.encoder import EfficientNetBackbone, build_backbone
+from model.evaluate import evaluate_rows, read_sku_file
+from model.preprocess import normalize
+from model.rice import RICE, RICEConfig, world_info
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `rice train` / `python -m model.train`."""
+    a = parser.add_argument
+    a("--train", required=True, help="JSONL manifest of training (clip, image, sku) rows")
+    a("--val", help="JSONL manifest evaluated at the end (R@1/5/10)")
+    a("--val-gallery", help="gallery manifest for --val (default: the val rows' distinct images)")
+    a("--per-shop", action="store_true", help="evaluate with per-shop galleries (LPR4M protocol)")
+    a("--out", required=True, help="output folder: last.pt, final.pt, metrics.jsonl, eval.json")
+    a("--resume", action="store_true", help="continue from OUT/last.pt")
+    a("--exclude-skus", help="file of SKUs left out of training (held-out products)")
+    # model
+    a("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "vit"])
+    a("--embed-dim", type=int, default=1280, help="EfficientNet projection size (1280 + --identity-proj starts at zero-shot)")
+    a("--identity-proj", action="store_true", help="initialise the EfficientNet projection to the identity")
+    a("--vit", default="768,12,12,32,224,512", help="ViT width,layers,heads,patch,image_size,embed_dim")
+    a("--clip-weights", help="OpenAI CLIP / open_clip ViT weights to start from")
+    a("--no-pretrained", action="store_true", help="random init (tests)")
+    a("--train-blocks", type=int, default=-1, help="train only the last N blocks of the backbone (-1: all)")
+    a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
+    a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
+    a("--pmd-weight", type=float, default=1.0)
+    a("--pfr-weight", type=float, default=1.0)
+    a("--temperature", type=float, default=0.07)
+    a("--decoder-width", type=int, default=256)
+    a("--decoder-heads", type=int, default=8)
+    # optimisation
+    a("--frames", type=int, default=10, help="frames per training clip")
+    a("--eval-frames", type=int, default=10)
+    a("--batch-size", type=int, default=32, help="per process, per micro-batch")
+    a("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=float, default=1.0)
+    a("--max-steps", type=int, default=0, help="schedule length in optimizer steps (overrides --epochs)")
+    a("--stop-at-step", type=int, default=0, help="end this run early at this step (resume later with --resume)")
+    a("--lr-backbone", type=float, default=1e-5)
+    a("--lr-head", type=float, default=1e-4)
+    a("--weight-decay", type=float, default=0.2)
+    a("--warmup", type=int, default=10, help="warm-up steps")
+    a("--ckpt-every", type=int, default=200)
+    a("--log-every", type=int, default=10)
+    a("--workers", type=int, default=2)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--no-progress", action="store_true")
+
+
+def encoder_config(args: argparse.Namespace) -> EncoderConfig:
+    """The encoder (and its preprocessing) the checkpoint will carry."""
+    if args.backbone == "vit":
+        width, layers, heads, patch, size, dim = (int(x) for x in args.vit.split(","))
+        pre = PreprocessConfig(size, size, CLIP_MEAN, CLIP_STD)
+        return EncoderConfig("vit", vit=ViTConfig(size, patch, width, layers, heads, dim), preprocess=pre)
+    pre = PreprocessConfig(args.image_size, args.image_size)
+    return EncoderConfig(efficientnet=EfficientNetConfig(args.embed_dim, pretrained=not args.no_pretrained), preprocess=pre)
+
+
+def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
+    """Backbone (pretrained weights, frozen early blocks) + RICE heads."""
+    backbone = build_backbone(cfg)
+    if isinstance(backbone, EfficientNetBackbone):
+        if args.identity_proj and backbone.proj is not None:
+            if backbone.proj.in_features != backbone.proj.out_features:
+                raise ValueError("--identity-proj needs --embed-dim 1280")
+            with torch.no_grad():  # start exactly at the zero-shot embedding
+                backbone.proj.weight.copy_(torch.eye(backbone.proj.in_features))
+                backbone.proj.bias.zero_()
+        blocks: list[nn.Module] = [*backbone.net.blocks, backbone.net.head]
+        tail: list[nn.Module] = [backbone.proj] if backbone.proj is not None else []
+    else:
+        from model.vit import VisionTransformer, load_clip_weights
+
+        assert isinstance(backbone, VisionTransformer)
+        if args.clip_weights:
+            load_clip_weights(backbone, args.clip_weights)
+        blocks = list(backbone.transformer.resblocks)
+        tail = [backbone.ln_post]
+    if args.train_blocks >= 0:
+        backbone.requires_grad_(False)
+        for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
+            m.requires_grad_(True)
+        if not isinstance(backbone, EfficientNetBackbone):
+            backbone.proj.requires_grad_(True)
+    losses = set(args.losses.split(","))
+    rice_cfg = RICEConfig(
+        icl="icl" in losses,
+        pmd="pmd" in losses,
+        pfr="pfr" in losses,
+        pmd_weight=args.pmd_weight,
+        pfr_weight=args.pfr_weight,
+        temperature=args.temperature,
+        decoder_width=args.decoder_width,
+        decoder_heads=args.decoder_heads,
+    )
+    return RICE(backbone, rice_cfg)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep BatchNorm statistics at their pretrained values: small batches of a few products would skew them."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def param_groups(model: RICE, lr_backbone: float, lr_head: float, wd: float) -> list[dict[str, Any]]:
+    """AdamW groups: backbone vs heads learning rates; no weight decay on norms, biases and scalars."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("backbone" if name.startswith("backbone.") else "head", p.ndim >= 2), []).append(p)
+    lrs = {"backbone": lr_backbone, "head": lr_head}
+    return [{"params": ps, "lr": lrs[part], "weight_decay": wd if decay else 0.0, "name": part} for (part, decay), ps in groups.items()]
+
+
+def warmup_cosine(warmup: int, total: int) -> Any:
+    """lr multiplier: linear warm-up, then cosine to 0 at `total` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+def epoch_batches(n: int, batch: int, world: int, rank: int, epoch: int, seed: int) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: a seeded permutation cut into global batches of
+    batch*world (the last partial one dropped so every rank gathers equal shapes)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    g = batch * world
+    return [perm[i + rank * batch : i + (rank + 1) * batch] for i in range(0, n - g + 1, g)]
+
+
+def train_step_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], pre: PreprocessConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Normalise a collated uint8 batch on the device and return the model's loss shares."""
+    frames = batch["frames"].to(device)  # [b, T, H, W, 3] uint8
+    b, t = frames.shape[:2]
+    x = normalize(frames.flatten(0, 1), pre).view(b, t, 3, *frames.shape[2:4])  # [b, T, 3, H, W]
+    images = normalize(batch["image"].to(device), pre)  # [b, 3, H, W]
+    out: dict[str, torch.Tensor] = model(x, batch["mask"].to(device), images, batch["sku"].to(device))
+    return out
+
+
+def setup_distributed(device_arg: str) -> torch.device:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        cuda = device_arg.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+    return torch.device(device_arg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, checkpoint, evaluate; returns the exit status."""
+    device = setup_distributed(args.device)
+    rank, world = world_info()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # data
+    cfg = encoder_config(args)
+    pre = cfg.preprocess
+    exclude = read_sku_file(args.exclude_skus) or set()
+    rows = [r for r in read_manifest(args.train) if r.sku not in exclude]
+    dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
+    per_epoch = len(epoch_batches(len(rows), args.batch_size, world, rank, 0, args.seed)) // args.accum
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} rows are fewer than one global batch ({args.batch_size * world * args.accum})")
+    total = args.max_steps or max(1, round(args.epochs * per_epoch))
+
+    # model and optimiser
+    model = build_model(args, cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, total))
+    step = 0
+    last = out_dir / "last.pt"
+    if args.resume and last.is_file():
+        state = read_checkpoint(last)["train_state"]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = int(state["step"])
+    ddp: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # fp32 master weights, bf16 maths
+
+    def save(path: Path, with_state: bool) -> str:
+        extra: dict[str, Any] = {
+            "rice_config": model.cfg.to_dict(),
+            "heads": {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
+        }
+        extra["train_args"] = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool) or v is None}
+        if with_state:
+            extra["train_state"] = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+            }
+        return save_checkpoint(path, model.backbone, cfg, extra)
+
+    log = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, disable=rank != 0 or args.no_progress, desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while step < total:
+        epoch, done = divmod(step, per_epoch)
+        dataset.set_epoch(epoch)
+        batches = epoch_batches(len(rows), args.batch_size, world, rank, epoch, args.seed)[done * args.accum : per_epoch * args.accum]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=cuda, worker_init_fn=worker_init
+        )
+        ddp.train()
+        freeze_batchnorm(model.backbone)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(loader):
+            sync = (i + 1) % args.accum == 0
+            with nullcontext() if sync or world == 1 else ddp.no_sync(), amp:  # type: ignore[operator]
+                losses = train_step_loss(ddp, batch, pre, device)
+                # DDP averages gradients over ranks; the loss shares need their sum, hence * world.
+                (losses["loss"] * world / args.accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / args.accum
+            if not sync:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            model.logit_scale.data.clamp_(0, math.log(100))  # CLIP's cap on 1/temperature
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                stats = {k: torch.tensor(v, device=device) for k, v in sorted(sums.items())}
+                if world > 1:
+                    for v in stats.values():
+                        dist.all_reduce(v)  # sum of shares = the global-batch loss
+                rec = {
+                    "step": step,
+                    **{k: round(float(v), 5) for k, v in stats.items()},
+                    "temperature": round(math.exp(-model.logit_scale.item()), 5),
+                }
+                rec.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups[:2]}, seconds=round(time.perf_counter() - t0, 1))
+                bar.set_postfix(loss=rec["loss"])
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+            sums = {}
+            if rank == 0 and (step % args.ckpt_every == 0 or step in (total, args.stop_at_step)):
+                save(last, with_state=True)
+            if step >= total or step == args.stop_at_step:
+                break
+        if step == args.stop_at_step:
+            break
+    bar.close()
+    if rank == 0:
+        version = save(out_dir / "final.pt", with_state=False)
+        sys.stdout.write(f"saved {out_dir / 'final.pt'} ({version}) after {step} steps, {time.perf_counter() - t0:.0f} s\n")
+        if args.val:
+            val = read_manifest(args.val)
+            gallery = read_manifest(args.val_gallery) if args.val_gallery else gallery_of(val)
+            report = evaluate_rows(model.backbone, pre, val, gallery, args.per_shop, args.eval_frames, device, args.workers)
+            report["model_version"] = version
+            (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            if log:
+                log.write(json.dumps({"step": step, "eval": report["recall"]}) + "\n")
+            sys.stdout.write(json.dumps(report["recall"]) + "\n")
+    if log:
+        log.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build_parser(p)
+    sys.exit(run(p.parse_args()))

@@ -1,0 +1,152 @@
+"""Keeps a replica's gallery in step with a shared store's change log, on a background thread.
+
+Boot: build a gallery from the store's snapshot, then replay the log from the snapshot's
+version. Then follow: blocking reads of the log, each batch applied under the gallery's lock
+for a few milliseconds, so searches keep running. Replay is idempotent (versions at or below
+the applied one are skipped). Resync, i.e. a fresh gallery built beside the serving one and
+swapped in, happens when
+
+- the log skips a version (the entries this replica needed were trimmed away), or
+- the store's epoch changed or its version went backwards (the server lost its data).
+
+A restart of the server with its data intact (AOF) needs no resync: the follower reconnects
+and reads on from the version it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from index.gallery import Gallery
+from index.records import ChangeLog, StoreUnavailable
+
+log = logging.getLogger("rice.follower")
+
+
+class Follower:
+    """Applies a change log to the gallery that `get_gallery`/`set_gallery` hold."""
+
+    def __init__(
+        self,
+        store: ChangeLog,
+        namespace: str,
+        new_gallery: Callable[[], Gallery],
+        get_gallery: Callable[[], Gallery],
+        set_gallery: Callable[[Gallery], None],
+        block_ms: int = 1000,
+        batch: int = 256,
+    ) -> None:
+        self.store = store
+        self.namespace = namespace
+        self._new_gallery = new_gallery
+        self._get = get_gallery
+        self._set = set_gallery
+        self.block_ms = block_ms
+        self.batch = batch
+        self.epoch: str | None = None
+        self.connected = False
+        self.head = 0  # the store's latest version, as last seen
+        self.resyncs = 0
+        self.last_delay_s = 0.0  # write -> applied here, for the newest entry applied
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.progress = threading.Condition()
+
+    @property
+    def version(self) -> int:
+        """The gallery version this replica has applied."""
+        return self._get().version
+
+    @property
+    def lag(self) -> int:
+        """Versions the store is ahead of this replica."""
+        return max(0, self.head - self.version)
+
+    def start(self) -> None:
+        """Boot from the snapshot (raises StoreUnavailable if the store cannot be reached), then follow."""
+        self._set(self._boot())
+        self._thread = threading.Thread(target=self._run, name="gallery-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.block_ms / 1000 + 5)
+
+    def _boot(self) -> Gallery:
+        """A new gallery from the snapshot, caught up with the log written meanwhile."""
+        t = time.perf_counter()
+        snap = self.store.snapshot(self.namespace)
+        gallery = self._new_gallery()
+        gallery.apply(snap.records)
+        gallery.set_version(snap.version)
+        self.epoch, self.head, self.connected = snap.epoch, snap.version, True
+        while self._catch_up(gallery, block_ms=0):
+            pass
+        log.info("gallery booted from the store: %d items, version %d, %.2f s", len(gallery), gallery.version, time.perf_counter() - t)
+        return gallery
+
+    def _catch_up(self, gallery: Gallery, block_ms: int) -> bool:
+        """Apply one batch of log entries; True if there were any. Raises _Gap when versions were skipped."""
+        entries = self.store.read_log(self.namespace, gallery.version, block_ms, self.batch)
+        if not entries:
+            return False
+        expected = gallery.version + 1
+        for e in entries:
+            if e.version < expected:  # already applied (a replay): idempotent skip
+                continue
+            if e.version > expected:
+                raise _Gap(f"log jumps from version {expected - 1} to {e.version}")
+            gallery.apply(e.records)
+            gallery.set_version(e.version)
+            self.last_delay_s = max(0.0, time.time() - e.written_at)
+            expected = e.version + 1
+        self.head = max(self.head, gallery.version)
+        return True
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                gallery = self._get()
+                if not self._catch_up(gallery, self.block_ms):
+                    self._check_epoch(gallery)  # idle: a cheap check that the server still has our data
+                self.connected, backoff = True, 0.05
+            except _Gap as gap:
+                self._resync(str(gap))
+            except StoreUnavailable as exc:
+                if self.connected:
+                    log.warning("gallery store unreachable: %s", exc)
+                self.connected = False
+                self._stop.wait(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            except Exception:  # never let the follower die: log, wait, and try again
+                log.exception("gallery follower failed; retrying")
+                self._stop.wait(1.0)
+            with self.progress:
+                self.progress.notify_all()
+
+    def _check_epoch(self, gallery: Gallery) -> None:
+        epoch, head = self.store.position()
+        self.head = head
+        if epoch is None and head == 0 and gallery.version == 0:
+            return  # nothing written anywhere yet
+        if epoch != self.epoch or head < gallery.version:
+            self._resync(f"store epoch {self.epoch} -> {epoch}, version {gallery.version} -> {head}")
+
+    def _resync(self, why: str) -> None:
+        log.warning("gallery resync: %s", why)
+        try:
+            fresh = self._boot()
+        except _Gap:
+            return  # trimmed again while booting: the next round retries
+        self._set(fresh)  # one reference assignment: searches see the old gallery or the new one
+        self.resyncs += 1
+
+
+class _Gap(Exception):
+    """The log no longer holds the versions this replica needs."""
