@@ -82,3 +82,11 @@ def test_every_dashboard_metric_is_exported(client: TestClient) -> None:
     assert queried - exported == set(), f"dashboard queries metrics the service does not export: {sorted(queried - exported)}"
     provisioned = (ROOT / "docker/grafana/provisioning/datasources/prometheus.yml").read_text()
     assert all(p["datasource"]["uid"] in provisioned for p in dashboard["panels"])
+
+
+def test_readme_documents_every_setting() -> None:
+    from service.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"RICE_{name.upper()}" for name in Settings.model_fields if f"`RICE_{name.upper()}`" not in readme]
+    assert missing == [], f"settings missing from the README table: {missing}"
