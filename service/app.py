@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -25,7 +26,7 @@ from service.errors import PayloadTooLarge, error_body, install_error_handlers
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.replica import GalleryReplica
-from service.routes import gallery, health, recognize
+from service.routes import admin, gallery, health, recognize
 from service.settings import Settings
 
 log = logging.getLogger("rice.app")
@@ -82,6 +83,58 @@ def open_store(settings: Settings) -> Store:
     return SQLiteStore(settings.gallery_path)
 
 
+def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Store, metrics: Metrics) -> AppState:
+    """Everything that depends on the served model: engine (warmed), gallery replica of that model's
+    namespace, batcher and pipeline. A model switch builds a second set and swaps it in whole, so a
+    request never mixes one model's embeddings with another model's gallery. Blocking (model load,
+    warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
+    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype)
+    log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
+    warm = engine.warm_up(settings.max_batch_size)
+    log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
+    dtype = str(engine.dtype).removeprefix("torch.")
+    metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
+    ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
+    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
+    replica.start()  # loads the gallery; with Redis, also follows the shared stream
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.stage_seconds.labels("encode").observe(seconds)
+        metrics.encoded_frames.inc(size)
+
+    batcher = Batcher(
+        engine.encode,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.max_queue_frames,
+        depth=settings.pipeline_depth,
+        on_batch=on_batch,
+        on_cancel=metrics.cancelled.inc,
+        on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
+        on_error=metrics.batch_errors.inc,
+    )
+    limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
+    pipeline = Pipeline(
+        batcher,
+        replica,
+        engine.config.preprocess,
+        limits,
+        settings.max_frame_pixels,
+        settings.decode_threads,
+        metrics,
+        settings.max_decode_pending,
+    )
+    return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
+
+
+async def close_serving(state: AppState) -> None:
+    """Finish queued work, then release the model's batcher, decoders and replica (not the store)."""
+    await state.batcher.stop(state.settings.drain_timeout_s)
+    state.pipeline.close()
+    state.replica.stop()
+
+
 def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None = None, store: Store | None = None) -> FastAPI:
     """Build the service. `encoder` and `store` let tests inject prepared components."""
     settings = settings or Settings()
@@ -89,54 +142,15 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = encoder or load_encoder(settings.checkpoint)
-        engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype)
-        log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
-        warm = engine.warm_up(settings.max_batch_size)
-        log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
-        dtype = str(engine.dtype).removeprefix("torch.")
-        metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
         gallery_store = store or open_store(settings)
-        ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
-        replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
-        replica.start()  # loads the gallery; with Redis, also follows the shared stream
-
-        def on_batch(size: int, seconds: float) -> None:
-            metrics.batch_size.observe(size)
-            metrics.stage_seconds.labels("encode").observe(seconds)
-            metrics.encoded_frames.inc(size)
-
-        batcher = Batcher(
-            engine.encode,
-            settings.max_batch_size,
-            settings.max_wait_ms,
-            settings.max_queue_frames,
-            depth=settings.pipeline_depth,
-            on_batch=on_batch,
-            on_cancel=metrics.cancelled.inc,
-            on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
-            on_error=metrics.batch_errors.inc,
-        )
-        batcher.start()
-        limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
-        pipeline = Pipeline(
-            batcher,
-            replica,
-            engine.config.preprocess,
-            limits,
-            settings.max_frame_pixels,
-            settings.decode_threads,
-            metrics,
-            settings.max_decode_pending,
-        )
-        app.state.rice = AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
+        app.state.rice = build_serving(settings, encoder or load_encoder(settings.checkpoint), gallery_store, metrics)
+        app.state.rice.batcher.start()
+        app.state.model_switch = asyncio.Lock()
         try:
             yield
         finally:
             # uvicorn has already drained in-flight HTTP requests; finish what is still queued.
-            await batcher.stop(settings.drain_timeout_s)
-            pipeline.close()
-            replica.stop()
+            await close_serving(app.state.rice)
             if store is None:
                 gallery_store.close()
 
@@ -173,4 +187,5 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     app.include_router(recognize.router)
     app.include_router(gallery.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     return app

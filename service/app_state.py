@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from service.batcher import Batcher
@@ -21,3 +23,13 @@ class AppState:
     replica: GalleryReplica
     pipeline: Pipeline
     started_at: float
+    active: int = 0  # requests using this state right now (see routes.deps.get_state)
+
+    async def idle(self, timeout_s: float) -> bool:
+        """Wait until no request uses this state (after a model switch); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.active > 0:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True

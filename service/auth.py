@@ -22,7 +22,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import Forbidden, Unauthorized
-from service.routes.deps import get_state
+from service.routes.deps import current_state
 
 RIGHTS = frozenset("rw")
 
@@ -96,7 +96,7 @@ def presented_key(request: Request) -> str | None:
 
 
 def _check(request: Request, right: str) -> None:
-    state = get_state(request)
+    state = current_state(request)
     keys: ApiKeys = getattr(request.app.state, "api_keys", ApiKeys())
     if not keys.enabled or (right == "r" and not state.settings.read_requires_key):
         return

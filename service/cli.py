@@ -76,6 +76,27 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from service.app import open_store
+    from service.ingest import read_catalog
+    from service.reindex import run_reindex
+
+    settings = Settings()
+    items = read_catalog(Path(args.catalog), args.shop_id)
+    store = open_store(settings)
+    try:
+        with tqdm(total=len(items), unit="img", disable=args.quiet) as bar:
+            report = run_reindex(args.checkpoint, items, store, settings, args.url, args.api_key, args.server_checkpoint, bar.update)
+    finally:
+        store.close()
+    print(json.dumps(asdict(report), indent=2))
+    return 1 if report.failed else 0
+
+
 VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
 
 
@@ -153,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_ingest)
+
+    x = sub.add_parser(
+        "reindex",
+        help="re-embed a catalog with a new checkpoint into its own namespace, then switch the replicas to it",
+        description="Embeds the catalog (same layout as `rice ingest`) with CHECKPOINT into the gallery store named by the "
+        "RICE_* settings (RICE_REDIS_URL or RICE_GALLERY_PATH), under the new model's version, keeping item ids and metadata; "
+        "then asks each --url replica to swap model and gallery together (no downtime, no mixed-version answers).",
+    )
+    x.add_argument("--checkpoint", help="the new RICE checkpoint (omit for the built-in ImageNet encoder)")
+    x.add_argument("--catalog", required=True, help="catalog folder (sub-folder name = SKU) or CSV, as given to `rice ingest`")
+    x.add_argument("--url", action="append", default=[], help="a replica to switch (repeat for each); none = only embed")
+    x.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
+    x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")
+    x.add_argument("--api-key", default=None, help="API key with write rights (or RICE_CLIENT_API_KEY)")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=cmd_reindex)
 
     r = sub.add_parser("recognize", help="recognise clips (files or folders) against a running service")
     r.add_argument("paths", nargs="+", help="clip files or folders of clips")

@@ -72,6 +72,12 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class Conflict(ServiceError):
+    """The operation clashes with one already running (e.g. a second model switch)."""
+
+    code = "conflict"
+
+
 class Overloaded(ServiceError):
     """A bounded queue is full; carries Retry-After."""
 
@@ -90,6 +96,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     Forbidden: 403,
     NotFound: 404,
     ItemNotFound: 404,
+    Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidMedia: 422,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
@@ -10,11 +11,24 @@ from service.app_state import AppState
 from service.errors import BadRequest, NotReady, PayloadTooLarge
 
 
-def get_state(request: Request) -> AppState:
+def current_state(request: Request) -> AppState:
+    """The serving state right now, uncounted (for checks that do not use the model)."""
     state = getattr(request.app.state, "rice", None)
     if state is None:
         raise NotReady("the service is starting")
     return state
+
+
+async def get_state(request: Request) -> AsyncIterator[AppState]:
+    """The serving state this request uses from start to end, counted so that a model switch
+    retires the old model only after its last request is done. Async so that the count is only
+    touched on the event loop."""
+    state = current_state(request)
+    state.active += 1
+    try:
+        yield state
+    finally:
+        state.active -= 1
 
 
 State = Annotated[AppState, Depends(get_state)]
