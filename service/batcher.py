@@ -60,9 +60,10 @@ class Slice:
     job_row: int = 0  # the job's row that batch row `start` holds
 
 
-def collate(jobs: deque[Job], max_batch: int) -> tuple[np.ndarray, list[Slice]]:
+def collate(jobs: deque[Job], max_batch: int) -> tuple[list[np.ndarray], list[Slice]]:
     """Take up to `max_batch` frames from the head of `jobs` (splitting a job across batches if
-    needed); drop finished or cancelled jobs. Pure: tested without a server."""
+    needed); drop finished or cancelled jobs. Returns one part per slice, not yet stacked: the
+    encoder thread stacks them, off the event loop. Pure: tested without a server."""
     parts: list[np.ndarray] = []
     slices: list[Slice] = []
     rows = 0
@@ -78,14 +79,21 @@ def collate(jobs: deque[Job], max_batch: int) -> tuple[np.ndarray, list[Slice]]:
         rows += take
         if job.remaining == 0:
             jobs.popleft()
-    batch = np.concatenate(parts) if parts else np.empty((0,), dtype=np.uint8)
-    return batch, slices
+    return parts, slices
 
 
-def _timed(encode: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> tuple[np.ndarray, float]:
+Encode = Callable[[list[np.ndarray]], np.ndarray]
+
+
+def stacked(encode: Callable[[np.ndarray], np.ndarray]) -> Encode:
+    """Adapt an encoder of one [B, ...] array to the batcher's parts-based interface."""
+    return lambda parts: encode(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _timed(encode: Encode, parts: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """Runs on the encoder thread: the encode time excludes waiting in that thread's queue."""
     t = time.perf_counter()
-    out = encode(batch)
+    out = encode(parts)
     return out, time.perf_counter() - t
 
 
@@ -95,7 +103,7 @@ class Batcher:
 
     def __init__(
         self,
-        encode: Callable[[np.ndarray], np.ndarray],
+        encode: Encode,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         max_queue_frames: int = 2048,
@@ -225,14 +233,14 @@ class Batcher:
         await self._slots.acquire()
         try:
             await self._wait_for_batch()
-            batch, slices = collate(self._jobs, self.max_batch)
+            parts, slices = collate(self._jobs, self.max_batch)
         except BaseException:
             self._slots.release()
             raise
         if not slices:
             self._slots.release()
             return
-        self._queued_frames -= len(batch)
+        self._queued_frames -= sum(len(p) for p in parts)
         now = time.perf_counter()
         for s in slices:
             if s.job.first_batch_at is None:
@@ -240,7 +248,7 @@ class Batcher:
                 if self._on_queue_wait:
                     self._on_queue_wait(now - s.job.enqueued)
         self._running += 1
-        task = asyncio.get_running_loop().create_task(self._encode_batch(batch, slices))
+        task = asyncio.get_running_loop().create_task(self._encode_batch(parts, slices))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
@@ -262,11 +270,11 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    async def _encode_batch(self, batch: np.ndarray, slices: list[Slice]) -> None:
+    async def _encode_batch(self, parts: list[np.ndarray], slices: list[Slice]) -> None:
         loop = asyncio.get_running_loop()
         try:
             try:
-                emb, seconds = await loop.run_in_executor(self._executor, _timed, self._encode, batch)
+                emb, seconds = await loop.run_in_executor(self._executor, _timed, self._encode, parts)
             except asyncio.CancelledError:  # stop() gave up on this batch: its requests get a 503
                 for s in slices:
                     if not s.job.future.done():
@@ -275,14 +283,15 @@ class Batcher:
             except Exception as exc:  # any encoder failure: find the culprit requests
                 if self._on_error:
                     self._on_error()
-                await self._isolate_failure(slices, batch, exc)
+                await self._isolate_failure(slices, parts, exc)
             else:
                 self._deliver(slices, emb)
-                per_frame = seconds / len(batch)
+                rows = len(emb)
+                per_frame = seconds / rows
                 self._s_per_frame = per_frame if not self._s_per_frame else 0.8 * self._s_per_frame + 0.2 * per_frame
-                self.frames_encoded += len(batch)
+                self.frames_encoded += rows
                 if self._on_batch:
-                    self._on_batch(len(batch), seconds)
+                    self._on_batch(rows, seconds)
         finally:
             self.batches += 1
             self._running -= 1
@@ -300,17 +309,17 @@ class Batcher:
             if job.done_rows == len(job.frames):
                 job.future.set_result(np.concatenate([job.parts[k] for k in sorted(job.parts)]))
 
-    async def _isolate_failure(self, slices: list[Slice], batch: np.ndarray, exc: Exception) -> None:
+    async def _isolate_failure(self, slices: list[Slice], parts: list[np.ndarray], exc: Exception) -> None:
         """Re-run each request's rows alone; fail only those that still raise."""
         loop = asyncio.get_running_loop()
         if len(slices) == 1:
             self._fail(slices[0].job, exc)
             return
-        for s in slices:
+        for s, part in zip(slices, parts, strict=True):  # collate made one part per slice
             if s.job.future.done():
                 continue
             try:
-                emb, _ = await loop.run_in_executor(self._executor, _timed, self._encode, batch[s.start : s.stop])
+                emb, _ = await loop.run_in_executor(self._executor, _timed, self._encode, [part])
             except Exception as own_exc:  # this request's own input raises: it alone fails
                 self._fail(s.job, own_exc)
             else:

@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, Job, collate
+from service.batcher import Batcher, Job, collate, stacked
 from service.errors import NotReady, Overloaded
 
 
@@ -28,12 +28,15 @@ def test_collate_splits_jobs_across_batches_and_skips_cancelled() -> None:
     try:
         jobs = deque(Job(_frames(10 * i, n), loop.create_future()) for i, n in enumerate([3, 5, 2]))
         jobs[2].future.cancel()
-        batch, slices = collate(jobs, 4)
+        parts, slices = collate(jobs, 4)
+        batch = np.concatenate(parts) if parts else np.empty((0, 2, 2, 3), np.uint8)
         assert len(batch) == 4 and [(s.start, s.stop) for s in slices] == [(0, 3), (3, 4)]
         assert list(_encode(batch)[:, 0]) == [0, 1, 2, 10]
-        batch, slices = collate(jobs, 4)
+        parts, slices = collate(jobs, 4)
+        batch = np.concatenate(parts) if parts else np.empty((0, 2, 2, 3), np.uint8)
         assert list(_encode(batch)[:, 0]) == [11, 12, 13, 14] and len(slices) == 1
-        batch, slices = collate(jobs, 4)
+        parts, slices = collate(jobs, 4)
+        batch = np.concatenate(parts) if parts else np.empty((0, 2, 2, 3), np.uint8)
         assert slices == [] and not jobs  # the cancelled job is dropped, not encoded
     finally:
         loop.close()
@@ -42,7 +45,7 @@ def test_collate_splits_jobs_across_batches_and_skips_cancelled() -> None:
 @pytest.mark.anyio
 async def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
     sizes: list[int] = []
-    b = Batcher(_encode, max_batch=16, max_wait_ms=20, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(stacked(_encode), max_batch=16, max_wait_ms=20, on_batch=lambda n, _s: sizes.append(n))
     b.start()
     try:
         inputs = [_frames(20 * i, 10) for i in range(8)]
@@ -61,7 +64,7 @@ async def test_a_failing_input_fails_only_its_own_request() -> None:
             raise ValueError("poisoned frame")
         return _encode(batch)
 
-    b = Batcher(encode, max_batch=32, max_wait_ms=20)
+    b = Batcher(stacked(encode), max_batch=32, max_wait_ms=20)
     b.start()
     try:
         good = [_frames(0, 4), _frames(10, 4)]
@@ -84,7 +87,7 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
 
     cancelled: list[int] = []
     # depth=1: no pipelined second batch, so the waiting request's frames all stay queued.
-    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=10, depth=1, on_cancel=cancelled.append)
+    b = Batcher(stacked(slow), max_batch=4, max_wait_ms=0, max_queue_frames=10, depth=1, on_cancel=cancelled.append)
     b.start()
     try:
         first = asyncio.create_task(b.submit(_frames(0, 4)))  # taken into the (blocked) batch
@@ -116,7 +119,7 @@ async def test_pipelining_queues_the_next_full_batch_but_lets_a_partial_one_keep
         gate.wait(5)
         return _encode(batch)
 
-    b = Batcher(gated, max_batch=4, max_wait_ms=0, depth=2, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, depth=2, on_batch=lambda n, _s: sizes.append(n))
     b.start()
     try:
         first = asyncio.create_task(b.submit(_frames(0, 4)))
@@ -144,7 +147,7 @@ async def test_stop_drains_queued_work_then_refuses_new_work() -> None:
         time.sleep(0.05)
         return _encode(batch)
 
-    b = Batcher(slow, max_batch=2, max_wait_ms=0)
+    b = Batcher(stacked(slow), max_batch=2, max_wait_ms=0)
     b.start()
     pending = [asyncio.create_task(b.submit(_frames(10 * i, 2))) for i in range(4)]
     await asyncio.sleep(0.01)
@@ -162,7 +165,7 @@ async def test_stop_without_drain_fails_queued_requests_with_not_ready() -> None
         gate.wait(5)
         return _encode(batch)
 
-    b = Batcher(gated, max_batch=1, max_wait_ms=0, depth=1)
+    b = Batcher(stacked(gated), max_batch=1, max_wait_ms=0, depth=1)
     b.start()
     running = asyncio.create_task(b.submit(_frames(0, 1)))
     queued = asyncio.create_task(b.submit(_frames(1, 1)))
@@ -179,7 +182,7 @@ async def test_retry_after_follows_measured_encode_speed() -> None:
         time.sleep(0.02 * len(batch))  # 20 ms per frame
         return _encode(batch)
 
-    b = Batcher(slow, max_batch=4, max_wait_ms=0, max_queue_frames=400)
+    b = Batcher(stacked(slow), max_batch=4, max_wait_ms=0, max_queue_frames=400)
     b.start()
     try:
         await b.submit(_frames(0, 4))
