@@ -45,7 +45,7 @@ def bench(name: str, cfg: EncoderConfig, batch: int, frames: int, steps: int, de
             out = model(clips, mask, images, skus)
         out["loss"].backward()
         opt.step()
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) for k, v in out.items()}
 
     for _ in range(2):  # warm-up: kernel selection, allocator growth
         step()
