@@ -3,10 +3,12 @@ and a private Redis server on a free port."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import subprocess
 import time
+import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +42,17 @@ def products() -> list[DemoProduct]:
     SKU first about 83% of the time over many generated catalogs (bench/zero_shot_demo.py measures it);
     this catalog is one where every product ranks first, so the end-to-end test can demand it."""
     return make_products(8, seed=4)
+
+
+def wav_bytes(samples: int = 8000) -> bytes:
+    """A silent mono 8 kHz WAV: an audio file a client might send instead of a clip."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(np.zeros(samples, dtype=np.int16).tobytes())
+    return buf.getvalue()
 
 
 def jpeg(image: np.ndarray) -> bytes:

@@ -3,9 +3,7 @@ keeps serving valid requests afterwards."""
 
 from __future__ import annotations
 
-import wave
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -17,17 +15,7 @@ from model.checkpoint import LoadedEncoder
 from model.clipsynth import encode_video
 from service.app import create_app
 from service.democatalog import DemoProduct
-from tests.conftest import jpeg, settings_for
-
-
-def _wav() -> bytes:
-    buf = BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(np.zeros(8000, dtype=np.int16).tobytes())
-    return buf.getvalue()
+from tests.conftest import jpeg, settings_for, wav_bytes
 
 
 def _frames(w: int, h: int, n: int) -> list[np.ndarray]:
@@ -51,7 +39,7 @@ def _bad_clips(good: bytes) -> dict[str, tuple[bytes, int]]:
         "mp4 header only": (good[:64], 422),
         "png sent as video": (png, 415),
         "jpeg sent as video": (jpeg(np.zeros((32, 32, 3), np.uint8)), 415),
-        "wav audio": (_wav(), 415),
+        "wav audio": (wav_bytes(), 415),
         "tiny 2x2 video": (encode_video(_frames(2, 2, 5)), 422),
         "html": (b"<html><body>not a clip</body></html>", 415),
     }

@@ -6,9 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-import wave
 from collections.abc import Callable, Iterator
-from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -20,22 +18,12 @@ from model.checkpoint import LoadedEncoder
 from model.clipsynth import encode_video
 from service.app import create_app
 from service.democatalog import DemoProduct
-from tests.conftest import jpeg, settings_for
+from tests.conftest import jpeg, settings_for, wav_bytes
 from tests.serving_helpers import live_server, metric
 
 pytestmark = pytest.mark.integration
 
 MAX_UPLOAD = 400_000
-
-
-def _wav() -> bytes:
-    buf = BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(np.zeros(4000, dtype=np.int16).tobytes())
-    return buf.getvalue()
 
 
 def _flat(w: int, h: int, n: int) -> list[np.ndarray]:
@@ -81,7 +69,7 @@ def _corpus(good: bytes) -> dict[str, tuple[Call, int]]:
         "avi header then garbage": (_clip(b"RIFF\x00\x10\x00\x00AVI LIST" + rng.bytes(5000)), 422),
         "png sent as video": (_clip(png, "x.png"), 415),
         "jpeg sent as video": (_clip(jpeg(np.zeros((32, 32, 3), np.uint8)), "x.jpg"), 415),
-        "wav audio only": (_clip(_wav(), "x.wav"), 415),
+        "wav audio only": (_clip(wav_bytes(), "x.wav"), 415),
         "mp3 audio only": (_clip(b"ID3\x04\x00\x00\x00\x00\x00\x00" + rng.bytes(5000), "x.mp3"), 415),
         "1x1 video": (_clip(encode_video(_flat(1, 1, 4), fourcc="MJPG", suffix=".avi"), "x.avi"), 422),
         "huge frame size": (_clip(encode_video(_flat(640, 480, 2))), 422),
@@ -106,7 +94,7 @@ def _corpus(good: bytes) -> dict[str, tuple[Call, int]]:
         "2x2 image": (lambda c: c.post("/v1/recognize/image", files={"file": ("x.png", _png(2, 2))}), 422),
         "huge image": (lambda c: c.post("/v1/recognize/image", files={"file": ("x.png", _png(800, 800))}), 422),
         "audio as catalog image": (
-            lambda c: c.post("/v1/gallery/items", files={"image": ("x.jpg", _wav())}, data={"sku": "A"}),
+            lambda c: c.post("/v1/gallery/items", files={"image": ("x.jpg", wav_bytes())}, data={"sku": "A"}),
             415,
         ),
     }
