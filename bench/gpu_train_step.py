@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import EfficientNetConfig, EncoderConfig, ViTConfig  # noqa: E402
-from model.encoder import build_backbone  # noqa: E402
-from model.rice import RICE, RICEConfig  # noqa: E402
+from model.config import EfficientNetConfig, EncoderConfig, ViTConfig
+from model.encoder import build_backbone
+from model.rice import RICE, RICEConfig
 
 
 def bench(name: str, cfg: EncoderConfig, batch: int, frames: int, steps: int, device: torch.device, size: int) -> dict[str, object]:
