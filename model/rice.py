@@ -135,16 +135,13 @@ def icl_loss(
 
 
 @torch.no_grad()
-def mine_hard_negatives(
-    sim: torch.Tensor, skus: torch.Tensor, sku_all: torch.Tensor, k: int, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def mine_hard_negatives(sim: torch.Tensor, skus: torch.Tensor, sku_all: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar clips of another SKU for each image row.
 
     sim [b, N] image-to-clip similarity (no gradient flows through mining), skus [b], sku_all [N]
     -> (column indices [b, k], valid [b, k]); valid is False where fewer than k other-SKU clips exist.
     """
-    same = skus[:, None] == sku_all[None, :]  # [b, N], includes the positive itself
-    del offset  # the positive shares its own SKU, so it is excluded by `same`
+    same = skus[:, None] == sku_all[None, :]  # [b, N]; the positive shares its own SKU, so it is excluded too
     masked = sim.float().masked_fill(same, float("-inf"))
     values, idx = masked.topk(min(k, sim.shape[1]), dim=1)  # [b, k]
     return idx, torch.isfinite(values)

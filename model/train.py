@@ -295,6 +295,12 @@ def run(args: argparse.Namespace) -> int:
         if step == args.stop_at_step:
             break
     bar.close()
+    if dist.is_initialized():
+        # Leave the group before rank 0's evaluation, which may outlast a collective's timeout;
+        # release DDP's reducer first, or gloo can abort at exit.
+        del ddp
+        dist.barrier()
+        dist.destroy_process_group()
     if rank == 0:
         version = save(out_dir / "final.pt", with_state=False)
         sys.stdout.write(f"saved {out_dir / 'final.pt'} ({version}) after {step} steps, {time.perf_counter() - t0:.0f} s\n")
@@ -309,8 +315,6 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(report["recall"]) + "\n")
     if log:
         log.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

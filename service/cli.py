@@ -158,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-frames", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_grocery_check)
+    # The offline jobs live in model/ (no web code); the CLI only mounts their parsers.
+    from model import evaluate as evaluate_job
+    from model import train as train_job
+
+    t = sub.add_parser(
+        "train",
+        help="train RICE (ICL/PMD/PFR) on a JSONL manifest; one CPU process, or N via torchrun",
+        description="Also: torchrun --nproc-per-node N -m model.train ... (gloo on CPU, NCCL on GPU). "
+        "The final checkpoint is served with `rice serve --checkpoint OUT/final.pt`.",
+    )
+    train_job.build_parser(t)
+    t.set_defaults(func=train_job.run)
+    e = sub.add_parser("evaluate", help="R@1/5/10 of clip queries against product images (global or per-shop galleries), JSON")
+    evaluate_job.build_parser(e)
+    e.set_defaults(func=evaluate_job.run)
+
     i = sub.add_parser(
         "ingest",
         help="add a catalog to the gallery: a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id",

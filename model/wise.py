@@ -1,0 +1,62 @@
+"""Weight-space ensembling with the zero-shot encoder (WiSE-FT, Wortsman et al., CVPR 2022).
+
+theta = alpha * theta_finetuned + (1 - alpha) * theta_zero_shot. Fine-tuning on a shop's few
+products sharpens them but drifts away from what recognises products never trained on; the
+interpolated weights keep most of the gain on trained products and recover never-trained ones.
+The zero-shot end is the packaged ImageNet backbone with the projection at the identity: the point
+`--identity-proj` training starts from, so both ends share one architecture.
+
+    python -m model.wise --checkpoint runs/full/final.pt --alpha 0.5 --out runs/full/wise50.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import read_checkpoint, save_checkpoint
+from model.config import EncoderConfig
+from model.encoder import EfficientNetBackbone, build_backbone
+
+
+def zero_shot_state(cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """The pretrained weights fine-tuning started from (ImageNet Lite0, identity projection)."""
+    backbone = build_backbone(cfg, pretrained=True)
+    if not isinstance(backbone, EfficientNetBackbone):
+        raise ValueError("only the EfficientNet-Lite0 backbone has packaged zero-shot weights here")
+    if backbone.proj is not None:
+        if backbone.proj.in_features != backbone.proj.out_features:
+            raise ValueError("the zero-shot end needs a square (identity-initialised) projection")
+        with torch.no_grad():
+            backbone.proj.weight.copy_(torch.eye(backbone.proj.in_features))
+            backbone.proj.bias.zero_()
+    return backbone.state_dict()
+
+
+def interpolate(path: str | Path, alpha: float, out: str | Path) -> str:
+    """Write the alpha-interpolated checkpoint; returns its model version."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError("alpha must be in [0, 1]")
+    payload = read_checkpoint(path)
+    cfg = EncoderConfig.from_dict(payload["encoder_config"])
+    tuned: dict[str, torch.Tensor] = payload["encoder"]
+    zero = zero_shot_state(cfg)
+    mixed = {k: alpha * v + (1 - alpha) * zero[k] if v.is_floating_point() else v for k, v in tuned.items()}
+    backbone = build_backbone(cfg, pretrained=False)
+    backbone.load_state_dict(mixed, strict=True)
+    return save_checkpoint(out, backbone, cfg, extra={"wise_alpha": alpha, "wise_from": str(payload["model_version"])})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a fine-tuned EfficientNet-Lite0 RICE checkpoint")
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned end (1 = unchanged)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    print(interpolate(args.checkpoint, args.alpha, args.out))
+
+
+if __name__ == "__main__":
+    main()
