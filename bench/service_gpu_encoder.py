@@ -46,7 +46,8 @@ def engine_for(backbone: str, args: argparse.Namespace) -> EncoderEngine:
         vit = ViTConfig(image_size=args.image_size, patch_size=16, width=64, layers=2, heads=2, embed_dim=32)
     cfg = EncoderConfig(backbone=backbone, vit=vit, preprocess=pre)
     model = build_backbone(cfg, pretrained=False)
-    return EncoderEngine(LoadedEncoder(model, cfg, f"bench-{backbone}", "random weights"), args.device, dtype=args.dtype)
+    loaded = LoadedEncoder(model, cfg, f"bench-{backbone}", "random weights")
+    return EncoderEngine(loaded, args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs)
 
 
 def raw_fps(engine: EncoderEngine, frames: np.ndarray, seconds: float) -> float:
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--vit-tiny", action="store_true", help="a 2-layer ViT instead of B/32 (CPU smoke tests)")
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "vit"])
+    ap.add_argument("--cuda-graphs", action="store_true", help="capture the encoder as CUDA graphs (the service's default on CUDA)")
     args = ap.parse_args()
 
     rows = []
@@ -108,6 +110,10 @@ def main() -> None:
             frames = np.random.default_rng(0).integers(0, 255, (batch, *engine.frame_shape), dtype=np.uint8)
             clip = frames[: args.clip_frames].copy()
             submitters = args.submitters or max(2, 3 * batch // args.clip_frames)
+            # graphs (if on) must embed exactly what eager mode does
+            with torch.inference_mode():
+                eager = engine._forward(torch.from_numpy(frames).to(engine.device)).cpu().numpy()
+            max_diff = float(np.abs(engine.encode([frames[: batch // 2], frames[batch // 2 :]]) - eager).max())
             raw = raw_fps(engine, frames, args.seconds)
             through, mean_batch = asyncio.run(batched_fps(engine, batch, clip, submitters, args.seconds))
             rows.append(
@@ -120,6 +126,8 @@ def main() -> None:
                     "batcher_fps": round(through, 1),
                     "efficiency": round(through / raw, 3),
                     "mean_batch": round(mean_batch, 1),
+                    "cuda_graphs": bool(engine._graphs),
+                    "max_abs_diff_vs_eager": max_diff,
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -88,7 +88,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     namespace, batcher and pipeline. A model switch builds a second set and swaps it in whole, so a
     request never mixes one model's embeddings with another model's gallery. Blocking (model load,
     warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
-    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype)
+    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype, settings.cuda_graphs)
     log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
     warm = engine.warm_up(settings.max_batch_size)
     log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import LoadedEncoder
-from model.preprocess import normalize
 
 log = logging.getLogger("rice.engine")
 
@@ -46,14 +45,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class EncoderEngine:
     """Runs the backbone in inference mode under autocast. Call `encode` from one thread at a time."""
 
-    def __init__(self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto") -> None:
+    def __init__(
+        self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto", cuda_graphs: bool = False
+    ) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model = loaded.backbone.to(self.device).eval()
         if self.device.type == "cuda":
-            # normalize() yields NHWC-strided tensors; channels_last convs read them without a copy
+            # _forward's permute yields NHWC-strided tensors; channels_last convs read them without a copy
             # and are the fast path for fp16 tensor-core kernels.
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
         self.config = loaded.config
@@ -63,6 +64,11 @@ class EncoderEngine:
         self.frame_shape = (crop, crop, 3)
         self.warmed = False
         self._pinned: torch.Tensor | None = None
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # size -> graph, in, out
+        pre = self.config.preprocess
+        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self.dim = self._probe_dim()
 
     @property
@@ -74,13 +80,45 @@ class EncoderEngine:
 
     def warm_up(self, batch_size: int, rounds: int = 2) -> float:
         """Run full-size batches (and a single frame) so the first requests don't pay for lazy
-        init, kernel selection or allocator growth; returns the seconds it took."""
+        init, kernel selection or allocator growth; with CUDA graphs on, capture one graph per
+        batch size of the ladder 1, 2, 4, ..., batch_size. Returns the seconds it took."""
         t = time.perf_counter()
         for _ in range(rounds):
             self.encode(np.zeros((batch_size, *self.frame_shape), dtype=np.uint8))
         self.encode(np.zeros((1, *self.frame_shape), dtype=np.uint8))
+        if self.cuda_graphs:
+            self._capture(batch_size)
         self.warmed = True
         return time.perf_counter() - t
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] on the device -> float32 [B, D], L2-normalised. Allocates nothing
+        on the host, so it can be captured as a CUDA graph."""
+        # model.preprocess.normalize, with its constants kept on the device (no copies while capturing)
+        x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std  # [B, 3, H, W], NHWC-strided
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast, cache_enabled=False):
+            emb, _ = self.model(x)
+        return F.normalize(emb.float(), dim=-1)
+
+    def _capture(self, max_batch: int) -> None:
+        """One CUDA graph per ladder size: a small network like Lite0 is bound by kernel launches
+        (and the GIL they need); replaying a graph launches the whole forward at once."""
+        sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)}, reverse=True)
+        pool = torch.cuda.graph_pool_handle()  # graphs never run at once: they share one memory pool
+        with torch.inference_mode():
+            for n in sizes:
+                static_in = torch.zeros((n, *self.frame_shape), dtype=torch.uint8, device=self.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._forward(static_in)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    static_out = self._forward(static_in)
+                self._graphs[n] = (graph, static_in, static_out)
+        log.info("captured CUDA graphs for batch sizes %s", sorted(self._graphs))
 
     def _host_batch(self, parts: Sequence[np.ndarray]) -> torch.Tensor:
         """Gather the parts into one uint8 [B, H, W, 3] host tensor. Torch copies release the GIL,
@@ -102,11 +140,16 @@ class EncoderEngine:
         parts = [frames] if isinstance(frames, np.ndarray) else list(frames)
         with torch.inference_mode():
             x = self._host_batch(parts)
+            n = x.shape[0]
+            size = min((s for s in self._graphs if s >= n), default=None)
+            if size is not None:
+                graph, static_in, static_out = self._graphs[size]
+                # Rows past n keep stale frames: each row is independent, and their outputs are dropped.
+                static_in[:n].copy_(x, non_blocking=True)
+                graph.replay()
+                return static_out[:n].cpu().numpy()
             if self.device.type == "cuda":
                 # uint8 travels (4x less than float); the pinned source makes the copy asynchronous.
                 # The buffer is reused only after .cpu() below has synchronised this batch.
                 x = x.to(self.device, non_blocking=True)
-            x = normalize(x, self.config.preprocess)  # [B, 3, H, W]
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-                emb, _ = self.model(x)
-            return F.normalize(emb.float(), dim=-1).cpu().numpy()
+            return self._forward(x).cpu().numpy()

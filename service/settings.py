@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     # serving
     dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")
+    cuda_graphs: bool = Field(True, description="capture the encoder as CUDA graphs per batch size at warm-up (CUDA only)")
     pipeline_depth: int = Field(2, ge=1, le=4, description="encoder batches in flight (2: the next batch is ready when one ends)")
     max_decode_pending: int = Field(64, ge=1, description="uploads waiting for or in decoding beyond which requests get 429")
     stall_after_s: float = Field(5.0, gt=0, description="/readyz fails when the batcher has work but finished no batch for this long")
