@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2"):  # one line per request drowns the demo's table
+    for noisy in ("httpx", "httpx2", "faiss.loader"):  # per-request and per-import chatter drowns the output
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     if getattr(args, "api_key", None) is None and "api_key" in args:
