@@ -47,7 +47,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss too
             self._db.executescript(_SCHEMA)
 
     def _next_version(self) -> int:

@@ -104,8 +104,11 @@ def load_encoder(path: str | os.PathLike[str] | None) -> LoadedEncoder:
     if path is None:
         return default_encoder()
     payload = read_checkpoint(path)
-    config = EncoderConfig.from_dict(payload["encoder_config"])
-    backbone = build_backbone(config, pretrained=False)
+    try:
+        config = EncoderConfig.from_dict(payload["encoder_config"])
+        backbone = build_backbone(config, pretrained=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed encoder config: {exc}") from exc
     try:
         backbone.load_state_dict(payload["encoder"], strict=True)
     except RuntimeError as exc:

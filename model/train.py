@@ -117,7 +117,9 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
             m.requires_grad_(True)
         if not isinstance(backbone, EfficientNetBackbone):
             backbone.proj.requires_grad_(True)
-    losses = set(args.losses.split(","))
+    losses = {x.strip() for x in args.losses.split(",") if x.strip()}
+    if not losses or losses - {"icl", "pmd", "pfr"}:
+        raise ValueError(f"--losses takes a comma-separated subset of icl,pmd,pfr; got {args.losses!r}")
     rice_cfg = RICEConfig(
         icl="icl" in losses,
         pmd="pmd" in losses,

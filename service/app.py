@@ -49,17 +49,37 @@ class UploadLimit:
                 await _send_json(send, 413, error_body("payload_too_large", f"upload exceeds {self.max_bytes} bytes"))
                 return
         seen = 0
+        too_large = False
+        started = False
+        message_413 = f"upload exceeds {self.max_bytes} bytes"
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise PayloadTooLarge(f"upload exceeds {self.max_bytes} bytes")
+                    too_large = True
+                    raise PayloadTooLarge(message_413)
             return message
 
-        await self.app(scope, limited, send)
+        async def guarded_send(message: Message) -> None:
+            # Whatever the app answers once the body went over the limit (the form parser turns
+            # the error into a 400, a route into the error table's 413), the client gets one 413.
+            nonlocal started
+            if too_large:
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 413, error_body("payload_too_large", message_413))
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except PayloadTooLarge:
+            if not started:
+                await _send_json(send, 413, error_body("payload_too_large", message_413))
 
 
 async def _send_json(send: Send, status: int, body: Mapping[str, object]) -> None:
@@ -132,7 +152,7 @@ async def close_serving(state: AppState) -> None:
     """Finish queued work, then release the model's batcher, decoders and replica (not the store)."""
     await state.batcher.stop(state.settings.drain_timeout_s)
     state.pipeline.close()
-    state.replica.stop()
+    await asyncio.to_thread(state.replica.stop)  # joins the follower thread: not on the event loop
 
 
 def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None = None, store: Store | None = None) -> FastAPI:

@@ -275,11 +275,6 @@ class Batcher:
         try:
             try:
                 emb, seconds = await loop.run_in_executor(self._executor, _timed, self._encode, parts)
-            except asyncio.CancelledError:  # stop() gave up on this batch: its requests get a 503
-                for s in slices:
-                    if not s.job.future.done():
-                        s.job.future.set_exception(NotReady("the service is shutting down"))
-                raise
             except Exception as exc:  # any encoder failure: find the culprit requests
                 if self._on_error:
                     self._on_error()
@@ -292,6 +287,13 @@ class Batcher:
                 self.frames_encoded += rows
                 if self._on_batch:
                     self._on_batch(rows, seconds)
+        except asyncio.CancelledError:
+            # stop() gave up on this batch (while encoding or while isolating a failure): its
+            # requests get a 503 instead of waiting forever.
+            for s in slices:
+                if not s.job.future.done():
+                    s.job.future.set_exception(NotReady("the service is shutting down"))
+            raise
         finally:
             self.batches += 1
             self._running -= 1

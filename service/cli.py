@@ -12,7 +12,8 @@ from pathlib import Path
 from service.settings import Settings
 
 
-def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+def _settings(**overrides: object) -> Settings:
+    """Settings from RICE_* variables, with the flags the user gave (not None) on top."""
     values = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -20,7 +21,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    serve(_settings(args, checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
+    serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
     return 0
 
 
@@ -28,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
     out = Path(args.out)
-    settings = _settings(args, checkpoint=args.checkpoint, port=args.port, gallery_path=str(out / "gallery.db"))
+    settings = _settings(checkpoint=args.checkpoint, port=args.port, gallery_path=str(out / "gallery.db"))
     share = run_demo(settings, out, args.products, args.clips_per_product, args.top_k, args.seed)
     return 0 if share >= args.min_top1 else 1
 

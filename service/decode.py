@@ -76,6 +76,31 @@ def _count_frames(data: bytes, limits: DecodeLimits, started: float) -> int:
     return n
 
 
+def _read_sampled(
+    cap: cv2.VideoCapture, wanted: list[int], pre: PreprocessConfig, limits: DecodeLimits, started: float
+) -> tuple[list[np.ndarray], int]:
+    """Grab through the stream, retrieving only the `wanted` indices. Returns the kept frames and
+    how many frames were read before the stream ended (or the last wanted one was reached)."""
+    kept: list[np.ndarray] = []
+    idx = 0
+    for target in wanted:
+        while idx < target:  # skip without colour conversion
+            if not cap.grab():
+                return kept, idx
+            idx += 1
+            if idx % 64 == 0 and time.perf_counter() - started > limits.timeout_s:
+                raise InvalidMedia(f"decoding took longer than {limits.timeout_s:g} s")
+        if not cap.grab():
+            return kept, idx
+        idx += 1
+        ok, frame = cap.retrieve()
+        if ok and frame is not None:
+            kept.append(prepare_frame(frame, pre))
+        if time.perf_counter() - started > limits.timeout_s:
+            raise InvalidMedia(f"decoding took longer than {limits.timeout_s:g} s")
+    return kept, idx
+
+
 def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: DecodeLimits) -> DecodedClip:
     """Video bytes -> `num_frames` uniformly sampled, preprocessed frames (fewer for short clips)."""
     started = time.perf_counter()
@@ -108,22 +133,15 @@ def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: Dec
             raise InvalidMedia(f"clip lasts {total / fps:.1f} s; the limit is {limits.max_duration_s:g} s")
         if total <= 0:
             total = _count_frames(data, limits, started)
-        wanted = _sample_indices(total, num_frames)
-        kept: list[np.ndarray] = []
-        idx = 0
-        for target in wanted:
-            while idx < target:  # skip without colour conversion
-                if not cap.grab():
-                    break
-                idx += 1
-            if idx < target or not cap.grab():
-                break  # fewer frames than the header promised: use what decoded
-            idx += 1
-            ok, frame = cap.retrieve()
-            if ok and frame is not None:
-                kept.append(prepare_frame(frame, pre))
-            if time.perf_counter() - started > limits.timeout_s:
-                raise InvalidMedia(f"decoding took longer than {limits.timeout_s:g} s")
+        kept, read = _read_sampled(cap, _sample_indices(total, num_frames), pre, limits, started)
+        if read < total and len(kept) < min(read, num_frames):
+            # The header promised more frames than the stream holds: the last sampled indices were
+            # never reached. Sample again over the frames that really exist, so the clip's end counts.
+            cap.release()
+            stream = io.BytesIO(data)
+            cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])  # type: ignore[call-overload]  # stubs lack BytesIO
+            total = read
+            kept, _ = _read_sampled(cap, _sample_indices(total, num_frames), pre, limits, started)
     finally:
         cap.release()
     if not kept:

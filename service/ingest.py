@@ -140,7 +140,10 @@ def run_ingest(
             data = image.path.read_bytes()
         except OSError as exc:
             return image, f"unreadable: {exc.strerror or exc}"
-        status, body = post(image, data)
+        try:
+            status, body = post(image, data)
+        except Exception as exc:  # a timeout or dropped connection fails this file, not the run
+            return image, f"request failed: {type(exc).__name__}: {exc}"
         if status == 201:
             return image, None
         err = body.get("error", {}) if isinstance(body, dict) else {}

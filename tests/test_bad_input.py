@@ -3,7 +3,7 @@ keeps serving valid requests afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -96,6 +96,13 @@ def test_request_errors(client: TestClient, good_clip: bytes, products: list[Dem
             400,
         ),
         (
+            "metadata with NaN",
+            lambda: client.post(
+                "/v1/gallery/items", files={"image": ("a.jpg", jpeg(products[0].image))}, data={"sku": "A", "metadata": '{"x": NaN}'}
+            ),
+            400,
+        ),
+        (
             "sku with spaces",
             lambda: client.post("/v1/gallery/items", files={"image": ("a.jpg", jpeg(products[0].image))}, data={"sku": "a b"}),
             400,
@@ -130,3 +137,23 @@ def test_frame_size_and_length_limits(tmp_path: Path, encoder: LoadedEncoder) ->
         assert r.status_code == 422 and "pixels" in r.json()["error"]["message"]
         r = c.post("/v1/recognize", files={"file": ("x.mp4", long)})
         assert r.status_code == 422 and "frames" in r.json()["error"]["message"]
+
+
+def test_chunked_multipart_over_the_limit_gets_413(tmp_path: Path, encoder: LoadedEncoder) -> None:
+    """No Content-Length to check up front: the limit must hold while the body streams in."""
+    import httpx
+
+    from service.server import background_server
+
+    def body() -> Iterator[bytes]:
+        yield b'--XB\r\nContent-Disposition: form-data; name="file"; filename="x.mp4"\r\nContent-Type: video/mp4\r\n\r\n'
+        for _ in range(40):  # 2.5 MB against a 1 MB limit
+            yield b"\x00" * 65536
+        yield b"\r\n--XB--\r\n"
+
+    with background_server(settings_for(tmp_path, max_upload_bytes=1_000_000), encoder) as url:
+        r = httpx.post(f"{url}/v1/recognize", content=body(), headers={"content-type": "multipart/form-data; boundary=XB"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = httpx.post(f"{url}/v1/recognize", content=iter([b"\x00" * 2_000_000]), headers={"content-type": "video/mp4"}, timeout=30)
+        assert r.status_code == 413
+        assert httpx.get(f"{url}/livez").status_code == 200

@@ -111,3 +111,24 @@ def test_catalog_csv_and_recognize_cli(tmp_path: Path, encoder: LoadedEncoder, p
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         assert answer[0]["results"][0]["sku"] == target.sku
+
+
+def test_a_network_error_fails_one_file_not_the_run(tmp_path: Path, products: list[DemoProduct]) -> None:
+    from service.ingest import Journal, run_ingest
+
+    root = tmp_path / "catalog"
+    for p in products[:4]:
+        (root / p.sku).mkdir(parents=True)
+        cv2.imwrite(str(root / p.sku / "a.jpg"), p.image)
+    items = read_catalog(root)
+
+    def flaky(image, data):  # type: ignore[no-untyped-def]
+        if image.sku == products[1].sku:
+            raise httpx.ConnectError("connection refused")
+        return 201, {}
+
+    journal = Journal(tmp_path / "j.jsonl")
+    report = run_ingest(items, flaky, journal, workers=2)
+    journal.close()
+    assert report.ingested == 3 and len(report.failed) == 1
+    assert "ConnectError" in next(iter(report.failed.values()))

@@ -35,7 +35,8 @@ def test_compose_file_is_valid_and_wires_the_stack() -> None:
     cfg = _compose_config("docker-compose.yml")
     services = cfg["services"]
     assert {"redis", "api-1", "api-2", "prometheus", "grafana"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    cmd = services["redis"]["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes" and cmd[cmd.index("--appendfsync") + 1] == "always"
     assert any(v["target"] == "/data" for v in services["redis"]["volumes"])
     for name in ("api-1", "api-2"):
         api = services[name]

@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
+from index.records import StoreUnavailable
 from model.checkpoint import CheckpointError, load_encoder
 from service.app_state import AppState
 from service.auth import require_write
-from service.errors import BadRequest, Conflict
+from service.errors import BadRequest, Conflict, NotReady
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write)])
 log = logging.getLogger("rice.admin")
@@ -42,13 +43,20 @@ async def switch_model(body: ModelSwitch, request: Request) -> dict[str, Any]:
             raise BadRequest(str(exc)) from exc
         if loaded.model_version == state.engine.model_version:
             return {"model_version": loaded.model_version, "previous_model_version": loaded.model_version, "switched": False}
-        new = await asyncio.to_thread(build_serving, state.settings, loaded, state.replica.store, state.metrics)
+        try:
+            new = await asyncio.to_thread(build_serving, state.settings, loaded, state.replica.store, state.metrics)
+        except StoreUnavailable as exc:
+            raise NotReady(f"gallery store unavailable; the served model is unchanged: {exc}") from exc
+        except Exception as exc:  # e.g. out of device memory at warm-up: the server's problem, not the request's
+            log.exception("model switch to %s failed", loaded.model_version)
+            why = type(exc).__name__
+            raise NotReady(f"could not bring up model {loaded.model_version} ({why}); the served model is unchanged") from exc
         new.batcher.start()
         items = len(new.replica.gallery)
         if items < body.min_gallery_items:
             await close_serving(new)
             want = body.min_gallery_items
-            raise BadRequest(f"model {loaded.model_version} has {items} gallery items, fewer than min_gallery_items={want}")
+            raise BadRequest(f"model {new.engine.model_version} has {items} gallery items, fewer than min_gallery_items={want}")
         request.app.state.rice = new  # one assignment: the next request sees the new pair
         log.info("switched model %s -> %s (%d gallery items)", state.engine.model_version, new.engine.model_version, items)
     # Retire the old model only once its last request is done: requests that started on it finish on it.

@@ -24,13 +24,18 @@ def _valid_id(value: str, what: str) -> str:
     return value
 
 
+def _reject_constant(name: str) -> None:
+    # NaN and Infinity are not JSON: stored, they would come back as null
+    raise json.JSONDecodeError(f"{name} is not allowed", name, 0)
+
+
 def _parse_metadata(raw: str | None, limit: int) -> dict[str, Any]:
     if raw is None or raw == "":
         return {}
     if len(raw.encode()) > limit:
         raise BadRequest(f"metadata exceeds {limit} bytes")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"metadata is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, dict):

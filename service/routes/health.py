@@ -59,9 +59,7 @@ async def metrics(state: State) -> Response:
     m.ready.set(0 if readiness(state) else 1)
     m.gallery_items.set(len(state.replica.gallery))
     m.gallery_version.set(state.replica.gallery.version)
-    # The replica reports its lag once it follows a shared store; until then it is always in sync.
-    lag = getattr(state.replica, "lag_seconds", None)
-    m.gallery_lag.set(float(lag() if callable(lag) else lag or 0.0))
+    m.gallery_lag.set(state.replica.lag_seconds())
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
