@@ -263,7 +263,11 @@ class RedisStore:
         return (epoch.decode() if epoch is not None else None), int(version or 0)
 
     def snapshot(self, namespace: str) -> Snapshot:
-        """The live records of a namespace, plus the (epoch, version) to follow the log from."""
+        """The live records of a namespace, plus the (epoch, version) to follow the log from.
+
+        The records are read after the version, in several round trips, so they may show some
+        writes newer than `version` (and not others): a reader must claim exactly `version`
+        (not the newest record's) and replay the log from it, which re-applies those writes."""
         with _reachable():
             self._r.set(self._key("epoch"), uuid.uuid4().hex, nx=True)  # an empty server gets its epoch now
         epoch, version = self.position()

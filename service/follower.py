@@ -9,8 +9,12 @@ swapped in, happens when
 - the log skips a version (the entries this replica needed were trimmed away), or
 - the store's epoch changed or its version went backwards (the server lost its data).
 
-A restart of the server with its data intact (AOF) needs no resync: the follower reconnects
-and reads on from the version it has.
+A restart of the server with its data intact (AOF) needs no resync: the follower reconnects,
+checks the epoch and version first (a server that lost its last writes would reuse their
+version numbers) and reads on from the version it has.
+
+The thread never dies of an error: an unreachable store clears `connected`, any other failure
+sets `error` (both with a backoff and a retry), and `running` says whether the thread is alive.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Follower:
         self.batch = batch
         self.epoch: str | None = None
         self.connected = False
+        self.error: str | None = None  # the last unexpected failure, until a round succeeds again
+        self._recheck = False  # set after a failure: check epoch and position before reading on
         self.head = 0  # the store's latest version, as last seen
         self.resyncs = 0
         self.last_delay_s = 0.0  # write -> applied here, for the newest entry applied
@@ -65,9 +71,16 @@ class Follower:
         """Versions the store is ahead of this replica."""
         return max(0, self.head - self.version)
 
+    @property
+    def running(self) -> bool:
+        """True while the follower thread is alive (False before start and after stop)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Boot from the snapshot (raises StoreUnavailable if the store cannot be reached), then follow."""
-        self._set(self._boot())
+        gallery, epoch = self._boot()
+        self._set(gallery)
+        self.epoch, self.head, self.connected, self.error = epoch, max(self.head, gallery.version), True, None
         self._thread = threading.Thread(target=self._run, name="gallery-follower", daemon=True)
         self._thread.start()
 
@@ -76,18 +89,29 @@ class Follower:
         if self._thread is not None:
             self._thread.join(timeout=self.block_ms / 1000 + 5)
 
-    def _boot(self) -> Gallery:
-        """A new gallery from the snapshot, caught up with the log written meanwhile."""
-        t = time.perf_counter()
-        snap = self.store.snapshot(self.namespace)
-        gallery = self._new_gallery()
-        gallery.apply(snap.records)
-        gallery.set_version(snap.version)
-        self.epoch, self.head, self.connected = snap.epoch, snap.version, True
-        while self._catch_up(gallery, block_ms=0):
-            pass
-        log.info("gallery booted from the store: %d items, version %d, %.2f s", len(gallery), gallery.version, time.perf_counter() - t)
-        return gallery
+    def _boot(self, attempts: int = 3) -> tuple[Gallery, str]:
+        """A new gallery from the snapshot, caught up with the log written meanwhile, and its epoch.
+
+        Raises StoreUnavailable only: also when the log was trimmed past the snapshot on every attempt."""
+        for attempt in range(1, attempts + 1):
+            t = time.perf_counter()
+            snap = self.store.snapshot(self.namespace)
+            gallery = self._new_gallery()
+            gallery.apply(snap.records)
+            # The records are read after the version, so some may be newer than it, and apply()
+            # raised the version to theirs; writes between the two reads that the records do not
+            # show would then be skipped by the replay. Claim exactly the snapshot's version: the
+            # replay from it re-applies everything newer (idempotently).
+            gallery.version = snap.version
+            try:
+                while self._catch_up(gallery, block_ms=0):
+                    pass
+            except _Gap as gap:
+                log.warning("gallery boot: log trimmed while booting (attempt %d of %d): %s", attempt, attempts, gap)
+                continue
+            log.info("gallery booted from the store: %d items, version %d, %.2f s", len(gallery), gallery.version, time.perf_counter() - t)
+            return gallery, snap.epoch
+        raise StoreUnavailable(f"the store's log was trimmed past its snapshot {attempts} times while booting")
 
     def _catch_up(self, gallery: Gallery, block_ms: int) -> bool:
         """Apply one batch of log entries; True if there were any. Raises _Gap when versions were skipped."""
@@ -108,29 +132,49 @@ class Follower:
         return True
 
     def _run(self) -> None:
+        """Follow until stopped. Every failure is caught, reported (connected, error) and retried."""
+        try:
+            self._follow()
+        finally:  # only a BaseException gets here before stop(): say so, `running` turns False
+            if not self._stop.is_set():
+                log.critical("gallery follower thread exited unexpectedly")
+
+    def _follow(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                gallery = self._get()
-                if not self._catch_up(gallery, self.block_ms):
-                    self._check_epoch(gallery)  # idle: a cheap check that the server still has our data
-                self.connected, backoff = True, 0.05
-            except _Gap as gap:
-                self._resync(str(gap))
+                self._step()
+                self.connected, self.error, backoff = True, None, 0.05
             except StoreUnavailable as exc:
                 if self.connected:
                     log.warning("gallery store unreachable: %s", exc)
                 self.connected = False
+                self._recheck = True  # the server may have restarted without our data: check before reading on
                 self._stop.wait(backoff)
                 backoff = min(1.0, backoff * 2)
-                continue
-            except Exception:  # never let the follower die: log, wait, and try again
-                log.exception("gallery follower failed; retrying")
-                self._stop.wait(1.0)
+            except Exception as exc:  # never let the follower die: log, report, back off, try again
+                log.exception("gallery follower failed; retrying in %.2f s", backoff)
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._recheck = True
+                self._stop.wait(backoff)
+                backoff = min(1.0, backoff * 2)
             with self.progress:
                 self.progress.notify_all()
 
+    def _step(self) -> None:
+        """One round: after a reconnect, check the server still holds what we applied; then read on."""
+        if self._recheck:
+            self._check_epoch(self._get())
+            self._recheck = False
+        gallery = self._get()
+        try:
+            if not self._catch_up(gallery, self.block_ms):
+                self._check_epoch(gallery)  # idle: a cheap check that the server still has our data
+        except _Gap as gap:
+            self._resync(str(gap))
+
     def _check_epoch(self, gallery: Gallery) -> None:
+        """Resync if the server lost data: its epoch changed or its version is behind ours."""
         epoch, head = self.store.position()
         self.head = head
         if epoch is None and head == 0 and gallery.version == 0:
@@ -139,12 +183,13 @@ class Follower:
             self._resync(f"store epoch {self.epoch} -> {epoch}, version {gallery.version} -> {head}")
 
     def _resync(self, why: str) -> None:
+        """Build a fresh gallery beside the serving one and swap it in; raises StoreUnavailable on failure
+        (the serving gallery and the epoch it belongs to are then left as they were, so it is retried)."""
         log.warning("gallery resync: %s", why)
-        try:
-            fresh = self._boot()
-        except _Gap:
-            return  # trimmed again while booting: the next round retries
+        fresh, epoch = self._boot()
         self._set(fresh)  # one reference assignment: searches see the old gallery or the new one
+        self.epoch = epoch
+        self.head = fresh.version
         self.resyncs += 1
 
 

@@ -14,6 +14,8 @@ read-your-writes: a request may ask for a version at least as new as one it was 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -26,6 +28,8 @@ from index.gallery import Gallery, Hit
 from index.records import ChangeLog, Record, Store, StoreUnavailable
 from service.errors import NotReady
 from service.follower import Follower
+
+log = logging.getLogger("rice.replica")
 
 
 class GalleryReplica:
@@ -155,12 +159,19 @@ class GalleryReplica:
             try:
                 if self.store.version() > self.gallery.version:
                     self.sync()
-            except Exception as exc:  # any store failure means we cannot vouch for the gallery
+            except (StoreUnavailable, sqlite3.Error) as exc:  # the store failed: we cannot vouch for the gallery
                 return [f"gallery_store_unavailable: {type(exc).__name__}"]
+            except Exception as exc:  # a bug, not an outage: keep the traceback, still report unready
+                log.exception("gallery health check failed")
+                return [f"gallery_sync_failed: {type(exc).__name__}"]
             return []
         reasons = []
         if not f.connected:
             reasons.append("redis_unreachable")
+        if f.error is not None:
+            reasons.append(f"gallery_follower_failing: {f.error.split(':', 1)[0]}")
+        if not f.running:
+            reasons.append("gallery_follower_stopped")
         # Behind is normal for a few milliseconds after every write elsewhere; only a lag that lasts
         # longer than a write is allowed to wait for it makes the replica unready.
         if self.lag_seconds() > self.wait_s:
