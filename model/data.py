@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
-from model.preprocess import pad_to_square, prepare_frame, resize_center_crop
+from model.preprocess import pad_to_square, prepare_frame, resize_center_crop, sample_indices
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -148,13 +148,6 @@ def read_movingfashion(root: str | os.PathLike[str], split: str = "train") -> tu
 
 
 # --- frame reading and sampling ------------------------------------------------------------------
-
-
-def sample_indices(total: int, n: int) -> list[int]:
-    """`n` frame indices spread uniformly (linspace) over `total` frames; all of them when total <= n."""
-    if total <= n:
-        return list(range(total))
-    return [round(x) for x in np.linspace(0, total - 1, n)]
 
 
 def _frame_files(clip: str | tuple[str, ...]) -> list[str] | None:

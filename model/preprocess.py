@@ -13,6 +13,14 @@ import torch
 from model.config import PreprocessConfig
 
 
+def sample_indices(total: int, n: int) -> list[int]:
+    """`n` frame indices spread uniformly (linspace, first and last included) over `total` frames;
+    every frame when total <= n. Training and serving sample clips the same way."""
+    if total <= n:
+        return list(range(total))
+    return [round(x) for x in np.linspace(0, total - 1, n)]
+
+
 def resize_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> [crop, crop, 3]: shorter side to `resize`, then the centre square."""
     h, w = rgb.shape[:2]

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from model.config import PreprocessConfig
-from model.preprocess import prepare_frame
+from model.preprocess import prepare_frame, sample_indices
 from service.errors import InvalidMedia, UnsupportedMedia
 
 # Leading bytes of still-image formats: such uploads are images, not clips.
@@ -50,13 +50,6 @@ def _looks_like_container(data: bytes) -> bool:
         or data[:1] == b"\x47"
         or data[:4] == b"\x00\x00\x01\xba"
     )
-
-
-def _sample_indices(total: int, n: int) -> list[int]:
-    """Uniformly spaced frame indices, first and last included (fewer when the clip is shorter)."""
-    if total <= n:
-        return list(range(total))
-    return sorted({round(x) for x in np.linspace(0, total - 1, n)})
 
 
 def _count_frames(data: bytes, limits: DecodeLimits, started: float) -> int:
@@ -133,7 +126,7 @@ def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: Dec
             raise InvalidMedia(f"clip lasts {total / fps:.1f} s; the limit is {limits.max_duration_s:g} s")
         if total <= 0:
             total = _count_frames(data, limits, started)
-        kept, read = _read_sampled(cap, _sample_indices(total, num_frames), pre, limits, started)
+        kept, read = _read_sampled(cap, sample_indices(total, num_frames), pre, limits, started)
         if read < total and len(kept) < min(read, num_frames):
             # The header promised more frames than the stream holds: the last sampled indices were
             # never reached. Sample again over the frames that really exist, so the clip's end counts.
@@ -141,7 +134,7 @@ def decode_clip(data: bytes, num_frames: int, pre: PreprocessConfig, limits: Dec
             stream = io.BytesIO(data)
             cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])  # type: ignore[call-overload]  # stubs lack BytesIO
             total = read
-            kept, _ = _read_sampled(cap, _sample_indices(total, num_frames), pre, limits, started)
+            kept, _ = _read_sampled(cap, sample_indices(total, num_frames), pre, limits, started)
     finally:
         cap.release()
     if not kept:

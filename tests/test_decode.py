@@ -7,7 +7,8 @@ import pytest
 
 from model.clipsynth import encode_video
 from model.config import PreprocessConfig
-from service.decode import DecodeLimits, _sample_indices, decode_clip, decode_image
+from model.preprocess import sample_indices
+from service.decode import DecodeLimits, decode_clip, decode_image
 from service.errors import InvalidMedia, UnsupportedMedia
 
 PRE = PreprocessConfig()
@@ -23,10 +24,10 @@ def _frame_ids(frames: np.ndarray) -> list[int]:
 
 
 def test_sample_indices_are_uniform_and_include_ends() -> None:
-    assert _sample_indices(100, 10) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
-    assert _sample_indices(5, 10) == [0, 1, 2, 3, 4]
-    assert _sample_indices(10, 10) == list(range(10))
-    assert _sample_indices(0, 10) == []
+    assert sample_indices(100, 10) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert sample_indices(5, 10) == [0, 1, 2, 3, 4]
+    assert sample_indices(10, 10) == list(range(10))
+    assert sample_indices(0, 10) == []
 
 
 def test_decode_samples_the_right_frames() -> None:
@@ -34,7 +35,7 @@ def test_decode_samples_the_right_frames() -> None:
     assert clip.frames.shape == (10, 224, 224, 3) and clip.frames.dtype == np.uint8
     assert clip.total_frames == 50 and clip.width == 96 and clip.height == 64
     ids = _frame_ids(clip.frames)
-    expected = _sample_indices(50, 10)
+    expected = sample_indices(50, 10)
     assert all(abs(a - b) <= 1 for a, b in zip(ids, expected, strict=True)), (ids, expected)
 
 
