@@ -36,12 +36,15 @@ class RICEConfig:
     hard_negatives: int = 3
     decoder_width: int = 256
     decoder_heads: int = 8
+    pfr_norm: str = "softmax"  # RICE.md (v2): softmax over the keys; "sum" divides by the sum instead
 
     def __post_init__(self) -> None:
         if self.pfr and not self.pmd:
             raise ValueError("PFR reads the PMD decoder's cross-attention: enable pmd too")
         if not (self.icl or self.pmd):
             raise ValueError("enable at least one of icl and pmd")
+        if self.pfr_norm not in ("softmax", "sum"):
+            raise ValueError("pfr_norm must be 'softmax' or 'sum'")
         if self.decoder_width % self.decoder_heads:
             raise ValueError("decoder_width must be a multiple of decoder_heads")
 
@@ -218,8 +221,9 @@ class PatchFeatureReconstruction(nn.Module):
     weights W [B, N, K]; X_hat = W @ sg(clip tokens) should equal sg(image tokens). Both token sets are
     detached, so the loss trains the model only through the attention logits."""
 
-    def __init__(self, heads: int) -> None:
+    def __init__(self, heads: int, norm: str = "softmax") -> None:
         super().__init__()
+        self.norm = norm
         mid = max(heads // 2, 1)
         first, second = nn.Conv2d(heads, mid, 1), nn.Conv2d(mid, 1, 1)
         # Start as the mean over heads: a random init can leave the final ReLU dead everywhere,
@@ -231,8 +235,14 @@ class PatchFeatureReconstruction(nn.Module):
 
     def forward(self, probs: torch.Tensor, clip_tokens: torch.Tensor, image_tokens: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
         """probs [B, h, N, K], clip_tokens [B, K, d], image_tokens [B, N, d], clip_pad [B, K] -> MSE (scalar)."""
-        w = self.mix(probs).squeeze(1)  # [B, N, K]
-        w = w.masked_fill(clip_pad[:, None, :], float("-inf")).softmax(dim=-1)
+        w = self.mix(probs).squeeze(1)  # [B, N, K], >= 0
+        if self.norm == "sum":
+            # The ReLU'd weights are attention-sized (about 1/K): a softmax over them is nearly
+            # uniform and passes little gradient; dividing by their sum keeps the attention's shape.
+            w = w.masked_fill(clip_pad[:, None, :], 0.0)
+            w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        else:
+            w = w.masked_fill(clip_pad[:, None, :], float("-inf")).softmax(dim=-1)
         x_hat = w @ clip_tokens.detach().to(w.dtype)  # [B, N, d]
         return F.mse_loss(x_hat.float(), image_tokens.detach().float())
 
@@ -250,7 +260,7 @@ class RICE(nn.Module):
         token_dim = int(backbone.token_dim)  # type: ignore[arg-type]
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)), requires_grad=cfg.learn_temperature)
         self.decoder = PairwiseMatchingDecoder(token_dim, cfg.decoder_width, cfg.decoder_heads) if cfg.pmd else None
-        self.pfr = PatchFeatureReconstruction(cfg.decoder_heads) if cfg.pfr else None
+        self.pfr = PatchFeatureReconstruction(cfg.decoder_heads, cfg.pfr_norm) if cfg.pfr else None
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (embedding [B, D], decoder tokens [B, N, d])."""

@@ -57,6 +57,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
     a("--pmd-weight", type=float, default=1.0)
+    a("--pfr-norm", default="softmax", choices=["softmax", "sum"], help="PFR weights: softmax over keys (RICE.md) or divided by their sum")
     a("--pfr-weight", type=float, default=1.0)
     a("--temperature", type=float, default=0.07)
     a("--decoder-width", type=int, default=256)
@@ -129,6 +130,7 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
         temperature=args.temperature,
         decoder_width=args.decoder_width,
         decoder_heads=args.decoder_heads,
+        pfr_norm=args.pfr_norm,
     )
     return RICE(backbone, rice_cfg)
 

@@ -139,3 +139,19 @@ def test_losses_are_switchable_and_config_is_validated() -> None:
     with pytest.raises(ValueError, match="PFR"):
         RICEConfig(pmd=False, pfr=True)
     assert RICEConfig.from_dict(RICEConfig(pfr_weight=0.05).to_dict()) == RICEConfig(pfr_weight=0.05)
+
+
+def test_pfr_sum_norm_follows_the_attention_where_softmax_flattens_it() -> None:
+    """Each image patch attends to exactly one clip token whose features it equals: with weights
+    divided by their sum the reconstruction is exact; the softmax of RICE.md blurs it toward the mean."""
+    b, heads, n, k, d = 1, 2, 3, 6, 4
+    clip_tokens = torch.randn(b, k, d)
+    target = torch.tensor([4, 0, 2])
+    image_tokens = clip_tokens[:, target]  # [b, n, d]
+    probs = torch.zeros(b, heads, n, k)
+    probs[0, :, torch.arange(n), target] = 1.0
+    pad = torch.zeros(b, k, dtype=torch.bool)
+    exact = PatchFeatureReconstruction(heads, norm="sum")(probs, clip_tokens, image_tokens, pad)
+    blurred = PatchFeatureReconstruction(heads, norm="softmax")(probs, clip_tokens, image_tokens, pad)
+    assert exact.item() < 1e-10
+    assert blurred.item() > 0.1
