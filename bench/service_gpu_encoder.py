@@ -101,9 +101,6 @@ def main() -> None:
 
     rows = []
     for name in args.backbones:
-        if name == "vit" and not (Path(__file__).resolve().parents[1] / "model" / "vit.py").exists():
-            rows.append({"backbone": name, "skipped": "model/vit.py not present"})
-            continue
         engine = engine_for(name, args)
         for batch in args.batch:
             engine.warm_up(batch, rounds=3)

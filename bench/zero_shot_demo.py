@@ -10,14 +10,14 @@ import argparse
 import json
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from model.checkpoint import load_encoder
 from model.clipsynth import encode_video
-from model.preprocess import normalize, prepare_frame
+from model.preprocess import prepare_frame
 from service.decode import DecodeLimits, decode_clip
 from service.democatalog import make_products, render_clip
+from service.engine import EncoderEngine
+from service.pipeline import clip_vector
 
 
 def main() -> None:
@@ -27,25 +27,22 @@ def main() -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--occlusion", action="store_true")
     args = ap.parse_args()
-    enc = load_encoder(args.checkpoint)
-    model, pre = enc.backbone.eval(), enc.config.preprocess
-
-    def embed(frames: np.ndarray) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(model(normalize(torch.from_numpy(frames), pre))[0], dim=-1)
+    # The service's own path: EncoderEngine embeds, clip_vector pools, as POST /v1/recognize does.
+    engine = EncoderEngine(load_encoder(args.checkpoint), "cpu")
+    pre = engine.config.preprocess
 
     report = {}
     for scale in [(0.4, 0.65), (0.6, 0.9), (0.8, 0.95)]:
         hits = []
         for seed in range(args.catalogs):
             products = make_products(args.products, seed=seed)
-            gallery = embed(np.stack([prepare_frame(p.image, pre, whole=True) for p in products]))
+            gallery = engine.encode(np.stack([prepare_frame(p.image, pre, whole=True) for p in products]))
             for i, p in enumerate(products):
                 clip = encode_video(render_clip(p, np.random.default_rng(i), num_frames=20, scale=scale, occlusion=args.occlusion))
-                query = F.normalize(embed(decode_clip(clip, 10, pre, DecodeLimits()).frames).mean(0), dim=-1)
+                query = clip_vector(engine.encode(decode_clip(clip, 10, pre, DecodeLimits()).frames))
                 hits.append(int((gallery @ query).argmax()) == i)
         report[f"height {scale[0]:.2f}-{scale[1]:.2f}"] = {"clips": len(hits), "top1": round(float(np.mean(hits)), 3)}
-    print(json.dumps({"model_version": enc.model_version, "occlusion": args.occlusion, "results": report}, indent=2))
+    print(json.dumps({"model_version": engine.model_version, "occlusion": args.occlusion, "results": report}, indent=2))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,24 @@ from index.records import (
 DEFAULT_PREFIX = "rice:{gallery}:"
 _CHUNK = 1000  # items per round trip when reading the state
 
+# Shared by every write script: one stream entry per version, its id the version itself (so a
+# gap in ids means entries were trimmed), the stream capped at about `maxlen` entries (0 = all).
+_APPEND_LOG = """
+local function append_log(p, maxlen, v, fields)
+  local xadd = {'XADD', p .. 'log'}
+  if tonumber(maxlen) > 0 then
+    table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
+  end
+  table.insert(xadd, v .. '-0')
+  for _, x in ipairs(fields) do table.insert(xadd, x) end
+  redis.call(unpack(xadd))
+end
+"""
+
 # Shared by both delete scripts: tombstone the given (namespace, item) pairs under one new version.
-_TOMBSTONE = """
+_TOMBSTONE = (
+    _APPEND_LOG
+    + """
 local function tombstone(p, epoch, maxlen, t, hits, ids)
   if #hits == 0 then return {0} end
   redis.call('SET', p .. 'epoch', epoch, 'NX')
@@ -61,21 +77,18 @@ local function tombstone(p, epoch, maxlen, t, hits, ids)
     redis.call('ZADD', p .. 'n:' .. ns .. ':ver', v, id)
     redis.call('SREM', p .. 'sku:' .. sku, #ns .. ':' .. ns .. id)
   end
-  local xadd = {'XADD', p .. 'log'}
-  if tonumber(maxlen) > 0 then
-    table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
-  end
-  table.insert(xadd, v .. '-0')
-  for _, x in ipairs({'op', 'delete', 'v', tostring(v), 't', t, 'items', cjson.encode(ids)}) do table.insert(xadd, x) end
-  redis.call(unpack(xadd))
+  append_log(p, maxlen, v, {'op', 'delete', 'v', tostring(v), 't', t, 'items', cjson.encode(ids)})
   local out = {v}
   for _, id in ipairs(ids) do table.insert(out, id) end
   return out
 end
 """
+)
 
 # ARGV: prefix, namespace, epoch, maxlen, t, dim, items JSON, vecs bytes, n, then n x (item_id, sku, header).
-_UPSERT = """
+_UPSERT = (
+    _APPEND_LOG
+    + """
 local p, ns, epoch, maxlen, t, dim, items, vecs = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local n = tonumber(ARGV[9])
 local width = tonumber(dim) * 4
@@ -96,17 +109,10 @@ for i = 0, n - 1 do
   redis.call('ZADD', ver, v, id)
   redis.call('SADD', p .. 'sku:' .. sku, member)
 end
-local xadd = {'XADD', p .. 'log'}
-if tonumber(maxlen) > 0 then
-  table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
-end
-table.insert(xadd, v .. '-0')
-for _, x in ipairs({'op', 'upsert', 'v', tostring(v), 't', t, 'ns', ns, 'items', items, 'dim', dim, 'vecs', vecs}) do
-  table.insert(xadd, x)
-end
-redis.call(unpack(xadd))
+append_log(p, maxlen, v, {'op', 'upsert', 'v', tostring(v), 't', t, 'ns', ns, 'items', items, 'dim', dim, 'vecs', vecs})
 return v
 """
+)
 
 # ARGV: prefix, epoch, maxlen, t, item ids...
 _DELETE_ITEMS = (

@@ -7,6 +7,7 @@ builds the encoder from the checkpoint alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ def state_version(state: dict[str, torch.Tensor], config: EncoderConfig) -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache  # the packaged weights never change while the process runs
 def _file_hash(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

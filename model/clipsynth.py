@@ -229,7 +229,6 @@ def encode_video(
         ValueError: if ``frames`` is empty or frame shapes/dtypes differ.
         RuntimeError: if the video writer cannot be opened or writes nothing.
     """
-    _check_frames(frames)
     with tempfile.TemporaryDirectory(prefix="clipsynth-") as tmp:
         path = Path(tmp) / f"clip{suffix}"
         _write_frames(frames, path, fps, fourcc)

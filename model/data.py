@@ -223,15 +223,18 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         pre: PreprocessConfig,
         num_frames: int,
         train: bool,
-        sku_index: dict[str, int] | None = None,
         seed: int = 0,
         cut_tail_p: float = 0.5,
+        with_image: bool = True,
     ) -> None:
+        """`with_image=False` skips reading each row's product image (evaluation embeds the
+        gallery on its own, so reading it per query would be wasted I/O)."""
         self.rows = list(rows)
         self.pre = pre
         self.num_frames = num_frames
         self.train = train
-        self.sku_index = sku_index or {s: i for i, s in enumerate(sorted({r.sku for r in self.rows}))}
+        self.sku_index = {s: i for i, s in enumerate(sorted({r.sku for r in self.rows}))}
+        self.with_image = with_image
         self.seed = seed
         self.cut_tail_p = cut_tail_p
         self.epoch = 0
@@ -259,6 +262,7 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.rows[i]
         c = self.pre.crop
+        image: np.ndarray | None
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             keep = 1.0 - rng.uniform(0.0, 0.9) if rng.random() < self.cut_tail_p else 1.0
@@ -267,17 +271,14 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             image = self._augment([pad_to_square(cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB))], rng)[0]
         else:
             frames = [prepare_frame(f, self.pre) for f in read_clip_frames(row.clip, self.num_frames)]
-            image = prepare_frame(read_image(row.image), self.pre, whole=True)
+            image = prepare_frame(read_image(row.image), self.pre, whole=True) if self.with_image else None
         if not frames:
             raise ValueError(f"no frames decoded from {row.clip}")
         out = np.zeros((self.num_frames, c, c, 3), np.uint8)
         out[: len(frames)] = np.stack(frames)
         mask = torch.zeros(self.num_frames)
         mask[: len(frames)] = 1.0
-        return {
-            "frames": torch.from_numpy(out),
-            "mask": mask,
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "sku": torch.tensor(self.sku_index.get(row.sku, -1)),
-            "index": torch.tensor(i),
-        }
+        item = {"frames": torch.from_numpy(out), "mask": mask, "sku": torch.tensor(self.sku_index.get(row.sku, -1))}
+        if image is not None:
+            item["image"] = torch.from_numpy(np.ascontiguousarray(image))
+        return item

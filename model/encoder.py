@@ -20,6 +20,15 @@ class EfficientNetBackbone(nn.Module):
         self.embed_dim = embed_dim or HEAD_CHANNELS
         self.token_dim = HEAD_CHANNELS
 
+    @torch.no_grad()
+    def set_identity_proj(self) -> None:
+        """Projection = identity: the model then embeds exactly as the zero-shot ImageNet features
+        do (where --identity-proj training starts, and the zero-shot end of WiSE-FT)."""
+        if self.proj is None or self.proj.in_features != self.proj.out_features:
+            raise ValueError("an identity projection needs embed_dim 1280")
+        self.proj.weight.copy_(torch.eye(self.proj.in_features))
+        self.proj.bias.zero_()
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.net(images)  # [B, 1280, h, w]
         tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, 1280]

@@ -51,7 +51,7 @@ def embed_clips(
     workers: int = 2,
 ) -> torch.Tensor:
     """Clips -> masked mean of the frame embeddings, L2-normalised [M, D]; only real frames are encoded."""
-    ds = ClipDataset(rows, pre, num_frames, train=False)
+    ds = ClipDataset(rows, pre, num_frames, train=False, with_image=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, worker_init_fn=worker_init)
     out = []
     for b in loader:

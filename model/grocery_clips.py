@@ -11,11 +11,10 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from model.clipsynth import camera_motion_clip, write_video
-from model.data import ClipRow, write_manifest
+from model.data import ClipRow, read_image, write_manifest
 from model.grocery import GroceryData, read_grocery
 
 
@@ -26,9 +25,7 @@ def _render(job: tuple[list[str], str, int, int, int]) -> None:
     per = [frames // len(photos) + (i < frames % len(photos)) for i in range(len(photos))]
     clip: list[np.ndarray] = []
     for path, n in zip(photos, per, strict=True):
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"unreadable photo: {path}")
+        img = read_image(path)
         clip += camera_motion_clip(img, rng, num_frames=max(n, 1), out_size=(size, size))
     write_video(clip, out)
 

@@ -97,13 +97,9 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
     backbone = build_backbone(cfg)
     if isinstance(backbone, EfficientNetBackbone):
         if args.identity_proj and backbone.proj is not None:
-            if backbone.proj.in_features != backbone.proj.out_features:
-                raise ValueError("--identity-proj needs --embed-dim 1280")
-            with torch.no_grad():  # start exactly at the zero-shot embedding
-                backbone.proj.weight.copy_(torch.eye(backbone.proj.in_features))
-                backbone.proj.bias.zero_()
+            backbone.set_identity_proj()  # start exactly at the zero-shot embedding
         blocks: list[nn.Module] = [*backbone.net.blocks, backbone.net.head]
-        tail: list[nn.Module] = [backbone.proj] if backbone.proj is not None else []
+        tail: list[nn.Module | nn.Parameter] = [backbone.proj] if backbone.proj is not None else []
     else:
         from model.vit import VisionTransformer, load_clip_weights
 
@@ -111,13 +107,11 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
         if args.clip_weights:
             load_clip_weights(backbone, args.clip_weights)
         blocks = list(backbone.transformer.resblocks)
-        tail = [backbone.ln_post]
+        tail = [backbone.ln_post, backbone.proj]
     if args.train_blocks >= 0:
         backbone.requires_grad_(False)
         for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
             m.requires_grad_(True)
-        if not isinstance(backbone, EfficientNetBackbone):
-            backbone.proj.requires_grad_(True)
     losses = {x.strip() for x in args.losses.split(",") if x.strip()}
     if not losses or losses - {"icl", "pmd", "pfr"}:
         raise ValueError(f"--losses takes a comma-separated subset of icl,pmd,pfr; got {args.losses!r}")
@@ -209,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     exclude = read_sku_file(args.exclude_skus) or set()
     rows = [r for r in read_manifest(args.train) if r.sku not in exclude]
     dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
-    per_epoch = len(epoch_batches(len(rows), args.batch_size, world, rank, 0, args.seed)) // args.accum
+    per_epoch = len(rows) // (args.batch_size * world * args.accum)  # full global batches, as epoch_batches yields
     if per_epoch == 0:
         raise ValueError(f"{len(rows)} rows are fewer than one global batch ({args.batch_size * world * args.accum})")
     total = args.max_steps or max(1, round(args.epochs * per_epoch))
@@ -227,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
-    ddp: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     cuda = device.type == "cuda"
+    ddp: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # fp32 master weights, bf16 maths
 
     def save(path: Path, with_state: bool) -> str:

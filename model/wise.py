@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import read_checkpoint, save_checkpoint
+from model.checkpoint import load_encoder, save_checkpoint
 from model.config import EncoderConfig
 from model.encoder import EfficientNetBackbone, build_backbone
 
@@ -27,11 +27,7 @@ def zero_shot_state(cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     if not isinstance(backbone, EfficientNetBackbone):
         raise ValueError("only the EfficientNet-Lite0 backbone has packaged zero-shot weights here")
     if backbone.proj is not None:
-        if backbone.proj.in_features != backbone.proj.out_features:
-            raise ValueError("the zero-shot end needs a square (identity-initialised) projection")
-        with torch.no_grad():
-            backbone.proj.weight.copy_(torch.eye(backbone.proj.in_features))
-            backbone.proj.bias.zero_()
+        backbone.set_identity_proj()
     return backbone.state_dict()
 
 
@@ -39,14 +35,12 @@ def interpolate(path: str | Path, alpha: float, out: str | Path) -> str:
     """Write the alpha-interpolated checkpoint; returns its model version."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError("alpha must be in [0, 1]")
-    payload = read_checkpoint(path)
-    cfg = EncoderConfig.from_dict(payload["encoder_config"])
-    tuned: dict[str, torch.Tensor] = payload["encoder"]
-    zero = zero_shot_state(cfg)
-    mixed = {k: alpha * v + (1 - alpha) * zero[k] if v.is_floating_point() else v for k, v in tuned.items()}
-    backbone = build_backbone(cfg, pretrained=False)
-    backbone.load_state_dict(mixed, strict=True)
-    return save_checkpoint(out, backbone, cfg, extra={"wise_alpha": alpha, "wise_from": str(payload["model_version"])})
+    tuned = load_encoder(path)
+    zero = zero_shot_state(tuned.config)
+    state = tuned.backbone.state_dict()
+    mixed = {k: alpha * v + (1 - alpha) * zero[k] if v.is_floating_point() else v for k, v in state.items()}
+    tuned.backbone.load_state_dict(mixed, strict=True)
+    return save_checkpoint(out, tuned.backbone, tuned.config, extra={"wise_alpha": alpha, "wise_from": tuned.model_version})
 
 
 def main() -> None:

@@ -45,7 +45,6 @@ class Job:
     offset: int = 0  # frames already taken into batches
     parts: dict[int, np.ndarray] = field(default_factory=dict)  # job row -> embeddings from there
     done_rows: int = 0
-    first_batch_at: float | None = None
 
     @property
     def remaining(self) -> int:
@@ -133,8 +132,6 @@ class Batcher:
         self._closing = False
         self._s_per_frame = 0.0  # moving average of encode time per frame, for Retry-After
         self.last_progress = time.monotonic()  # last finished batch (or start of work after idling)
-        self.batches = 0
-        self.frames_encoded = 0
 
     @property
     def queued_frames(self) -> int:
@@ -242,10 +239,9 @@ class Batcher:
             return
         self._queued_frames -= sum(len(p) for p in parts)
         now = time.perf_counter()
-        for s in slices:
-            if s.job.first_batch_at is None:
-                s.job.first_batch_at = now
-                if self._on_queue_wait:
+        if self._on_queue_wait:
+            for s in slices:
+                if s.job_row == 0:  # the job's first frames: it waited from enqueue until now
                     self._on_queue_wait(now - s.job.enqueued)
         self._running += 1
         task = asyncio.get_running_loop().create_task(self._encode_batch(parts, slices))
@@ -284,7 +280,6 @@ class Batcher:
                 rows = len(emb)
                 per_frame = seconds / rows
                 self._s_per_frame = per_frame if not self._s_per_frame else 0.8 * self._s_per_frame + 0.2 * per_frame
-                self.frames_encoded += rows
                 if self._on_batch:
                     self._on_batch(rows, seconds)
         except asyncio.CancelledError:
@@ -295,7 +290,6 @@ class Batcher:
                     s.job.future.set_exception(NotReady("the service is shutting down"))
             raise
         finally:
-            self.batches += 1
             self._running -= 1
             self.last_progress = time.monotonic()
             self._slots.release()

@@ -114,21 +114,19 @@ class Pipeline:
         return hits[0], version
 
     async def recognize_clip(self, data: bytes, top_k: int, shop_id: str | None, num_frames: int) -> Recognition:
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
+        started = time.perf_counter()
         clip = await self._run_decode(decode_clip, data, num_frames, self.preprocess, self.limits)
-        timings["decode"] = (time.perf_counter() - t) * 1e3
-        emb = await self._embed(clip.frames, timings)
-        hits, version = self._search(clip_vector(emb), top_k, shop_id, timings)
-        timings["total"] = (time.perf_counter() - t) * 1e3
-        return Recognition(hits, version, len(clip.frames), timings)
+        return await self._recognize(clip.frames, top_k, shop_id, started)
 
     async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None) -> Recognition:
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
+        started = time.perf_counter()
         frame = await self._run_decode(decode_image, data, self.preprocess, self.max_image_pixels)
-        timings["decode"] = (time.perf_counter() - t) * 1e3
-        emb = await self._embed(frame[None], timings)
+        return await self._recognize(frame[None], top_k, shop_id, started)
+
+    async def _recognize(self, frames: np.ndarray, top_k: int, shop_id: str | None, started: float) -> Recognition:
+        """Decoded frames [N, H, W, 3] -> top-k SKUs of their clip embedding, with per-stage timings."""
+        timings = {"decode": (time.perf_counter() - started) * 1e3}
+        emb = await self._embed(frames, timings)
         hits, version = self._search(clip_vector(emb), top_k, shop_id, timings)
-        timings["total"] = (time.perf_counter() - t) * 1e3
-        return Recognition(hits, version, 1, timings)
+        timings["total"] = (time.perf_counter() - started) * 1e3
+        return Recognition(hits, version, len(frames), timings)

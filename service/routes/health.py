@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -44,7 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "rice", None)
     if state is None:
         return JSONResponse({"ready": False, "reasons": ["starting"]}, 503)
-    reasons = readiness(state)
+    reasons = await asyncio.to_thread(readiness, state)  # the store check may do I/O
     state.metrics.ready.set(0 if reasons else 1)
     return JSONResponse({"ready": not reasons, "reasons": reasons}, 200 if not reasons else 503)
 
@@ -56,7 +57,7 @@ async def metrics(state: State) -> Response:
     m.queue_depth.set(state.batcher.queued_frames)
     m.decode_pending.set(state.pipeline.decode_pending)
     m.batcher_stalled_seconds.set(state.batcher.stalled_for())
-    m.ready.set(0 if readiness(state) else 1)
+    m.ready.set(0 if await asyncio.to_thread(readiness, state) else 1)
     m.gallery_items.set(len(state.replica.gallery))
     m.gallery_version.set(state.replica.gallery.version)
     m.gallery_lag.set(state.replica.lag_seconds())
