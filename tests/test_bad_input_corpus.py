@@ -116,13 +116,17 @@ def test_bad_inputs_each_get_their_4xx_while_valid_requests_succeed(
     assert len(corpus) >= 20
     with live_server(create_app(settings, encoder=encoder)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         valid_codes: list[int] = []
+        traffic_errors: list[str] = []
         stop = threading.Event()
 
         def valid_traffic() -> None:
-            with httpx.Client(base_url=srv.url, timeout=60) as vc:
-                while not stop.is_set() or not valid_codes:
-                    r = vc.post("/v1/recognize", params={"num_frames": 2}, files={"file": ("ok.mp4", good, "video/mp4")})
-                    valid_codes.append(r.status_code)
+            try:
+                with httpx.Client(base_url=srv.url, timeout=60) as vc:
+                    while not stop.is_set() or not valid_codes:
+                        r = vc.post("/v1/recognize", params={"num_frames": 2}, files={"file": ("ok.mp4", good, "video/mp4")})
+                        valid_codes.append(r.status_code)
+            except Exception as exc:  # a dead traffic thread must fail the test
+                traffic_errors.append(repr(exc))
 
         worker = threading.Thread(target=valid_traffic)
         worker.start()
@@ -136,7 +140,7 @@ def test_bad_inputs_each_get_their_4xx_while_valid_requests_succeed(
             stop.set()
             worker.join(timeout=60)
         assert wrong == [], wrong
-        assert valid_codes and set(valid_codes) == {200}, valid_codes
+        assert traffic_errors == [] and valid_codes and set(valid_codes) == {200}, (traffic_errors, valid_codes)
         assert c.get("/livez").status_code == 200 and c.get("/readyz").json()["ready"] is True
         assert metric(srv.url, "rice_unexpected_errors_total") == 0
         assert metric(srv.url, "rice_requests_total", route="/v1/recognize", method="POST", status="500") == 0

@@ -73,6 +73,7 @@ def test_ingest_is_resumable_and_reports_bad_files(tmp_path: Path, encoder: Load
             [*cmd[:-4], "--state", str(tmp_path / "fresh.jsonl"), "--quiet", "--json"], env=env, capture_output=True, text=True, timeout=120
         )
         assert json.loads(out.stdout)["ingested"] == good
+        assert out.returncode == 1  # the two bad files are still there, and still reported
         assert c.get("/v1/gallery/stats").json()["items"] == good
 
 
@@ -132,3 +133,8 @@ def test_a_network_error_fails_one_file_not_the_run(tmp_path: Path, products: li
     journal.close()
     assert report.ingested == 3 and len(report.failed) == 1
     assert "ConnectError" in next(iter(report.failed.values()))
+    # the network is back: a second run retries just the failed file
+    journal = Journal(tmp_path / "j.jsonl")
+    again = run_ingest(items, lambda image, data: (201, {}), journal)
+    journal.close()
+    assert (again.ingested, again.skipped, again.failed) == (1, 3, {})

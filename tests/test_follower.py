@@ -21,6 +21,7 @@ from index.redis_store import RedisStore
 from index.sqlite_store import SQLiteStore
 from service.replica import GalleryReplica
 from tests.conftest import RedisServer
+from tests.serving_helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +40,6 @@ def put(store: RedisStore, item_id: str, seed: int = 0) -> int:
 
 def items(replica: GalleryReplica) -> set[str]:
     return set(replica.gallery._ids)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture

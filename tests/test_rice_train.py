@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from pathlib import Path
 
 import cv2
@@ -23,6 +22,7 @@ from model.encoder import clip_embedding
 from model.rice import RICE, RICEConfig
 from model.train import build_parser, param_groups, run
 from model.vit import VisionTransformer
+from service.server import free_port
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, embed_dim=16)
 TINY_RICE = RICEConfig(decoder_width=32, decoder_heads=4)
@@ -75,19 +75,13 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
     rice = _tiny_model()
     loss = _step(rice, rice, _global_batch(), world=1)
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     assert ddp["loss"] == pytest.approx(loss, rel=1e-5)
     # 1e-5 = lr 0.1 x 1e-4 of gradient rounding (sums in another order across ranks); a wrong

@@ -72,7 +72,7 @@ def test_lpr4m_reader(tmp_path: Path) -> None:
         "asr",
     ]
     (tmp_path / "annotations" / "training_videoinfo_0.txt").write_text("\t".join(row) + "\n")
-    rows, gallery = read_lpr4m(tmp_path, "train")
+    rows, _ = read_lpr4m(tmp_path, "train")
     assert lpr4m_live_id(clip_id) == live
     assert rows[0].sku == "spu9" and rows[0].shop == live and rows[0].clip == (str(tmp_path / row[1][2:-2]),)
     (tmp_path / "annotations" / "test_videoid_to_gtimage_1.json").write_text(json.dumps({clip_id: ["g1.jpg", "g2.jpg"]}))
