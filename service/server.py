@@ -8,9 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from model.checkpoint import LoadedEncoder
 from service.app import create_app
@@ -28,30 +30,43 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class RunningServer:
+    url: str
+    server: uvicorn.Server  # set should_exit for a graceful stop (what SIGTERM does)
+    thread: threading.Thread
+
+
+@contextmanager
+def app_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 120.0) -> Iterator[RunningServer]:
+    """Run `app` under uvicorn on a thread (a free port when `port` is 0) until the block ends,
+    then stop it gracefully. Yields once uvicorn listens, before the app need be ready."""
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the service stopped during start-up (see the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service not listening after {start_timeout_s:g} s")
+            time.sleep(0.02)
+        yield RunningServer(f"http://{host}:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @contextmanager
 def background_server(settings: Settings, encoder: LoadedEncoder | None = None, ready_timeout_s: float = 120.0) -> Iterator[str]:
     """Start the service on a thread; yield its base URL once /readyz answers 200; stop it after.
     `encoder` reuses an already-loaded model (tests)."""
-    port = settings.port or free_port(settings.host)
-    config = uvicorn.Config(create_app(settings, encoder=encoder), host=settings.host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    url = f"http://{settings.host}:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    try:
-        while True:
-            if not thread.is_alive():
-                raise RuntimeError("the service stopped during start-up (see the log above)")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+    with app_in_thread(create_app(settings, encoder=encoder), settings.host, settings.port, ready_timeout_s) as running:
+        deadline = time.monotonic() + ready_timeout_s
+        while httpx.get(f"{running.url}/readyz", timeout=2.0).status_code != 200:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"service not ready after {ready_timeout_s:g} s")
             time.sleep(0.1)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        yield running.url

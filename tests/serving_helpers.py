@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 
 import httpx
 import torch
-import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from model.checkpoint import LoadedEncoder
 from model.config import EncoderConfig
-from service.server import free_port
+from service.server import RunningServer, app_in_thread
 
 
 class GatedBackbone(nn.Module):
@@ -45,30 +42,9 @@ def gated_encoder() -> tuple[LoadedEncoder, GatedBackbone]:
     return LoadedEncoder(backbone, EncoderConfig(), "gated-test", "test fake"), backbone
 
 
-@dataclass
-class LiveServer:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-@contextmanager
-def live_server(app: FastAPI, timeout_s: float = 60.0) -> Iterator[LiveServer]:
+def live_server(app: FastAPI, timeout_s: float = 60.0) -> AbstractContextManager[RunningServer]:
     """Run `app` under a real uvicorn on a free port until the block ends (then a graceful stop)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", server, thread)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return app_in_thread(app, start_timeout_s=timeout_s)
 
 
 def metric(url: str, name: str, **labels: str) -> float:
