@@ -19,9 +19,9 @@ import time
 import cv2
 import numpy as np
 
-from model.clipsynth import encode_video
 from model.config import PreprocessConfig
-from service.decode import DecodeLimits, decode_clip
+from pipeline.decode import DecodeLimits, decode_clip
+from tools.clipsynth import encode_video
 
 
 def make_clip(frames: int, w: int, h: int) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 
 from index.records import Record
 from index.redis_store import RedisStore
-from service.replica import GalleryReplica
+from index.replica import GalleryReplica
 from tests.conftest import RedisServer
 
 

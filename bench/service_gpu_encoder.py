@@ -5,7 +5,7 @@ Redis): for each backbone (EfficientNet-Lite0, and ViT-B/32 when model/vit.py ex
 size it measures
   raw:     EncoderEngine.encode on full batches, back to back (the service's unit of work:
            uint8 host frames -> pinned H2D copy -> normalise -> fp16 autocast -> L2 -> host);
-  batched: the same engine behind service.batcher.Batcher, fed by --submitters concurrent
+  batched: the same engine behind pipeline.batcher.Batcher, fed by --submitters concurrent
            coroutines each submitting clips of --clip-frames frames in a closed loop;
 and prints JSON with frames/s and efficiency = batched / raw (goal >= 0.9). Weights are random
 (speed does not depend on them), so no weight files are needed.
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.checkpoint import LoadedEncoder
 from model.config import EncoderConfig, PreprocessConfig, ViTConfig
 from model.encoder import build_backbone
-from service.batcher import Batcher
-from service.engine import EncoderEngine
+from pipeline.batcher import Batcher
+from pipeline.engine import EncoderEngine
 
 
 def engine_for(backbone: str, args: argparse.Namespace) -> EncoderEngine:

@@ -28,9 +28,9 @@ import httpx
 import numpy as np
 
 from model.checkpoint import default_encoder
-from model.clipsynth import encode_video
-from service.engine import EncoderEngine
+from pipeline.engine import EncoderEngine
 from service.server import free_port
+from tools.clipsynth import encode_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

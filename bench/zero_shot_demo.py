@@ -12,12 +12,12 @@ import json
 import numpy as np
 
 from model.checkpoint import load_encoder
-from model.clipsynth import encode_video
 from model.preprocess import prepare_frame
-from service.decode import DecodeLimits, decode_clip
-from service.democatalog import make_products, render_clip
-from service.engine import EncoderEngine
-from service.pipeline import clip_vector
+from pipeline.decode import DecodeLimits, decode_clip
+from pipeline.engine import EncoderEngine
+from pipeline.stages import clip_vector
+from tools.clipsynth import encode_video
+from tools.democatalog import make_products, render_clip
 
 
 def main() -> None:

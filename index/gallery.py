@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from index.ann import AnnConfig, IvfBuild
 from index.records import Record
+from index.rwlock import RWLock
 
 log = logging.getLogger("rice.index")
 
@@ -63,7 +64,8 @@ class Gallery:
         self._ann: faiss.Index | None = None
         self._ann_size = 0  # live items when the approximate index was trained
         self._build: IvfBuild | None = None
-        self._lock = threading.RLock()
+        self._lock = RWLock()  # searches share it; writes (apply, index swap) take it alone
+        self._sku_items: Counter[str] = Counter()  # live images per SKU: stats without an O(N) pass
         self.version = 0  # the last gallery version applied
 
     def __len__(self) -> int:
@@ -87,7 +89,7 @@ class Gallery:
             if not r.deleted and (r.vector is None or np.asarray(r.vector).reshape(-1).shape[0] != self.dim):
                 got = None if r.vector is None else np.asarray(r.vector).size
                 raise ValueError(f"record {r.item_id!r}: vector of {got} floats, gallery dim is {self.dim}")
-        with self._lock:
+        with self._lock.write():
             base = self._flat.ntotal
             rows = self._rows()
             appended: list[np.ndarray] = []  # rows for slots >= base, added to faiss in one call
@@ -104,6 +106,9 @@ class Gallery:
                 old = self._ids.pop(r.item_id, None)
                 if old is not None:
                     entry = self._entries.pop(old)
+                    self._sku_items[entry.sku] -= 1
+                    if not self._sku_items[entry.sku]:
+                        del self._sku_items[entry.sku]
                     shop = self._by_shop[entry.shop_id]
                     shop.discard(old)
                     if not shop:
@@ -124,6 +129,7 @@ class Gallery:
                     write(slot, vec)
                     added.add(slot)
                     self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
+                    self._sku_items[r.sku] += 1
                     self._ids[r.item_id] = slot
                     self._by_shop[r.shop_id].add(slot)
                 self.version = max(self.version, r.version)
@@ -158,7 +164,7 @@ class Gallery:
         """Train and fill the new index off the lock, then replay what changed meanwhile and swap."""
         try:
             index = build.run()
-            with self._lock:
+            with self._lock.write():
                 if self._build is not build:
                     return
                 if build.touched:
@@ -171,7 +177,7 @@ class Gallery:
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth
             log.exception("approximate index build failed")
         finally:
-            with self._lock:
+            with self._lock.write():
                 if self._build is build:
                     self._build = None
             build.done.set()
@@ -182,15 +188,14 @@ class Gallery:
         return build is None or build.done.wait(timeout_s)
 
     def set_version(self, version: int) -> None:
-        with self._lock:
+        with self._lock.write():
             self.version = max(self.version, version)
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            skus = {e.sku for e in self._entries.values()}
+        with self._lock.read():
             return {
                 "items": len(self._entries),
-                "skus": len(skus),
+                "skus": len(self._sku_items),
                 "shops": len([s for s in self._by_shop if s is not None]),
                 "dim": self.dim,
                 "gallery_version": self.version,
@@ -203,7 +208,7 @@ class Gallery:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got {list(q.shape)}")
-        with self._lock:
+        with self._lock.read():  # concurrent searches run together (faiss releases the GIL)
             version = self.version
             shop = None if shop_id is None else self._by_shop.get(shop_id)
             pool = len(self._entries) if shop_id is None else len(shop or ())

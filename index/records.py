@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class ItemNotFound(LookupError):
     """No live item (or SKU) with that id."""
 
 
+@runtime_checkable
 class Store(Protocol):
     """Durable, versioned gallery state, namespaced by model version.
 
@@ -99,6 +100,7 @@ class Snapshot:
     records: list[Record]
 
 
+@runtime_checkable
 class ChangeLog(Protocol):
     """A store that other processes write to, followed through an append-only log of mutations."""
 

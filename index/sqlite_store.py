@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from index.records import ItemNotFound, Record, metadata_to_json, vector_from_bytes, vector_to_bytes
+from index.records import ItemNotFound, Record, StoreUnavailable, metadata_to_json, vector_from_bytes, vector_to_bytes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -50,6 +52,18 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss too
             self._db.executescript(_SCHEMA)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection, alone; SQLite failures (locked, disk I/O, full disk, closed) raise the
+        same StoreUnavailable as an unreachable Redis, so callers handle one error for both stores."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.IntegrityError:
+                raise  # a bug in our SQL, not an outage
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
     def _next_version(self) -> int:
         (v,) = self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'version' RETURNING value").fetchone()
         return int(v)
@@ -62,7 +76,7 @@ class SQLiteStore:
             rows.append(
                 (namespace, r.item_id, r.sku, r.shop_id, metadata_to_json(r.metadata), int(r.vector.shape[0]), vector_to_bytes(r.vector))
             )
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 v = self._next_version()
@@ -80,7 +94,7 @@ class SQLiteStore:
         return v
 
     def _tombstone(self, where: str, params: tuple[object, ...], what: str) -> tuple[int, list[str]]:
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 ids = [row[0] for row in self._db.execute(f"SELECT DISTINCT item_id FROM items WHERE deleted = 0 AND {where}", params)]
@@ -104,7 +118,7 @@ class SQLiteStore:
         return self._tombstone("sku = ? AND shop_id = ?", (sku, shop_id), f"no items with sku {sku!r} in shop {shop_id!r}")
 
     def changes_since(self, namespace: str, version: int) -> list[Record]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT item_id, sku, shop_id, metadata, dim, vector, version, deleted FROM items "
                 "WHERE namespace = ? AND version > ? ORDER BY version",
@@ -117,10 +131,10 @@ class SQLiteStore:
         return out
 
     def version(self) -> int:
-        with self._lock:
+        with self._locked():
             (v,) = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         return int(v)
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()

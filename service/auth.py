@@ -17,12 +17,12 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 
 from service.errors import Forbidden, Unauthorized
-from service.routes.deps import current_state
+from service.metrics import Metrics
+from service.settings import Settings
 
 RIGHTS = frozenset("rw")
 
@@ -96,20 +96,21 @@ def presented_key(request: Request) -> str | None:
 
 
 def _check(request: Request, right: str) -> None:
-    state = current_state(request)
-    keys: ApiKeys = getattr(request.app.state, "api_keys", ApiKeys())
-    if not keys.enabled or (right == "r" and not state.settings.read_requires_key):
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
+    keys: ApiKeys = request.app.state.api_keys
+    if not keys.enabled or (right == "r" and not settings.read_requires_key):
         return
     key = presented_key(request)
     if key is None:
-        state.metrics.auth_failures.labels("401").inc()
+        metrics.auth_failures.labels("401").inc()
         raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     rights = keys.rights_of(key)
     if rights is None:
-        state.metrics.auth_failures.labels("401").inc()
+        metrics.auth_failures.labels("401").inc()
         raise Unauthorized("the API key is not valid")
     if right not in rights:
-        state.metrics.auth_failures.labels("403").inc()
+        metrics.auth_failures.labels("403").inc()
         what = "change the gallery" if right == "w" else "read"
         raise Forbidden(f"this API key has no right to {what}")
 
@@ -122,7 +123,3 @@ def require_read(request: Request) -> None:
 def require_write(request: Request) -> None:
     """Dependency of gallery writes: a key with w, whenever keys are configured."""
     _check(request, "w")
-
-
-ReadAccess = Annotated[None, Depends(require_read)]
-WriteAccess = Annotated[None, Depends(require_write)]

@@ -1,10 +1,9 @@
-"""Domain errors and the one table that maps them to HTTP answers.
+"""The one table that maps domain errors to HTTP answers.
 
 Every error body is {"error": {"code": ..., "message": ...}}. Anything not in the table is a
 generic 500 whose details go to the log and a counter, never to the client.
 
-The web stack is imported only inside `install_error_handlers`, so the batcher (and the GPU
-benchmark, which runs where FastAPI is not installed) can raise these errors without it.
+The web stack is imported only inside `install_error_handlers`.
 """
 
 from __future__ import annotations
@@ -13,28 +12,40 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from index.records import ItemNotFound
+from index.records import ItemNotFound, StoreUnavailable
+from pipeline.errors import (
+    BadRequest,
+    Conflict,
+    InvalidMedia,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMedia,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "InvalidMedia",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServiceError",
+    "Unauthorized",
+    "UnsupportedMedia",
+    "error_body",
+    "install_error_handlers",
+]
+
 log = logging.getLogger("rice.errors")
-
-
-class ServiceError(Exception):
-    """Base of the errors a client can cause or needs to know about."""
-
-    code = "error"
-
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
-
-
-class BadRequest(ServiceError):
-    code = "bad_request"
 
 
 class Unauthorized(ServiceError):
@@ -52,44 +63,6 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
-class PayloadTooLarge(ServiceError):
-    code = "payload_too_large"
-
-
-class UnsupportedMedia(ServiceError):
-    """Not a video/image we can open at all (random bytes, audio only, unknown container)."""
-
-    code = "unsupported_media"
-
-
-class InvalidMedia(ServiceError):
-    """A container we recognise but cannot use: truncated, no decodable frames, over a limit."""
-
-    code = "invalid_media"
-
-
-class NotFound(ServiceError):
-    code = "not_found"
-
-
-class Conflict(ServiceError):
-    """The operation clashes with one already running (e.g. a second model switch)."""
-
-    code = "conflict"
-
-
-class Overloaded(ServiceError):
-    """A bounded queue is full; carries Retry-After."""
-
-    code = "overloaded"
-
-
-class NotReady(ServiceError):
-    """Starting up or shutting down."""
-
-    code = "not_ready"
-
-
 ERROR_STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
     Unauthorized: 401,
@@ -102,6 +75,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     InvalidMedia: 422,
     Overloaded: 429,
     NotReady: 503,
+    StoreUnavailable: 503,
 }
 
 
@@ -124,7 +98,9 @@ def install_error_handlers(app: FastAPI, on_unexpected: Callable[[], object] | N
         status = status_of(exc)
         if isinstance(exc, ServiceError):
             return JSONResponse(error_body(exc.code, exc.message), status, headers=exc.headers)
-        return JSONResponse(error_body("not_found", str(exc.args[0]) if exc.args else "not found"), status)
+        code, what = ("not_found", "not found") if status == 404 else ("not_ready", "gallery store unavailable")
+        detail = str(exc.args[0]) if exc.args else ""
+        return JSONResponse(error_body(code, f"{what}: {detail}" if status == 503 else detail or what), status)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_decoded_frames: int = Field(36000, ge=1, description="most frames a clip may contain (422)")
     decode_timeout_s: float = Field(20.0, gt=0, description="decode time budget per clip (422)")
     decode_threads: int = Field(4, ge=1, le=64, description="size of the decoding thread pool")
+    search_threads: int = Field(2, ge=1, le=64, description="threads running gallery searches (off the event loop)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest metadata JSON per gallery item")
 
     # serving

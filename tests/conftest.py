@@ -18,11 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.checkpoint import LoadedEncoder, default_encoder
-from model.clipsynth import encode_video
 from service.app import create_app
-from service.democatalog import DemoProduct, make_products, render_clip
 from service.server import free_port
 from service.settings import Settings
+from tools.clipsynth import encode_video
+from tools.democatalog import DemoProduct, make_products, render_clip
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: CI machines are loaded
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:

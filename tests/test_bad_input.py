@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.checkpoint import LoadedEncoder
-from model.clipsynth import encode_video
 from service.app import create_app
-from service.democatalog import DemoProduct
 from tests.conftest import jpeg, settings_for, wav_bytes
+from tools.clipsynth import encode_video
+from tools.democatalog import DemoProduct
 
 
 def _frames(w: int, h: int, n: int) -> list[np.ndarray]:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from model.checkpoint import LoadedEncoder
-from model.clipsynth import encode_video
 from service.app import create_app
-from service.democatalog import DemoProduct
 from tests.conftest import jpeg, settings_for, wav_bytes
 from tests.serving_helpers import live_server, metric
+from tools.clipsynth import encode_video
+from tools.democatalog import DemoProduct
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, Job, collate, stacked
+from pipeline.batcher import Batcher, Job, collate, stacked
 from service.errors import NotReady, Overloaded
 
 
@@ -101,9 +101,7 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
         assert cancelled == [8] and b.queued_frames == 0
         gate.set()
         assert np.array_equal((await first)[:, 0], [0, 1, 2, 3])
-        t = time.perf_counter()
         assert len(await b.submit(_frames(40, 4))) == 4  # admitted again
-        assert time.perf_counter() - t < 2
     finally:
         gate.set()
         await b.stop()

@@ -3,27 +3,32 @@ bad files reported without stopping. `rice recognize` prints the right SKU."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import cv2
 import httpx
 import pytest
+from fastapi import Request, Response
 
 from model.checkpoint import LoadedEncoder
-from model.clipsynth import encode_video
-from service.democatalog import DemoProduct, render_clip
-from service.ingest import read_catalog
+from service.app import create_app
 from service.server import background_server
 from tests.conftest import settings_for
+from tests.serving_helpers import live_server, wait_until
+from tools.clipsynth import encode_video
+from tools.democatalog import DemoProduct, render_clip
+from tools.ingest import read_catalog
 
 pytestmark = pytest.mark.integration
-RICE = [sys.executable, "-m", "service.cli"]
+RICE = [sys.executable, "-m", "tools.cli"]
 
 
 def _catalog(root: Path, products: list[DemoProduct]) -> int:
@@ -45,15 +50,31 @@ def test_ingest_is_resumable_and_reports_bad_files(tmp_path: Path, encoder: Load
     good = _catalog(root, products)
     state = tmp_path / "state.jsonl"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with background_server(settings_for(tmp_path, max_batch_size=4), encoder) as url, httpx.Client(base_url=url) as c:
+    # The server holds every upload after the 4th until the test has interrupted the client: the
+    # interruption lands mid-run however slow or fast this machine is (no sleeps, no races).
+    app = create_app(settings_for(tmp_path, max_batch_size=4), encoder=encoder)
+    release = threading.Event()
+    uploads = 0
+
+    @app.middleware("http")
+    async def hold_after_four(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        nonlocal uploads
+        if request.method == "POST" and request.url.path == "/v1/gallery/items":
+            uploads += 1
+            if uploads > 4:
+                await asyncio.to_thread(release.wait, 120)
+        return await call_next(request)
+
+    with live_server(app) as running, httpx.Client(base_url=running.url) as c:
+        url = running.url
+        wait_until(lambda: c.get("/readyz").status_code == 200, 120, "readiness")
         cmd = [*RICE, "ingest", str(root), "--url", url, "--workers", "1", "--state", str(state), "--quiet", "--json"]
-        # First run: interrupt it (SIGINT, as Ctrl-C) once a few files are done.
+        # First run: interrupt it (SIGINT, as Ctrl-C) once four files are done; the fifth is held.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not state.exists() or len(state.read_text().splitlines()) < 4):
-            time.sleep(0.02)
+        wait_until(lambda: state.exists() and len(state.read_text().splitlines()) >= 4, 120, "four journalled uploads")
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        release.set()  # the held upload may finish; the client stops before the queued rest
+        proc.wait(timeout=60)
         done_before = sum(json.loads(line)["status"] == "ok" for line in state.read_text().splitlines() if line.endswith("}"))
         assert 0 < done_before < good, "the interruption must land mid-run for this test to mean anything"
 
@@ -115,7 +136,7 @@ def test_catalog_csv_and_recognize_cli(tmp_path: Path, encoder: LoadedEncoder, p
 
 
 def test_a_network_error_fails_one_file_not_the_run(tmp_path: Path, products: list[DemoProduct]) -> None:
-    from service.ingest import Journal, run_ingest
+    from tools.ingest import Journal, run_ingest
 
     root = tmp_path / "catalog"
     for p in products[:4]:

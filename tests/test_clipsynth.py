@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from model.clipsynth import camera_motion_clip, encode_video, write_video
-from service.democatalog import (
+from tools.clipsynth import camera_motion_clip, encode_video, write_video
+from tools.democatalog import (
     DemoProduct,
     make_products,
     render_clip,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.clipsynth import encode_video
 from model.config import PreprocessConfig
 from model.preprocess import sample_indices
-from service.decode import DecodeLimits, decode_clip, decode_image
+from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from service.errors import InvalidMedia, UnsupportedMedia
+from tools.clipsynth import encode_video
 
 PRE = PreprocessConfig()
 

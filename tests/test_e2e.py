@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from model.checkpoint import LoadedEncoder
-from service.democatalog import DemoProduct
 from service.server import background_server
 from tests.conftest import jpeg, settings_for
+from tools.democatalog import DemoProduct
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from model.config import EfficientNetConfig, EncoderConfig
 from model.efficientnet import convert_lite0_state_dict, packaged_weights_path
 from model.encoder import build_backbone, clip_embedding
 from model.preprocess import normalize, prepare_frame
-from service.democatalog import DemoProduct
+from tools.democatalog import DemoProduct
 
 
 def test_packaged_weights_load_and_match_products_across_views(encoder: LoadedEncoder, products: list[DemoProduct]) -> None:

@@ -1,4 +1,4 @@
-"""service.follower.Follower, driven in-process through a GalleryReplica against a real Redis server:
+"""index.follower.Follower, driven in-process through a GalleryReplica against a real Redis server:
 failures while resyncing, snapshot/version skew, reconnecting to a server that lost its last
 writes, and a log trimmed while booting; plus the replica's health check on an embedded store."""
 
@@ -18,8 +18,8 @@ import pytest
 
 from index.records import Record, Snapshot, StoreUnavailable
 from index.redis_store import RedisStore
+from index.replica import GalleryReplica
 from index.sqlite_store import SQLiteStore
-from service.replica import GalleryReplica
 from tests.conftest import RedisServer
 from tests.serving_helpers import wait_until
 
@@ -234,7 +234,13 @@ def test_health_reports_store_errors_and_logs_unexpected_ones(monkeypatch: pytes
 
         return version
 
-    monkeypatch.setattr(store, "version", fail(sqlite3.OperationalError("database is locked")))
+    def locked() -> int:  # what SQLiteStore raises when SQLite fails: StoreUnavailable from the sqlite3 error
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    monkeypatch.setattr(store, "version", locked)
     assert replica.health() == ["gallery_store_unavailable: OperationalError"]
     assert caplog.records == []  # an outage is a readiness reason, not a bug
     monkeypatch.setattr(store, "version", fail(KeyError("bug")))

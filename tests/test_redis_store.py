@@ -145,3 +145,9 @@ def test_unreachable_server_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         s.version()
     assert not s.ping()
+
+
+def test_redis_store_is_a_change_log(store: RedisStore) -> None:
+    from index.records import ChangeLog, Store
+
+    assert isinstance(store, Store) and isinstance(store, ChangeLog)

@@ -18,11 +18,11 @@ from index.sqlite_store import SQLiteStore
 from model.checkpoint import LoadedEncoder, save_checkpoint
 from model.config import EfficientNetConfig, EncoderConfig
 from model.encoder import build_backbone
-from service.democatalog import DemoProduct
-from service.ingest import Journal, http_poster, read_catalog, run_ingest
-from service.reindex import run_reindex
 from service.server import background_server
 from tests.conftest import settings_for
+from tools.democatalog import DemoProduct
+from tools.ingest import Journal, http_poster, read_catalog, run_ingest
+from tools.reindex import run_reindex
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,10 @@ import redis
 
 from index.records import Record
 from index.redis_store import RedisStore
-from service.democatalog import make_products
 from service.server import free_port
 from tests.conftest import RedisServer, jpeg
+from tests.serving_helpers import wait_until
+from tools.democatalog import make_products
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +54,7 @@ class Replica:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=self.env, stdout=out, stderr=out)
+            self.proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], env=self.env, stdout=out, stderr=out)
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -198,8 +199,7 @@ def test_restarts_kills_trimming_and_data_loss_resync(cluster: list[Replica], re
     # Redis killed and restarted with AOF: every acknowledged write is still there; replicas reconnect.
     acked = store.version()
     redis_server.stop(kill=True)
-    time.sleep(0.5)
-    assert httpx.get(f"{a.url}/readyz").json()["reasons"] == ["redis_unreachable"]
+    wait_until(lambda: httpx.get(f"{a.url}/readyz").json()["reasons"] == ["redis_unreachable"], 30, "the replica to notice Redis is gone")
     redis_server.start()
     assert store.version() == acked
     write(10, "b")

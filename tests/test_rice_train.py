@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from model.checkpoint import load_encoder, read_checkpoint
-from model.clipsynth import camera_motion_clip, write_video
 from model.config import ViTConfig
 from model.data import ClipDataset, ClipRow, read_manifest, write_manifest
 from model.encoder import clip_embedding
@@ -23,6 +22,7 @@ from model.rice import RICE, RICEConfig
 from model.train import build_parser, param_groups, run
 from model.vit import VisionTransformer
 from service.server import free_port
+from tools.clipsynth import camera_motion_clip, write_video
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, embed_dim=16)
 TINY_RICE = RICEConfig(decoder_width=32, decoder_heads=4)

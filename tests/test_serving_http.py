@@ -17,9 +17,9 @@ import pytest
 
 from model.checkpoint import LoadedEncoder
 from service.app import create_app
-from service.democatalog import DemoProduct
 from tests.conftest import jpeg, settings_for
 from tests.serving_helpers import gated_encoder, live_server, metric, wait_until
+from tools.democatalog import DemoProduct
 
 pytestmark = pytest.mark.integration
 

@@ -271,3 +271,21 @@ def test_full_replay_rebuilds_the_incremental_gallery(tmp_path: Path) -> None:
         for a, b in zip(r_hits, i_hits, strict=True):
             assert [(h.sku, h.item_id, h.shop_id, h.metadata) for h in a] == [(h.sku, h.item_id, h.shop_id, h.metadata) for h in b]
             np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-6)
+
+
+def test_store_protocols_are_checked_at_runtime(store: SQLiteStore) -> None:
+    from index.records import ChangeLog, Store
+
+    assert isinstance(store, Store)
+    assert not isinstance(store, ChangeLog)  # one writer process: nothing to follow
+
+
+def test_sqlite_failures_raise_the_same_error_as_an_unreachable_redis(tmp_path: Path) -> None:
+    from index.records import StoreUnavailable
+
+    s = SQLiteStore(tmp_path / "g.db")
+    s.close()
+    with pytest.raises(StoreUnavailable, match="sqlite"):
+        s.version()
+    with pytest.raises(StoreUnavailable):
+        s.upsert("m", [rec("a", "s", None, unit_vectors(0, 1)[0])])

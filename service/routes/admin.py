@@ -11,9 +11,9 @@ from pydantic import BaseModel, Field
 
 from index.records import StoreUnavailable
 from model.checkpoint import CheckpointError, load_encoder
-from service.app_state import AppState
 from service.auth import require_write
 from service.errors import BadRequest, Conflict, NotReady
+from service.state import AppState, build_serving, close_serving
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write)])
 log = logging.getLogger("rice.admin")
@@ -29,8 +29,6 @@ async def switch_model(body: ModelSwitch, request: Request) -> dict[str, Any]:
     """Load a checkpoint, warm it up and load its gallery namespace beside the serving model, then
     swap model and gallery together. Requests already running finish on the old pair; every answer
     comes from one model and that model's gallery. 409 while another switch runs."""
-    from service.app import build_serving, close_serving  # the factory owns construction
-
     # Not the counted State dependency: this request must not wait for itself to finish.
     state: AppState = request.app.state.rice
     lock: asyncio.Lock = request.app.state.model_switch

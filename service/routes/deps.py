@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
 
-from service.app_state import AppState
 from service.errors import BadRequest, NotReady, PayloadTooLarge
+from service.state import AppState
 
 
 def current_state(request: Request) -> AppState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Annotated, Any
@@ -85,4 +86,4 @@ async def delete_sku(
 @router.get("/stats", response_model=GalleryStats, dependencies=[Depends(require_read)])
 async def stats(state: State) -> GalleryStats:
     """Size and version of this replica's gallery."""
-    return GalleryStats(**state.replica.stats())
+    return GalleryStats(**await asyncio.to_thread(state.replica.stats))  # takes the gallery's read lock

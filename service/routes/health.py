@@ -76,7 +76,7 @@ async def info(state: State) -> dict[str, Any]:
         "device": str(e.device),
         "dtype": str(e.dtype).removeprefix("torch."),
         "preprocess": e.config.preprocess.__dict__,
-        "gallery": state.replica.stats(),
+        "gallery": await asyncio.to_thread(state.replica.stats),
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_num_frames": s.max_num_frames,

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from pipeline.stages import Recognition
 from service.auth import require_read
 from service.errors import BadRequest, NotReady
-from service.pipeline import Recognition
 from service.routes.deps import State, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 

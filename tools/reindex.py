@@ -21,11 +21,11 @@ import numpy as np
 
 from index.records import Record, Store
 from model.checkpoint import load_encoder
-from service.decode import decode_image
-from service.engine import EncoderEngine
+from pipeline.decode import decode_image
+from pipeline.engine import EncoderEngine
 from service.errors import ServiceError
-from service.ingest import CatalogImage
 from service.settings import Settings
+from tools.ingest import CatalogImage
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Cold start: turn a folder of product photos + catalog images (the grocery layout) into training
 and evaluation clips, written as real MP4 files plus a JSONL manifest.
 
-`python -m model.grocery_clips --root DATA --out DIR --split train --mode mixed`
+`python -m tools.grocery_clips --root DATA --out DIR --split train --mode mixed`
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.clipsynth import camera_motion_clip, write_video
 from model.data import ClipRow, read_image, write_manifest
 from model.grocery import GroceryData, read_grocery
+from tools.clipsynth import camera_motion_clip, write_video
 
 
 def _render(job: tuple[list[str], str, int, int, int]) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from service.democatalog import write_demo_catalog
 from service.server import background_server
 from service.settings import Settings
+from tools.democatalog import write_demo_catalog
 
 
 def run_demo(settings: Settings, out_dir: Path, products: int, clips_per_product: int, top_k: int, seed: int) -> float:

@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from tools.demo import run_demo
 
     out = Path(args.out)
     settings = _settings(checkpoint=args.checkpoint, port=args.port, gallery_path=str(out / "gallery.db"))
@@ -35,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_grocery_check(args: argparse.Namespace) -> int:
-    from service.grocery_check import run_grocery_check
+    from tools.grocery_check import run_grocery_check
 
     report = run_grocery_check(args.data, args.checkpoint, args.split, num_frames=args.num_frames, seed=args.seed)
     print(json.dumps(report, indent=2))
@@ -47,7 +47,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from service.ingest import Journal, http_poster, ingest_client, read_catalog, run_ingest
+    from tools.ingest import Journal, http_poster, ingest_client, read_catalog, run_ingest
 
     source = Path(args.source)
     items = read_catalog(source, args.shop_id)
@@ -82,13 +82,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from service.app import open_store
-    from service.ingest import read_catalog
-    from service.reindex import run_reindex
+    from service.state import store_for
+    from tools.ingest import read_catalog
+    from tools.reindex import run_reindex
 
     settings = Settings()
     items = read_catalog(Path(args.catalog), args.shop_id)
-    store = open_store(settings)
+    store = store_for(settings)
     try:
         with tqdm(total=len(items), unit="img", disable=args.quiet) as bar:
             report = run_reindex(args.checkpoint, items, store, settings, args.url, args.api_key, args.server_checkpoint, bar.update)

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from model.clipsynth import write_video
+from tools.clipsynth import write_video
 
 __all__ = ["DemoProduct", "make_products", "render_clip", "write_demo_catalog"]
 

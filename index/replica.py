@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import threading
 import time
 import uuid
@@ -24,10 +23,9 @@ from typing import Any, cast
 import numpy as np
 
 from index.ann import AnnConfig
+from index.follower import Follower
 from index.gallery import Gallery, Hit
 from index.records import ChangeLog, Record, Store, StoreUnavailable
-from service.errors import NotReady
-from service.follower import Follower
 
 log = logging.getLogger("rice.replica")
 
@@ -44,8 +42,8 @@ class GalleryReplica:
         self._sync_lock = threading.Lock()
         self._behind_since: float | None = None
         self.follower: Follower | None = None
-        if hasattr(store, "read_log"):  # a store other processes write to: follow its log
-            self.follower = Follower(cast(ChangeLog, store), namespace, lambda: Gallery(dim, ann), lambda: self.gallery, self._swap)
+        if isinstance(store, ChangeLog):  # a store other processes write to: follow its log
+            self.follower = Follower(store, namespace, lambda: Gallery(dim, ann), lambda: self.gallery, self._swap)
 
     def _swap(self, gallery: Gallery) -> None:
         self.gallery = gallery  # a single reference assignment: a search holds one gallery or the other
@@ -104,16 +102,10 @@ class GalleryReplica:
         return True
 
     def _pull(self) -> None:
-        try:
-            self.sync()
-        except StoreUnavailable as exc:
-            raise NotReady(f"gallery store unavailable: {exc}") from exc
+        self.sync()  # StoreUnavailable reaches the client as 503 through the error table
 
     async def _write(self, fn: Any, *args: Any) -> Any:
-        try:
-            result = await asyncio.to_thread(fn, *args)
-        except StoreUnavailable as exc:
-            raise NotReady(f"gallery store unavailable: {exc}") from exc
+        result = await asyncio.to_thread(fn, *args)  # StoreUnavailable: 503 through the error table
         version = result if isinstance(result, int) else result[0]
         # Durable now; make it visible here before answering (bounded: another replica's backlog
         # must not hold this answer forever; the client can still ask for the version later).
@@ -159,8 +151,8 @@ class GalleryReplica:
             try:
                 if self.store.version() > self.gallery.version:
                     self.sync()
-            except (StoreUnavailable, sqlite3.Error) as exc:  # the store failed: we cannot vouch for the gallery
-                return [f"gallery_store_unavailable: {type(exc).__name__}"]
+            except StoreUnavailable as exc:  # the store failed: we cannot vouch for the gallery
+                return [f"gallery_store_unavailable: {type(exc.__cause__ or exc).__name__}"]  # e.g. OperationalError
             except Exception as exc:  # a bug, not an outage: keep the traceback, still report unready
                 log.exception("gallery health check failed")
                 return [f"gallery_sync_failed: {type(exc).__name__}"]

@@ -46,7 +46,7 @@ class EncoderEngine:
     """Runs the backbone in inference mode under autocast. Call `encode` from one thread at a time."""
 
     def __init__(
-        self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto", cuda_graphs: bool = False
+        self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto", cuda_graphs: bool = True
     ) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import NotReady, Overloaded
+from pipeline.errors import NotReady, Overloaded
 
 log = logging.getLogger("rice.batcher")
 

@@ -14,11 +14,11 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from model.checkpoint import load_encoder
-from model.clipsynth import camera_motion_clip, encode_video
 from model.grocery import read_grocery
 from model.recall import recall_at_k
 from service.app import create_app
 from service.settings import Settings
+from tools.clipsynth import camera_motion_clip, encode_video
 
 
 def run_grocery_check(

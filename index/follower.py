@@ -56,7 +56,6 @@ class Follower:
         self._recheck = False  # set after a failure: check epoch and position before reading on
         self.head = 0  # the store's latest version, as last seen
         self.resyncs = 0
-        self.last_delay_s = 0.0  # write -> applied here, for the newest entry applied
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.progress = threading.Condition()
@@ -126,7 +125,6 @@ class Follower:
                 raise _Gap(f"log jumps from version {expected - 1} to {e.version}")
             gallery.apply(e.records)
             gallery.set_version(e.version)
-            self.last_delay_s = max(0.0, time.time() - e.written_at)
             expected = e.version + 1
         self.head = max(self.head, gallery.version)
         return True

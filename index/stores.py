@@ -1,0 +1,14 @@
+"""Opening the gallery store a deployment asks for."""
+
+from __future__ import annotations
+
+from index.records import Store
+from index.redis_store import RedisStore
+from index.sqlite_store import SQLiteStore
+
+
+def open_store(redis_url: str | None, redis_prefix: str, redis_log_maxlen: int, sqlite_path: str) -> Store:
+    """Shared Redis when a URL is given (many replicas), else the embedded SQLite file (one process)."""
+    if redis_url:
+        return RedisStore(redis_url, redis_prefix, redis_log_maxlen)
+    return SQLiteStore(sqlite_path)

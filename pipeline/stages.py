@@ -1,0 +1,190 @@
+"""The recognition pipeline as an explicit list of stages: decode -> embed -> search [-> re-rank].
+
+Each stage reads and fills one `Query`; the pipeline runs them in order and times each. A stage
+that needs more than the clip embedding (a re-ranker that wants the frames, the gallery hits or the
+encoder's patch tokens) is appended to the list without touching the routes.
+
+Nothing here blocks the event loop: decoding runs in the decode pool, encoding in the batcher's
+worker, and gallery search on its own small thread pool (faiss releases the GIL, and the gallery's
+readers-writer lock lets searches run side by side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from index.gallery import Hit
+from index.replica import GalleryReplica
+from model.config import PreprocessConfig
+from pipeline.batcher import Batcher
+from pipeline.decode import DecodeLimits, decode_clip, decode_image
+from pipeline.decode_pool import DecodePool
+from pipeline.errors import Overloaded
+
+Kind = Literal["clip", "image", "catalog"]
+# The decode pool observes decoding (not waiting for a decoder); the batcher observes each encoder batch.
+_OBSERVED_ELSEWHERE = frozenset({"decode", "encode"})
+
+
+@dataclass
+class Query:
+    """One request as it moves through the stages."""
+
+    kind: Kind
+    data: bytes
+    top_k: int = 5
+    shop_id: str | None = None
+    num_frames: int = 10
+    frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
+    frame_emb: np.ndarray | None = None  # [N, D], after embed
+    vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
+    hits: list[Hit] = field(default_factory=list)
+    gallery_version: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Recognition:
+    hits: list[Hit]
+    gallery_version: int
+    frames_used: int
+    timings_ms: dict[str, float]
+
+
+class Stage(Protocol):
+    """One step of the pipeline; `name` keys its timing in the answer and the stage histogram."""
+
+    name: str
+
+    async def __call__(self, q: Query) -> None: ...
+
+
+def clip_vector(frame_emb: np.ndarray) -> np.ndarray:
+    """Mean of L2-normalised frame embeddings [N, D], L2-normalised again -> [D] (as model.encoder.clip_embedding)."""
+    f = frame_emb / np.maximum(np.linalg.norm(frame_emb, axis=1, keepdims=True), 1e-12)
+    m = f.mean(axis=0)
+    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+
+
+class Decode:
+    """Bytes -> frames [N, H, W, 3]: a clip sampled uniformly, a still, or a letterboxed catalog image."""
+
+    name = "decode"
+
+    def __init__(self, pool: DecodePool, preprocess: PreprocessConfig, limits: DecodeLimits, max_image_pixels: int) -> None:
+        self.pool, self.preprocess, self.limits, self.max_image_pixels = pool, preprocess, limits, max_image_pixels
+
+    async def __call__(self, q: Query) -> None:
+        if q.kind == "clip":
+            clip = await self.pool.run(decode_clip, q.data, q.num_frames, self.preprocess, self.limits)
+            q.frames = clip.frames
+        else:  # a catalog image shows the whole product: letterbox it rather than crop
+            frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels, q.kind == "catalog")
+            q.frames = frame[None]
+
+
+class Embed:
+    """Frames -> frame embeddings through the shared batcher -> one clip vector."""
+
+    name = "encode"  # includes the batcher's queue wait
+
+    def __init__(self, batcher: Batcher, on_reject: Callable[[str], object]) -> None:
+        self.batcher, self.on_reject = batcher, on_reject
+
+    async def __call__(self, q: Query) -> None:
+        assert q.frames is not None
+        try:
+            q.frame_emb = await self.batcher.submit(q.frames)
+        except Overloaded:
+            self.on_reject("encoder")
+            raise
+        q.vector = clip_vector(q.frame_emb)
+
+
+class Search:
+    """Clip vector -> top-k SKUs of the shop's gallery, on a search thread (never on the event loop)."""
+
+    name = "search"
+
+    def __init__(self, replica: GalleryReplica, threads: int = 2) -> None:
+        self.replica = replica
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, q: Query) -> None:
+        assert q.vector is not None
+        loop = asyncio.get_running_loop()
+        hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, q.vector[None], q.top_k, q.shop_id)
+        q.hits = hits[0]
+
+
+class Pipeline:
+    """Runs the recognition stages in order; catalog images stop after embedding."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        replica: GalleryReplica,
+        preprocess: PreprocessConfig,
+        limits: DecodeLimits,
+        max_image_pixels: int,
+        decode_pool: DecodePool,
+        observe_stage: Callable[[str, float], object] = lambda name, seconds: None,
+        on_reject: Callable[[str], object] = lambda where: None,
+        search_threads: int = 2,
+        extra_stages: Sequence[Stage] = (),
+    ) -> None:
+        self.batcher = batcher
+        self.replica = replica
+        self.preprocess = preprocess
+        self.decode_pool = decode_pool
+        self.observe_stage = observe_stage
+        self._search = Search(replica, search_threads)
+        self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
+        self.stages: list[Stage] = [*self.embedding, self._search, *extra_stages]
+
+    def close(self) -> None:
+        self.decode_pool.close()
+        self._search.close()
+
+    @property
+    def decode_pending(self) -> int:
+        return self.decode_pool.pending
+
+    async def run(self, q: Query, stages: Sequence[Stage]) -> Query:
+        started = time.perf_counter()
+        for stage in stages:
+            t = time.perf_counter()
+            await stage(q)
+            seconds = time.perf_counter() - t
+            q.timings_ms[stage.name] = seconds * 1e3
+            if stage.name not in _OBSERVED_ELSEWHERE:
+                self.observe_stage(stage.name, seconds)
+        q.timings_ms["total"] = (time.perf_counter() - started) * 1e3
+        return q
+
+    async def embed_catalog_image(self, data: bytes) -> np.ndarray:
+        """One catalog image (whole product, letterboxed) -> its L2-normalised embedding [D]."""
+        q = await self.run(Query("catalog", data), self.embedding)
+        assert q.vector is not None
+        return q.vector
+
+    async def recognize_clip(self, data: bytes, top_k: int, shop_id: str | None, num_frames: int) -> Recognition:
+        return self._answer(await self.run(Query("clip", data, top_k, shop_id, num_frames), self.stages))
+
+    async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None) -> Recognition:
+        return self._answer(await self.run(Query("image", data, top_k, shop_id), self.stages))
+
+    @staticmethod
+    def _answer(q: Query) -> Recognition:
+        assert q.frames is not None
+        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms)

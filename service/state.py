@@ -1,0 +1,111 @@
+"""The serving state: everything that depends on the served model, built and closed here.
+
+The app factory builds one at start-up and the admin route builds a second one on a model switch;
+both call `build_serving` / `close_serving` from this module, so construction lives in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from index.ann import AnnConfig
+from index.records import Store
+from index.replica import GalleryReplica
+from index.stores import open_store
+from model.checkpoint import LoadedEncoder
+from pipeline.batcher import Batcher
+from pipeline.decode import DecodeLimits
+from pipeline.decode_pool import DecodePool
+from pipeline.engine import EncoderEngine
+from pipeline.stages import Pipeline
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("rice.state")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    engine: EncoderEngine
+    batcher: Batcher
+    replica: GalleryReplica
+    pipeline: Pipeline
+    started_at: float
+    active: int = 0  # requests using this state right now (see routes.deps.get_state)
+
+    async def idle(self, timeout_s: float) -> bool:
+        """Wait until no request uses this state (after a model switch); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.active > 0:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+
+def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Store, metrics: Metrics) -> AppState:
+    """Everything that depends on the served model: engine (warmed), gallery replica of that model's
+    namespace, batcher and pipeline. A model switch builds a second set and swaps it in whole, so a
+    request never mixes one model's embeddings with another model's gallery. Blocking (model load,
+    warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
+    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype, settings.cuda_graphs)
+    log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
+    warm = engine.warm_up(settings.max_batch_size)
+    log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
+    dtype = str(engine.dtype).removeprefix("torch.")
+    metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
+    ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
+    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
+    replica.start()  # loads the gallery; with Redis, also follows the shared stream
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.stage_seconds.labels("encode").observe(seconds)
+        metrics.encoded_frames.inc(size)
+
+    batcher = Batcher(
+        engine.encode,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.max_queue_frames,
+        depth=settings.pipeline_depth,
+        on_batch=on_batch,
+        on_cancel=metrics.cancelled.inc,
+        on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
+        on_error=metrics.batch_errors.inc,
+    )
+    limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
+    decode_pool = DecodePool(
+        settings.decode_threads,
+        settings.max_decode_pending,
+        on_decoded=metrics.stage_seconds.labels("decode").observe,
+        on_reject=lambda where: metrics.rejected.labels(where).inc(),
+    )
+    pipeline = Pipeline(
+        batcher,
+        replica,
+        engine.config.preprocess,
+        limits,
+        settings.max_frame_pixels,
+        decode_pool,
+        observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
+        on_reject=lambda where: metrics.rejected.labels(where).inc(),
+        search_threads=settings.search_threads,
+    )
+    return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
+
+
+async def close_serving(state: AppState) -> None:
+    """Finish queued work, then release the model's batcher, decoders and replica (not the store)."""
+    await state.batcher.stop(state.settings.drain_timeout_s)
+    state.pipeline.close()
+    await asyncio.to_thread(state.replica.stop)  # joins the follower thread: not on the event loop
+
+
+def store_for(settings: Settings) -> Store:
+    """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set, else embedded SQLite."""
+    return open_store(settings.redis_url, settings.redis_prefix, settings.redis_log_maxlen, settings.gallery_path)

@@ -1,0 +1,106 @@
+"""The package layout is the architecture: layers import only those below them, with no cycles.
+
+model -> index -> pipeline -> service -> tools (docs/ARCHITECTURE.md). Every import counts,
+including ones deferred inside functions: a deferred import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ["model", "index", "pipeline", "service", "tools"]
+WEB = ("fastapi", "starlette", "uvicorn")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = [p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")]
+    modules = {_module_name(p): p for p in files}
+    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules, or None (iterative DFS with colours)."""
+    colour = dict.fromkeys(graph, 0)  # 0 new, 1 on the stack, 2 done
+    for start in graph:
+        if colour[start]:
+            continue
+        stack: list[tuple[str, list[str]]] = [(start, sorted(graph[start]))]
+        path = [start]
+        colour[start] = 1
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                colour[node] = 2
+                stack.pop()
+                path.pop()
+                continue
+            nxt = todo.pop()
+            if colour[nxt] == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if colour[nxt] == 0:
+                colour[nxt] = 1
+                path.append(nxt)
+                stack.append((nxt, sorted(graph[nxt])))
+    return None
+
+
+def test_no_import_cycles() -> None:
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_cycle_finder_finds_a_planted_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers_import_only_downwards() -> None:
+    wrong = []
+    for module, deps in _graph().items():
+        rank = LAYERS.index(module.split(".")[0])
+        for dep in deps:
+            if LAYERS.index(dep.split(".")[0]) > rank:
+                wrong.append(f"{module} imports {dep}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_only_the_http_layer_and_tools_know_the_web_stack() -> None:
+    wrong = []
+    for layer in ("model", "index", "pipeline"):
+        for path in (ROOT / layer).rglob("*.py"):
+            web = sorted(m for m in _imports(path) if m.split(".")[0] in WEB)
+            if web:
+                wrong.append(f"{_module_name(path)}: {', '.join(web)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_redis_store_talks_to_redis() -> None:
+    users = {
+        _module_name(p) for layer in LAYERS for p in (ROOT / layer).rglob("*.py") if any(m.split(".")[0] == "redis" for m in _imports(p))
+    }
+    assert users <= {"index.redis_store"}, users
