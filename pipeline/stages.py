@@ -42,6 +42,7 @@ class Query:
     top_k: int = 5
     shop_id: str | None = None
     num_frames: int = 10
+    min_score: float | None = None  # the request's match threshold; None = the model's
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
     frame_emb: np.ndarray | None = None  # [N, D], after embed
     vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
@@ -56,6 +57,8 @@ class Recognition:
     gallery_version: int
     frames_used: int
     timings_ms: dict[str, float]
+    match: bool  # the top hit scores at least `match_threshold`: "none of these" is a valid answer
+    match_threshold: float
 
 
 class Stage(Protocol):
@@ -142,12 +145,14 @@ class Pipeline:
         on_reject: Callable[[str], object] = lambda where: None,
         search_threads: int = 2,
         extra_stages: Sequence[Stage] = (),
+        match_threshold: float = 0.0,
     ) -> None:
         self.batcher = batcher
         self.replica = replica
         self.preprocess = preprocess
         self.decode_pool = decode_pool
         self.observe_stage = observe_stage
+        self.match_threshold = match_threshold
         self._search = Search(replica, search_threads)
         self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
         self.stages: list[Stage] = [*self.embedding, self._search, *extra_stages]
@@ -178,13 +183,16 @@ class Pipeline:
         assert q.vector is not None
         return q.vector
 
-    async def recognize_clip(self, data: bytes, top_k: int, shop_id: str | None, num_frames: int) -> Recognition:
-        return self._answer(await self.run(Query("clip", data, top_k, shop_id, num_frames), self.stages))
+    async def recognize_clip(
+        self, data: bytes, top_k: int, shop_id: str | None, num_frames: int, min_score: float | None = None
+    ) -> Recognition:
+        return self._answer(await self.run(Query("clip", data, top_k, shop_id, num_frames, min_score), self.stages))
 
-    async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None) -> Recognition:
-        return self._answer(await self.run(Query("image", data, top_k, shop_id), self.stages))
+    async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None, min_score: float | None = None) -> Recognition:
+        return self._answer(await self.run(Query("image", data, top_k, shop_id, min_score=min_score), self.stages))
 
-    @staticmethod
-    def _answer(q: Query) -> Recognition:
+    def _answer(self, q: Query) -> Recognition:
         assert q.frames is not None
-        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms)
+        threshold = self.match_threshold if q.min_score is None else q.min_score
+        match = bool(q.hits) and q.hits[0].score >= threshold
+        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold)

@@ -17,6 +17,8 @@ class SkuResult(BaseModel):
 
 class RecognizeResponse(BaseModel):
     results: list[SkuResult]
+    match: bool = Field(description="whether the top result scores at least match_threshold: false means 'none of these'")
+    match_threshold: float = Field(description="the top-1 score from which an answer is a match (the model's calibrated one, or min_score)")
     gallery_version: int = Field(description="the gallery version this answer was searched in")
     model_version: str
     frames_used: int

@@ -13,6 +13,9 @@ class Settings(BaseSettings):
     # model
     checkpoint: str | None = Field(None, description="RICE checkpoint to serve; unset = ImageNet EfficientNet-Lite0")
     device: str = Field("auto", description="'auto' (CUDA if present), 'cpu' or 'cuda[:N]'")
+    match_threshold: float | None = Field(
+        None, ge=-1, le=1, description="top-1 score from which an answer is a match; unset = the checkpoint's calibrated threshold"
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for CPU inference; 0 = torch default")
 
     # gallery

@@ -95,6 +95,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
         on_reject=lambda where: metrics.rejected.labels(where).inc(),
         search_threads=settings.search_threads,
+        match_threshold=match_threshold(settings, loaded),
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
 
@@ -109,3 +110,16 @@ async def close_serving(state: AppState) -> None:
 def store_for(settings: Settings) -> Store:
     """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set, else embedded SQLite."""
     return open_store(settings.redis_url, settings.redis_prefix, settings.redis_log_maxlen, settings.gallery_path)
+
+
+# Until a model carries a calibrated threshold: the top-1 cosine below which the built-in encoder's
+# answers are mostly wrong products. Calibration replaces it per model (see docs/RESULTS.md).
+UNCALIBRATED_MATCH_THRESHOLD = 0.5
+
+
+def match_threshold(settings: Settings, loaded: LoadedEncoder) -> float:
+    """The operator's RICE_MATCH_THRESHOLD, else the checkpoint's calibrated one, else the fallback."""
+    if settings.match_threshold is not None:
+        return settings.match_threshold
+    calibrated: float | None = getattr(loaded, "match_threshold", None)
+    return UNCALIBRATED_MATCH_THRESHOLD if calibrated is None else calibrated

@@ -63,6 +63,16 @@ def test_clips_are_recognised_and_gallery_survives_restart(
         assert {sku: res[0]["sku"] for sku, res in first.items()} == {p.sku: p.sku for p in products}
         assert first[products[0].sku][0]["metadata"] == {"name": products[0].name}
 
+        # The verdict: a match against the model's threshold, or the request's own min_score.
+        threshold = c.get("/v1/info").json()["match_threshold"]
+        body = _top(c, clips[products[0].sku], top_k=3)
+        top = body["results"][0]["score"]
+        assert body["match_threshold"] == threshold and body["match"] is (top >= threshold)
+        assert _top(c, clips[products[0].sku], min_score=min(top + 0.01, 1.0))["match"] is False
+        strict = _top(c, clips[products[0].sku], min_score=top - 0.01)
+        assert strict["match"] is True and strict["match_threshold"] == pytest.approx(top - 0.01)
+        assert c.post("/v1/recognize", params={"min_score": 2}, files={"file": ("c.mp4", b"x")}).status_code == 422
+
     # A new process on the same gallery file answers the same.
     with background_server(settings, encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
         stats = c.get("/v1/gallery/stats").json()

@@ -77,6 +77,7 @@ async def info(state: State) -> dict[str, Any]:
         "dtype": str(e.dtype).removeprefix("torch."),
         "preprocess": e.config.preprocess.__dict__,
         "gallery": await asyncio.to_thread(state.replica.stats),
+        "match_threshold": state.pipeline.match_threshold,
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_num_frames": s.max_num_frames,

@@ -28,6 +28,9 @@ _MIN_VERSION_DOC = (
 )
 
 
+_MIN_SCORE_DOC = "top-1 score from which the answer is a match (match: true); default: the served model's calibrated threshold"
+
+
 async def _wait_for_gallery(state: State, version: int) -> None:
     """Bounded wait until this replica has applied `version`; 503 (not_ready) if it does not in time."""
     if version and not await state.replica.wait_for_version(version, state.settings.sync_wait_s):
@@ -44,6 +47,8 @@ def _answer(state: State, r: Recognition) -> RecognizeResponse:
         results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
         gallery_version=r.gallery_version,
         model_version=state.engine.model_version,
+        match=r.match,
+        match_threshold=r.match_threshold,
         frames_used=r.frames_used,
         timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
     )
@@ -58,12 +63,13 @@ async def recognize_clip(
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
     num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
     min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
+    min_score: float | None = Query(None, ge=-1.0, le=1.0, description=_MIN_SCORE_DOC),
 ) -> RecognizeResponse:
-    """Recognise the product shown in a clip: top-k SKUs, best first."""
+    """Recognise the product shown in a clip: top-k SKUs, best first, and whether the top one is a match."""
     _check(state, top_k, num_frames)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames))
+    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score))
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)
@@ -74,9 +80,10 @@ async def recognize_image(
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
     min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
+    min_score: float | None = Query(None, ge=-1.0, le=1.0, description=_MIN_SCORE_DOC),
 ) -> RecognizeResponse:
     """Recognise the product in one still image."""
     _check(state, top_k)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id))
+    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id, min_score))
