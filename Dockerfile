@@ -37,7 +37,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY index ./index
+COPY pipeline ./pipeline
 COPY service ./service
+# Only what serves: the operator tools (tools/, the `rice` CLI) run from a pip install elsewhere.
 # the project itself (its dependency ranges live in pyproject.toml)
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir . \
@@ -56,4 +58,4 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
-CMD ["rice", "serve"]
+CMD ["python3", "-m", "service"]

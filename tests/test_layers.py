@@ -104,3 +104,12 @@ def test_only_the_redis_store_talks_to_redis() -> None:
         _module_name(p) for layer in LAYERS for p in (ROOT / layer).rglob("*.py") if any(m.split(".")[0] == "redis" for m in _imports(p))
     }
     assert users <= {"index.redis_store"}, users
+
+
+def test_the_image_ships_what_serves_and_not_the_tools() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for layer in LAYERS[:-1]:
+        assert f"COPY {layer} ./{layer}" in dockerfile, layer
+    assert "COPY tools" not in dockerfile
+    assert 'CMD ["python3", "-m", "service"]' in dockerfile
+    assert (ROOT / "service" / "__main__.py").exists()
