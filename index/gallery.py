@@ -201,6 +201,18 @@ class Gallery:
                 "gallery_version": self.version,
             }
 
+    def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> tuple[int, list[Hit]]:
+        """Browse the live items: (how many match, one page of them as score-less hits), in SKU then
+        item id order. `sku` matches case-insensitively anywhere in the SKU; `shop_id` exactly.
+        O(matching items): a console page, not a hot path (callers run it off the event loop)."""
+        needle = (sku or "").lower()
+        with self._lock.read():
+            slots = self._entries if shop_id is None else self._by_shop.get(shop_id, set())
+            found = [e for s in slots if (e := self._entries[s]) and needle in e.sku.lower()]
+        found.sort(key=lambda e: (e.sku, e.item_id))
+        page = found[offset : offset + limit]
+        return len(found), [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata) for e in page]
+
     def search(self, queries: np.ndarray, k: int, shop_id: str | None = None) -> tuple[list[list[Hit]], int]:
         """Top-k SKUs per query [Q, D] (best image per SKU). Returns (hits per query, version seen)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)

@@ -73,6 +73,35 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class Thumbnails(Protocol):
+    """A store that also keeps each item's catalog thumbnail (a small JPEG), keyed by item id.
+
+    Thumbnails belong to the product image, not to a model: every namespace's item of that id
+    shows the same one, and a reindex keeps them. Deleting an item removes its thumbnail."""
+
+    def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
+        """Store (or replace) the thumbnail of `item_id`."""
+        ...
+
+    def thumbnail(self, item_id: str) -> bytes | None:
+        """The thumbnail of `item_id`, or None."""
+        ...
+
+    def delete_thumbnails(self, item_ids: list[str]) -> None:
+        """Remove the thumbnails of items no namespace holds any more."""
+        ...
+
+
+@runtime_checkable
+class Namespaces(Protocol):
+    """A store that can say how many live items each namespace (model version) holds."""
+
+    def namespace_counts(self) -> dict[str, int]:
+        """Live items per namespace (namespaces without live items may be missing)."""
+        ...
+
+
 class StoreUnavailable(ConnectionError):
     """The store's server cannot be reached (or did not answer in time); nothing was acknowledged."""
 

@@ -13,6 +13,7 @@ Keys, all under one prefix whose `{...}` hash tag keeps them in one cluster slot
 - per namespace `n:<ns>:hdr` (item -> JSON header: sku, shop_id, dim, metadata as a string),
   `n:<ns>:vec` (item -> raw float32 bytes; absent = tombstone), `n:<ns>:ver` (zset item ->
   version, for changes_since), and `namespaces` (the set of them).
+- `thumbs`: item id -> catalog thumbnail (JPEG bytes), shared by every namespace's copy of the item.
 - `sku:<sku>`: live members (`<len(ns)>:<ns><item_id>`) of a SKU, for delete_sku.
 
 Every mutation is one Lua script (atomic, replicated and AOF-logged as a unit): it checks what
@@ -251,6 +252,31 @@ class RedisStore:
                     out.append(_record(item_id, json.loads(h), x, int(v)))
         out.sort(key=lambda r: r.version)  # stable: a chunk read later may hold newer versions
         return [r for r in out if r.version > version]
+
+    def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
+        """Store (or replace) an item's thumbnail; every replica reads it from here."""
+        with _reachable():
+            self._r.hset(self._key("thumbs"), item_id, jpeg)
+
+    def thumbnail(self, item_id: str) -> bytes | None:
+        """An item's thumbnail, or None."""
+        with _reachable():
+            data = self._r.hget(self._key("thumbs"), item_id)
+        return None if data is None else bytes(data)
+
+    def delete_thumbnails(self, item_ids: list[str]) -> None:
+        """Remove thumbnails of items that no namespace holds live any more."""
+        with _reachable():
+            nss = [x.decode() for x in self._r.smembers(self._key("namespaces"))]
+            for item_id in item_ids:
+                if not any(self._r.hexists(self._key("n", ns, "vec"), item_id) for ns in nss):
+                    self._r.hdel(self._key("thumbs"), item_id)
+
+    def namespace_counts(self) -> dict[str, int]:
+        """Live items per namespace (HLEN of each vector hash: O(1) each)."""
+        with _reachable():
+            nss = sorted(x.decode() for x in self._r.smembers(self._key("namespaces")))
+            return {ns: int(self._r.hlen(self._key("n", ns, "vec"))) for ns in nss}
 
     def version(self) -> int:
         """The latest gallery version written."""

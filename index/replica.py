@@ -25,7 +25,7 @@ import numpy as np
 from index.ann import AnnConfig
 from index.follower import Follower
 from index.gallery import Gallery, Hit
-from index.records import ChangeLog, Record, Store, StoreUnavailable
+from index.records import ChangeLog, Namespaces, Record, Store, StoreUnavailable, Thumbnails
 
 log = logging.getLogger("rice.replica")
 
@@ -116,18 +116,60 @@ class GalleryReplica:
         return result
 
     async def add(
-        self, vector: np.ndarray, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any]
+        self,
+        vector: np.ndarray,
+        sku: str,
+        shop_id: str | None,
+        item_id: str | None,
+        metadata: dict[str, Any],
+        thumbnail: bytes | None = None,
     ) -> tuple[str, int]:
+        """Upsert one item. Its thumbnail (when the store keeps them) is written first, so an item
+        that any replica can find always has one."""
         item_id = item_id or uuid.uuid4().hex
+        if thumbnail is not None and isinstance(self.store, Thumbnails):
+            await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
         rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
         version = await self._write(self.store.upsert, self.namespace, [rec])
         return item_id, int(version)
 
+    async def _forget_thumbnails(self, ids: list[str]) -> None:
+        if isinstance(self.store, Thumbnails):
+            await asyncio.to_thread(self.store.delete_thumbnails, ids)
+
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
-        return cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
+        result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
+        await self._forget_thumbnails(result[1])
+        return result
 
     async def delete_sku(self, sku: str, shop_id: str | None) -> tuple[int, list[str]]:
-        return cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
+        result = cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
+        await self._forget_thumbnails(result[1])
+        return result
+
+    def thumbnail(self, item_id: str) -> bytes | None:
+        """The item's catalog thumbnail from the store (None when it has none or keeps none). Blocking."""
+        return self.store.thumbnail(item_id) if isinstance(self.store, Thumbnails) else None
+
+    def other_namespaces(self) -> dict[str, int]:
+        """Live items of other models' namespaces, asked only while this one is empty (the
+        model-switch trap: a new model serving an empty gallery beside a full one). Blocking."""
+        if len(self.gallery) or not isinstance(self.store, Namespaces):
+            return {}
+        return {ns: n for ns, n in self.store.namespace_counts().items() if ns != self.namespace and n > 0}
+
+    def namespace_warning(self, others: dict[str, int] | None = None) -> str | None:
+        """A sentence for the log and /v1/info when this model's gallery is empty but another's is
+        not, saying how to fix it; None otherwise. Blocking (asks the store) unless `others` is given."""
+        others = self.other_namespaces() if others is None else others
+        if not others:
+            return None
+        ns, n = max(others.items(), key=lambda kv: kv[1])
+        return (
+            f"the served model {self.namespace} has an empty gallery, but {n} items are stored under model {ns}: "
+            "galleries are per model, so embed the catalog for this one with "
+            "`rice reindex --checkpoint <this model's checkpoint> --catalog <catalog> --url <this server>`"
+        )
 
     def search(self, queries: np.ndarray, k: int, shop_id: str | None) -> tuple[list[list[Hit]], int]:
         return self.gallery.search(queries, k, shop_id)

@@ -34,6 +34,7 @@ CREATE INDEX IF NOT EXISTS items_by_sku ON items (sku);
 CREATE INDEX IF NOT EXISTS items_by_item ON items (item_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+CREATE TABLE IF NOT EXISTS thumbnails (item_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL);
 """
 
 
@@ -129,6 +130,28 @@ class SQLiteStore:
             vec = None if deleted else vector_from_bytes(vector, dim)
             out.append(Record(item_id, sku, shop_id, vec, json.loads(metadata), int(v), bool(deleted)))
         return out
+
+    def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
+        with self._locked():
+            self._db.execute("INSERT OR REPLACE INTO thumbnails (item_id, jpeg) VALUES (?, ?)", (item_id, jpeg))
+
+    def thumbnail(self, item_id: str) -> bytes | None:
+        with self._locked():
+            row = self._db.execute("SELECT jpeg FROM thumbnails WHERE item_id = ?", (item_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def delete_thumbnails(self, item_ids: list[str]) -> None:
+        with self._locked():
+            # Only ids that no namespace still holds live: a thumbnail is shared by every model's copy.
+            self._db.executemany(
+                "DELETE FROM thumbnails WHERE item_id = ? AND NOT EXISTS (SELECT 1 FROM items WHERE item_id = ? AND deleted = 0)",
+                [(i, i) for i in item_ids],
+            )
+
+    def namespace_counts(self) -> dict[str, int]:
+        with self._locked():
+            rows = self._db.execute("SELECT namespace, COUNT(*) FROM items WHERE deleted = 0 GROUP BY namespace").fetchall()
+        return {str(ns): int(n) for ns, n in rows}
 
     def version(self) -> int:
         with self._locked():

@@ -179,9 +179,14 @@ class Pipeline:
 
     async def embed_catalog_image(self, data: bytes) -> np.ndarray:
         """One catalog image (whole product, letterboxed) -> its L2-normalised embedding [D]."""
+        return (await self.embed_catalog(data))[0]
+
+    async def embed_catalog(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """One catalog image -> (embedding [D], the letterboxed RGB frame [H, W, 3] it was made from,
+        e.g. for a thumbnail: already decoded in the pool, so the upload is never decoded twice)."""
         q = await self.run(Query("catalog", data), self.embedding)
-        assert q.vector is not None
-        return q.vector
+        assert q.vector is not None and q.frames is not None
+        return q.vector, q.frames[0]
 
     async def recognize_clip(
         self, data: bytes, top_k: int, shop_id: str | None, num_frames: int, min_score: float | None = None

@@ -14,7 +14,7 @@ from service.auth import ApiKeys
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
-from service.routes import admin, gallery, health, recognize
+from service.routes import admin, console, gallery, gallery_browse, health, recognize
 from service.settings import Settings
 from service.state import build_serving, close_serving, store_for
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         lifespan=lifespan,
         description="Upload a clip of a product being shown; get the shop's matching SKUs.",
     )
-    install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc)
+    install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc, on_error=lambda code: metrics.errors.labels(code).inc())
     app.state.settings = settings  # what auth and health read; unchanged by model switches
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys.parse(settings.api_keys.get_secret_value())  # bad RICE_API_KEYS fails start-up
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     app.add_middleware(CancelOnDisconnect, on_cancel=metrics.cancelled_requests.inc)  # outermost: cancels all below
     app.include_router(recognize.router)
     app.include_router(gallery.router)
+    app.include_router(gallery_browse.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    console.mount(app)
     return app

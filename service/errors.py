@@ -88,8 +88,10 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def install_error_handlers(app: FastAPI, on_unexpected: Callable[[], object] | None = None) -> None:
-    """Register the table once; routes just raise."""
+def install_error_handlers(
+    app: FastAPI, on_unexpected: Callable[[], object] | None = None, on_error: Callable[[str], object] | None = None
+) -> None:
+    """Register the table once; routes just raise. `on_error(code)` counts every domain error answered."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,6 +99,8 @@ def install_error_handlers(app: FastAPI, on_unexpected: Callable[[], object] | N
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         status = status_of(exc)
         if isinstance(exc, ServiceError):
+            if on_error is not None:
+                on_error(exc.code)
             return JSONResponse(error_body(exc.code, exc.message), status, headers=exc.headers)
         code, what = ("not_found", "not found") if status == 404 else ("not_ready", "gallery store unavailable")
         detail = str(exc.args[0]) if exc.args else ""

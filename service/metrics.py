@@ -11,6 +11,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 STAGES = ("decode", "queue_wait", "encode", "search")
+# Cosine similarity of the top-1 SKU: 0.05 steps where thresholds usually sit, coarser below.
+_SCORE_BUCKETS = (-0.5, 0.0, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+KINDS = ("clip", "image")
 
 
 class Metrics:
@@ -49,8 +52,38 @@ class Metrics:
         self.gallery_lag = Gauge(
             "rice_gallery_lag_seconds", "Age of the newest store change this replica has not yet applied (0 = in sync)", registry=r
         )
+        self.top1_score = Histogram(
+            "rice_top1_score",
+            "Score of the best SKU per answered recognition (no sample when nothing matched at all)",
+            ["kind"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
+        self.recognitions = Counter(
+            "rice_recognitions_total",
+            "Answered recognitions by kind and verdict (match=false: 'none of these')",
+            ["kind", "match"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "rice_errors_total",
+            "Requests answered with a domain error, by its code (e.g. invalid_media, unsupported_media)",
+            ["code"],
+            registry=r,
+        )
+        self.other_namespace_items = Gauge(
+            "rice_gallery_other_namespace_items",
+            "Items stored under other models while the served model's gallery is empty (the model-switch trap; 0 otherwise)",
+            registry=r,
+        )
         self.model_info = Info("rice_model", "The served model (version, source, device, dtype)", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see gaps
             self.stage_seconds.labels(stage)
         for queue in ("encoder", "decode"):
             self.rejected.labels(queue)
+        for kind in KINDS:
+            self.top1_score.labels(kind)
+            for verdict in ("true", "false"):
+                self.recognitions.labels(kind, verdict)
+        for code in ("invalid_media", "unsupported_media", "payload_too_large", "overloaded", "unauthorized", "forbidden"):
+            self.errors.labels(code)

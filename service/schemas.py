@@ -45,3 +45,19 @@ class GalleryStats(BaseModel):
     dim: int
     gallery_version: int
     namespace: str = Field(description="the model version whose vectors are searched")
+
+
+class GalleryItem(BaseModel):
+    item_id: str
+    sku: str
+    shop_id: str | None
+    metadata: dict[str, Any]
+
+
+class GalleryPage(BaseModel):
+    total: int = Field(description="items matching the filters")
+    offset: int
+    limit: int
+    items: list[GalleryItem] = Field(description="this page, in SKU then item id order")
+    gallery_version: int
+    namespace: str = Field(description="the model version whose gallery is listed")

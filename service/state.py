@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from index.ann import AnnConfig
-from index.records import Store
+from index.records import Store, StoreUnavailable
 from index.replica import GalleryReplica
 from index.stores import open_store
 from model.checkpoint import LoadedEncoder
@@ -61,6 +61,12 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
     replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
+    try:
+        warning = replica.namespace_warning()
+    except StoreUnavailable:
+        warning = None  # readiness reports the store; the warning is only advice
+    if warning:
+        log.warning("%s", warning)
 
     def on_batch(size: int, seconds: float) -> None:
         metrics.batch_size.observe(size)

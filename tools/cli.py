@@ -7,9 +7,27 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.settings import Settings
+from tools.recognize_batch import CSV_FIELDS
+
+if TYPE_CHECKING:
+    from tools.client import RiceClient
+
+# Exit statuses: distinct per kind of failure, so scripts can tell them apart (see `rice --help`).
+EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_REJECTED, EXIT_SERVER = range(7)
+EXIT_CODES = """exit status:
+  0  done
+  1  some files failed (each is listed); the others were done
+  2  usage error: a bad flag, a missing file, an unreadable catalog
+  3  cannot connect to the service
+  4  the API key was refused (HTTP 401 or 403)
+  5  the service rejected the request (another 4xx, e.g. a bad parameter or an unknown item)
+  6  the service failed (5xx) or stayed overloaded (429/503) after the retries
+"""
 
 
 def _settings(**overrides: object) -> Settings:
@@ -42,36 +60,45 @@ def cmd_grocery_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
+def _journal_path(args: argparse.Namespace, source: Path, target: str, model_version: str) -> Path:
+    """The ingest journal for this catalog, target and served model (galleries are per model)."""
     import hashlib
 
+    if args.state:
+        return Path(args.state)
+    key = hashlib.sha1(f"{source.resolve()}|{target}|{model_version}".encode()).hexdigest()[:12]
+    return Path(".rice-ingest") / f"{key}.jsonl"
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tools.ingest import Journal, http_poster, ingest_client, read_catalog, run_ingest
+    from tools.client import AuthError, RiceClient
+    from tools.ingest import Journal, client_poster, ingest_client, read_catalog, run_ingest
 
     source = Path(args.source)
     items = read_catalog(source, args.shop_id)
     target = "in-process" if args.in_process else args.url
-    key = hashlib.sha1(f"{source.resolve()}|{target}".encode()).hexdigest()[:12]
-    journal = Journal(Path(args.state) if args.state else Path(".rice-ingest") / f"{key}.jsonl")
-    try:
-        with (
-            ingest_client(args.url, args.api_key, args.in_process) as client,
-            tqdm(total=len(items), unit="img", disable=args.quiet) as bar,
-        ):
-            bar.update(sum(it.item_id in journal.done for it in items))
-            report = run_ingest(items, http_poster(client), journal, args.workers, bar.update)
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume (journal: {journal.path})", file=sys.stderr)
-        return 130
-    finally:
-        journal.close()
-    summary = report.to_dict()
+    with ingest_client(args.url, args.api_key, args.in_process) as http:
+        client = RiceClient(args.url, args.api_key, http=http)
+        info = client.info()  # also the connectivity check: no connection is one line, before any work
+        model_version = str(info["model_version"])
+        journal = Journal(_journal_path(args, source, target, model_version), namespace=model_version)
+        try:
+            with tqdm(total=len(items), unit="img", disable=args.quiet) as bar:
+                bar.update(sum(it.item_id in journal.done for it in items))
+                report = run_ingest(items, client_poster(client), journal, args.workers, bar.update, fatal=(AuthError,))
+        except KeyboardInterrupt:
+            print(f"interrupted; run the same command again to resume (journal: {journal.path})", file=sys.stderr)
+            return 130
+        finally:
+            journal.close()
+    summary = {**report.to_dict(), "model_version": model_version}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         counts = f"{report.ingested} ingested, {report.skipped} already done, {len(report.failed)} failed of {report.total}"
-        print(f"{counts} (journal: {journal.path})")
+        print(f"{counts} for model {model_version} (journal: {journal.path})")
         for path, reason in sorted(report.failed.items()):
             print(f"  FAILED {path}: {reason}")
     return 1 if report.failed else 0
@@ -98,40 +125,51 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
+def _empty_answer_reason(client: RiceClient, shop_id: str | None) -> str:
+    """Why an answer can have no results: the gallery is empty (maybe the model-switch trap), or the
+    shop asked for has no items; asked once, before the run."""
+    gallery = client.info()["gallery"]
+    if not gallery["items"]:
+        return f"(empty gallery: {gallery['warning']})" if gallery.get("warning") else "(empty gallery: add items with `rice ingest`)"
+    if shop_id is not None and client.list_items(shop_id=shop_id, limit=1).total == 0:
+        return f"(shop {shop_id!r} has no items; the gallery holds {gallery['items']} items in {gallery['shops']} shops)"
+    return "(no results)"
 
 
 def cmd_recognize(args: argparse.Namespace) -> int:
-    import httpx
+    from tools import recognize_batch as batch
+    from tools.client import AsyncRiceClient, RiceClient
 
-    paths: list[Path] = []
-    for p in map(Path, args.paths):
-        paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES) if p.is_dir() else [p]
-    headers = {"X-API-Key": args.api_key} if args.api_key else {}
-    params: dict[str, str | int] = {"top_k": args.top_k, "num_frames": args.num_frames}
-    if args.shop_id:
-        params["shop_id"] = args.shop_id
-    answers = []
-    failed = 0
-    with httpx.Client(base_url=args.url, headers=headers, timeout=120.0) as client:
-        for path in paths:
-            r = client.post("/v1/recognize", params=params, files={"file": (path.name, path.read_bytes(), "application/octet-stream")})
-            body = r.json()
-            answers.append({"path": str(path), "status": r.status_code, **body})
-            failed += r.status_code != 200
-            if not args.json:
-                if r.status_code == 200:
-                    shown = ", ".join(f"{x['sku']} ({x['score']:.2f})" for x in body["results"]) or "(empty gallery)"
-                    print(f"{path}: {shown}")
-                else:
-                    print(f"{path}: HTTP {r.status_code} {body.get('error', {}).get('message', '')}")
+    files = batch.media_files([Path(p) for p in args.paths])
+    if not files:
+        print("rice: no clips or images found in " + ", ".join(args.paths), file=sys.stderr)
+        return EXIT_USAGE
+    with RiceClient(args.url, args.api_key) as client:
+        reason = _empty_answer_reason(client, args.shop_id)  # also the connectivity check
+    if args.csv:
+        print(batch.csv_header(), flush=True)
+    show: Callable[[batch.Outcome], None]
+    if args.csv:
+        show = lambda o: print(batch.csv_row(o), flush=True)  # noqa: E731
+    elif args.json:
+        show = lambda o: None  # noqa: E731  (printed as one document at the end)
+    else:
+        show = lambda o: print(batch.table_line(o, lambda: reason), flush=True)  # noqa: E731
+    options = {"top_k": args.top_k, "shop_id": args.shop_id, "num_frames": args.num_frames, "min_score": args.min_score}
+    client_async = AsyncRiceClient(args.url, args.api_key)
+    outcomes = batch.run(client_async, files, args.concurrency, batch.InOrder(show), **options)
     if args.json:
-        print(json.dumps(answers, indent=2))
-    return 1 if failed else 0
+        batch.print_json(outcomes)
+    return 1 if any(o.error is not None for o in outcomes) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rice", description="Livestream product recognition (RICE): serve, demo, evaluate.")
+    p = argparse.ArgumentParser(
+        prog="rice",
+        description="Livestream product recognition (RICE): serve, demo, evaluate.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the HTTP service (settings from RICE_* environment variables; flags override)")
@@ -177,14 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "ingest",
-        help="add a catalog to the gallery: a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id",
+        help="add a catalog to the gallery: a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id,metadata",
         description="Concurrent and resumable: re-running skips finished files and never duplicates items "
-        "(item ids derive from sku + path). Bad files are reported at the end; the exit status is 1 if any failed.",
+        "(item ids derive from sku + path). The journal is per served model: after a model switch, the same command "
+        "embeds everything again for the new model. Bad files are reported at the end; the exit status is 1 if any failed. "
+        'CSV: columns path,sku[,shop_id[,metadata]] (a header row may name them); metadata is a JSON object, e.g. "{""name"": ""Cola""}".',
     )
     i.add_argument("source", help="catalog folder (sub-folder name = SKU) or CSV file")
     i.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
     i.add_argument("--in-process", action="store_true", help="no server: embed and store in this process (RICE_* settings)")
-    i.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
+    i.add_argument("--shop-id", help="shop for every image (a CSV's shop_id column overrides it)")
     i.add_argument("--workers", type=int, default=4, help="concurrent uploads")
     i.add_argument("--state", help="journal file for resuming (default: .rice-ingest/<hash of source and target>.jsonl)")
     i.add_argument("--api-key", default=None, help="API key with write rights (or set RICE_CLIENT_API_KEY)")
@@ -208,26 +248,58 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=cmd_reindex)
 
-    r = sub.add_parser("recognize", help="recognise clips (files or folders) against a running service")
-    r.add_argument("paths", nargs="+", help="clip files or folders of clips")
+    r = sub.add_parser(
+        "recognize",
+        help="recognise clips and still images (files or folders) against a running service",
+        description="Clips go to /v1/recognize, stills (by suffix, else by content) to /v1/recognize/image. "
+        "A file the service cannot use is reported and the run goes on (exit status 1); no connection, a refused key "
+        "or a bad parameter stops it.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("paths", nargs="+", help="clip or image files, or folders of them")
     r.add_argument("--url", default="http://127.0.0.1:8000")
     r.add_argument("--top-k", type=int, default=5)
-    r.add_argument("--shop-id")
-    r.add_argument("--num-frames", type=int, default=10)
-    r.add_argument("--api-key", default=None)
-    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.add_argument("--shop-id", help="search only this shop's items")
+    r.add_argument("--num-frames", type=int, default=10, help="frames sampled per clip")
+    r.add_argument("--min-score", type=float, default=None, help="top-1 score from which an answer is a match (default: the model's)")
+    r.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    r.add_argument("--api-key", default=None, help="API key (or set RICE_CLIENT_API_KEY)")
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
+    out.add_argument("--csv", action="store_true", help=f"print CSV ({', '.join(CSV_FIELDS)}), one row per file")
     r.set_defaults(func=cmd_recognize)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error (no connection, refused key, bad file, bad request) is one line
+    on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
+    from tools.client import RiceError
+    from tools.ingest import CatalogError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "faiss.loader"):  # per-request and per-import chatter drowns the output
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     if getattr(args, "api_key", None) is None and "api_key" in args:
         args.api_key = os.environ.get("RICE_CLIENT_API_KEY")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except RiceError as exc:
+        print(f"rice {args.command}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except CatalogError as exc:
+        print(f"rice {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a local file the user named: missing, a folder, unreadable
+        if exc.filename is None:
+            raise
+        print(f"rice {args.command}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"rice {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""`rice ingest`: feed a catalog (a folder with one sub-folder per SKU, or a CSV of path,sku,shop_id)
-into a running service, concurrently, resumably, reporting bad files without stopping.
+"""`rice ingest`: feed a catalog (a folder with one sub-folder per SKU, or a CSV of
+path,sku,shop_id,metadata) into a running service, concurrently, resumably, reporting bad files
+without stopping.
 
 Item ids are derived from (sku, file path), so running the same catalog twice upserts the same
 items: nothing is ever duplicated. A journal (JSONL, one line per finished file) lets an interrupted
-run skip what is already done.
+run skip what is already done. The journal is per served model: galleries are per model, so a file
+ingested for one model is not "done" for the next one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+from tools.client import IMAGE_SUFFIXES, ApiError, AuthError, RiceClient
+
+CSV_COLUMNS = ("path", "sku", "shop_id", "metadata")
+
+
+class CatalogError(ValueError):
+    """The catalog itself is unusable (a malformed CSV row): a user error, reported in one line."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class CatalogImage:
     sku: str
     shop_id: str | None
     item_id: str
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # returned with search results
 
 
 @dataclass
@@ -52,8 +61,9 @@ def stable_item_id(sku: str, path: Path) -> str:
 
 
 def read_catalog(source: Path, shop_id: str | None = None) -> list[CatalogImage]:
-    """A folder (sub-folder name = SKU) or a CSV with columns path,sku[,shop_id] (header optional;
-    relative paths are relative to the CSV's folder)."""
+    """A folder (sub-folder name = SKU) or a CSV with columns path,sku[,shop_id[,metadata]]: a header
+    row naming them (any order) is optional; metadata is a JSON object (quoted as CSV needs, e.g.
+    `"{""name"": ""Cola""}"`); relative paths are relative to the CSV's folder."""
     items: list[CatalogImage] = []
     if source.is_dir():
         for sku_dir in sorted(p for p in source.iterdir() if p.is_dir()):
@@ -62,18 +72,39 @@ def read_catalog(source: Path, shop_id: str | None = None) -> list[CatalogImage]
                     rel = f.relative_to(source)
                     items.append(CatalogImage(f, sku_dir.name, shop_id, stable_item_id(sku_dir.name, rel)))
         return items
+    if not source.is_file():
+        raise CatalogError(f"{source}: no such catalog folder or CSV file")
+    columns: tuple[str, ...] = CSV_COLUMNS
     with source.open(newline="") as fh:
-        for row in csv.reader(fh):
-            if not row or row[0].strip().lower() == "path" or row[0].startswith("#"):
+        for line, row in enumerate(csv.reader(fh), start=1):
+            if not row or row[0].startswith("#"):
                 continue
-            if len(row) < 2:
-                raise ValueError(f"{source}: each row needs path,sku[,shop_id]: {row}")
-            path = Path(row[0].strip())
-            sku = row[1].strip()
-            shop = row[2].strip() if len(row) > 2 and row[2].strip() else shop_id
+            if row[0].strip().lower() == "path":  # a header: its names give the column order
+                columns = tuple(c.strip().lower() for c in row)
+                unknown = set(columns) - set(CSV_COLUMNS)
+                if unknown or "sku" not in columns:
+                    raise CatalogError(f"{source}:{line}: header must name path, sku and optionally shop_id, metadata; got {row}")
+                continue
+            cell = {name: value.strip() for name, value in zip(columns, row, strict=False)}
+            if not cell.get("path") or not cell.get("sku"):
+                raise CatalogError(f"{source}:{line}: each row needs path,sku[,shop_id[,metadata]]: {row}")
+            path = Path(cell["path"])
             full = path if path.is_absolute() else source.parent / path
-            items.append(CatalogImage(full, sku, shop, stable_item_id(sku, path)))
+            meta = _metadata(cell.get("metadata", ""), f"{source}:{line}")
+            items.append(CatalogImage(full, cell["sku"], cell.get("shop_id") or shop_id, stable_item_id(cell["sku"], path), meta))
     return items
+
+
+def _metadata(raw: str, where: str) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{where}: metadata is not valid JSON ({exc.msg}): {raw[:80]}") from None
+    if not isinstance(value, dict):
+        raise CatalogError(f"{where}: metadata must be a JSON object, got {raw[:80]}")
+    return value
 
 
 class Poster(Protocol):
@@ -87,6 +118,8 @@ def http_poster(client: Any) -> Poster:
         form = {"sku": image.sku, "item_id": image.item_id}
         if image.shop_id:
             form["shop_id"] = image.shop_id
+        if image.metadata:
+            form["metadata"] = json.dumps(image.metadata)
         r = client.post("/v1/gallery/items", files={"image": (image.path.name, data, "application/octet-stream")}, data=form)
         try:
             body = r.json()
@@ -97,11 +130,31 @@ def http_poster(client: Any) -> Poster:
     return post
 
 
-class Journal:
-    """Append-only record of finished files; thread-safe; survives interruption line by line."""
+def client_poster(client: RiceClient) -> Poster:
+    """POST /v1/gallery/items through the `tools.client` client (retries 429/503 as the server asks).
+    An AuthError propagates: a refused key would refuse every file, so the run stops."""
 
-    def __init__(self, path: Path) -> None:
+    def post(image: CatalogImage, data: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            client.add_item(data, image.sku, image.shop_id, image.item_id, image.metadata or None, filename=image.path.name)
+        except AuthError:
+            raise
+        except ApiError as exc:
+            return exc.status, {"error": {"code": exc.code, "message": exc.detail}}
+        return 201, {}
+
+    return post
+
+
+class Journal:
+    """Append-only record of finished files; thread-safe; survives interruption line by line.
+
+    With a `namespace` (the served model's version) only files finished for that model count as
+    done, so the same journal never hides a new model's empty gallery."""
+
+    def __init__(self, path: Path, namespace: str | None = None) -> None:
         self.path = path
+        self.namespace = namespace
         self.done: set[str] = set()
         if path.exists():
             for line in path.read_text().splitlines():
@@ -109,7 +162,7 @@ class Journal:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the interruption: that file is simply redone
-                if rec.get("status") == "ok":
+                if rec.get("status") == "ok" and (namespace is None or rec.get("model") == namespace):
                     self.done.add(rec["item_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = path.open("a")
@@ -117,7 +170,10 @@ class Journal:
 
     def record(self, item_id: str, status: str, detail: str = "") -> None:
         with self._lock:
-            self._fh.write(json.dumps({"item_id": item_id, "status": status, "detail": detail}) + "\n")
+            line = {"item_id": item_id, "status": status, "detail": detail}
+            if self.namespace is not None:
+                line["model"] = self.namespace
+            self._fh.write(json.dumps(line) + "\n")
             self._fh.flush()
 
     def close(self) -> None:
@@ -130,7 +186,10 @@ def run_ingest(
     journal: Journal,
     workers: int = 4,
     progress: Callable[[int], None] | None = None,
+    fatal: tuple[type[Exception], ...] = (),
 ) -> IngestReport:
+    """Post every item not yet done; a failure fails its file only, except `fatal` errors, which
+    stop the run (queued files are dropped; the journal keeps what finished) and propagate."""
     report = IngestReport(total=len(items))
     todo = [it for it in items if it.item_id not in journal.done]
     report.skipped = len(items) - len(todo)
@@ -142,6 +201,8 @@ def run_ingest(
             return image, f"unreadable: {exc.strerror or exc}"
         try:
             status, body = post(image, data)
+        except fatal:
+            raise
         except Exception as exc:  # a timeout or dropped connection fails this file, not the run
             return image, f"request failed: {type(exc).__name__}: {exc}"
         if status == 201:

@@ -3,7 +3,13 @@ then switch every replica to it (each swaps model and gallery together: no downt
 that mixes two models).
 
 Item ids are the ones `rice ingest` gives (derived from SKU + path), and metadata is carried
-over from the items the served model already has, so the new namespace mirrors the old one.
+over from the items the served model already has (or, when the served model's gallery is empty,
+from the fullest other namespace), so the new namespace mirrors the old one; a CSV catalog's own
+metadata column wins. Thumbnails are written for every item too.
+
+Works on both stores: the embedded SQLite file (run it on the machine that holds RICE_GALLERY_PATH)
+and Redis. It also fixes the model-switch trap: a server already serving the new model with an
+empty gallery gets that model's namespace filled, and reloads it when asked to "switch" to itself.
 Catalog writes made while a reindex runs land only in the old namespace: re-run the reindex
 (it is an idempotent upsert) before or after switching to pick them up.
 """
@@ -16,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
-from index.records import Record, Store
+from index.records import Namespaces, Record, Store, Thumbnails
 from model.checkpoint import load_encoder
 from pipeline.decode import decode_image
 from pipeline.engine import EncoderEngine
+from pipeline.thumbnail import thumbnail_jpeg
 from service.errors import ServiceError
 from service.settings import Settings
+from tools.client import RiceClient
 from tools.ingest import CatalogImage
 
 
@@ -44,8 +51,10 @@ def embed_catalog(
     settings: Settings,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    thumbnails: dict[str, bytes] | None = None,
 ) -> tuple[list[tuple[CatalogImage, np.ndarray]], dict[str, str]]:
-    """Decode (letterboxed, as ingestion does) and embed every catalog image; bad files are reported."""
+    """Decode (letterboxed, as ingestion does) and embed every catalog image; bad files are reported.
+    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame."""
     pre = engine.config.preprocess
     done: list[tuple[CatalogImage, np.ndarray]] = []
     failed: dict[str, str] = {}
@@ -55,6 +64,8 @@ def embed_catalog(
             try:
                 frames.append(decode_image(it.path.read_bytes(), pre, settings.max_frame_pixels, whole=True))
                 chunk.append(it)
+                if thumbnails is not None:
+                    thumbnails[it.item_id] = thumbnail_jpeg(frames[-1])
             except (OSError, ServiceError) as exc:
                 failed[str(it.path)] = str(getattr(exc, "message", exc))
         if frames:
@@ -68,26 +79,35 @@ def embed_catalog(
 def write_namespace(store: Store, namespace: str, embedded: list[tuple[CatalogImage, np.ndarray]], old: dict[str, Record]) -> int:
     """Upsert into the new namespace in chunks; returns the last gallery version written."""
     version = 0
-    records = [
-        Record(it.item_id, it.sku, it.shop_id, vec.astype(np.float32), dict(old[it.item_id].metadata) if it.item_id in old else {})
-        for it, vec in embedded
-    ]
+    records = [Record(it.item_id, it.sku, it.shop_id, vec.astype(np.float32), _metadata(it, old.get(it.item_id))) for it, vec in embedded]
     for start in range(0, len(records), 256):
         version = store.upsert(namespace, records[start : start + 256])
     return version
 
 
+def _metadata(item: CatalogImage, old: Record | None) -> dict[str, Any]:
+    """The catalog's own metadata (a CSV column) over what the item carried before."""
+    return {**(old.metadata if old is not None else {}), **item.metadata}
+
+
+def source_namespace(store: Store, serving: str, new: str) -> str:
+    """The namespace whose items' metadata the new one inherits: the serving model's, unless it is
+    the new one itself or empty (the model-switch trap), then the fullest other one."""
+    if serving and serving != new:
+        return serving
+    if not isinstance(store, Namespaces):
+        return ""
+    others = {ns: n for ns, n in store.namespace_counts().items() if ns != new and n > 0}
+    return max(others, key=lambda ns: others[ns]) if others else ""
+
+
 def switch_replicas(urls: list[str], checkpoint: str | None, api_key: str | None, min_items: int) -> list[dict[str, Any]]:
-    """Ask each replica in turn to swap to the new model (each keeps serving while it loads)."""
-    headers = {"X-API-Key": api_key} if api_key else {}
+    """Ask each replica in turn to swap to the new model (each keeps serving while it loads). A
+    replica already serving it reloads its gallery from the store instead."""
     out = []
     for url in urls:
-        body_in = {"checkpoint": checkpoint, "min_gallery_items": min_items}
-        r = httpx.post(f"{url}/v1/admin/model", json=body_in, headers=headers, timeout=600)
-        body = r.json()
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: model switch failed: HTTP {r.status_code} {body.get('error', body)}")
-        out.append({"url": url, **body})
+        with RiceClient(url, api_key, timeout_s=600) as client:
+            out.append({"url": url, **client.switch_model(checkpoint, min_items)})
     return out
 
 
@@ -106,13 +126,18 @@ def run_reindex(
     engine = EncoderEngine(load_encoder(checkpoint), settings.device, settings.torch_threads, settings.dtype)
     report.model_version = engine.model_version
     if urls:
-        info = httpx.get(f"{urls[0]}/v1/info", headers={"X-API-Key": api_key} if api_key else {}, timeout=30).json()
-        report.previous_model_version = info["model_version"]
+        with RiceClient(urls[0], api_key, timeout_s=30) as client:
+            report.previous_model_version = client.info()["model_version"]
     old: dict[str, Record] = {}
-    if report.previous_model_version:
-        old = {r.item_id: r for r in store.changes_since(report.previous_model_version, 0) if not r.deleted}
-    embedded, report.failed = embed_catalog(items, engine, settings, progress=progress)
+    source = source_namespace(store, report.previous_model_version, engine.model_version)
+    if source:
+        old = {r.item_id: r for r in store.changes_since(source, 0) if not r.deleted}
+    thumbnails: dict[str, bytes] = {}
+    embedded, report.failed = embed_catalog(items, engine, settings, progress=progress, thumbnails=thumbnails)
     report.embedded = len(embedded)
+    if isinstance(store, Thumbnails):  # before the items: an item any replica can find has its thumbnail
+        for item_id, jpeg in thumbnails.items():
+            store.put_thumbnail(item_id, jpeg)
     if embedded:
         write_namespace(store, engine.model_version, embedded, old)
     if urls:

@@ -40,7 +40,16 @@ async def switch_model(body: ModelSwitch, request: Request) -> dict[str, Any]:
         except CheckpointError as exc:
             raise BadRequest(str(exc)) from exc
         if loaded.model_version == state.engine.model_version:
-            return {"model_version": loaded.model_version, "previous_model_version": loaded.model_version, "switched": False}
+            # Already served: pick up what another process (rice reindex) wrote to this model's
+            # namespace; the embedded store has no change log that would bring it here by itself.
+            await asyncio.to_thread(state.replica.sync)
+            items = len(state.replica.gallery)
+            return {
+                "model_version": loaded.model_version,
+                "previous_model_version": loaded.model_version,
+                "switched": False,
+                "gallery_items": items,
+            }
         try:
             new = await asyncio.to_thread(build_serving, state.settings, loaded, state.replica.store, state.metrics)
         except StoreUnavailable as exc:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
+from pipeline.thumbnail import thumbnail_jpeg
 from service.auth import require_read, require_write
 from service.errors import BadRequest
 from service.routes.deps import State, read_upload
@@ -62,8 +63,9 @@ async def add_item(
         _valid_id(item_id, "item_id")
     meta = _parse_metadata(metadata, state.settings.max_metadata_bytes)
     data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
-    vector = await state.pipeline.embed_catalog_image(data)
-    new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta)
+    vector, frame = await state.pipeline.embed_catalog(data)
+    thumbnail = await asyncio.to_thread(thumbnail_jpeg, frame)
+    new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 

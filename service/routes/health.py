@@ -61,6 +61,8 @@ async def metrics(state: State) -> Response:
     m.gallery_items.set(len(state.replica.gallery))
     m.gallery_version.set(state.replica.gallery.version)
     m.gallery_lag.set(state.replica.lag_seconds())
+    others = await asyncio.to_thread(state.replica.other_namespaces)  # asks the store only while the gallery is empty
+    m.other_namespace_items.set(sum(others.values()))
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -68,6 +70,12 @@ async def metrics(state: State) -> Response:
 async def info(state: State) -> dict[str, Any]:
     """What this replica serves: model, device, preprocessing, limits, gallery."""
     s, e = state.settings, state.engine
+    gallery = await asyncio.to_thread(state.replica.stats)
+    others = await asyncio.to_thread(state.replica.other_namespaces)
+    # Not a readiness failure: an empty gallery is also how every new deployment starts, and an
+    # unready replica would be taken out of the load balancer that ingest and reindex go through.
+    gallery["other_namespaces"] = others
+    gallery["warning"] = state.replica.namespace_warning(others)
     return {
         "model_version": e.model_version,
         "model_source": e.source,
@@ -76,7 +84,7 @@ async def info(state: State) -> dict[str, Any]:
         "device": str(e.device),
         "dtype": str(e.dtype).removeprefix("torch."),
         "preprocess": e.config.preprocess.__dict__,
-        "gallery": await asyncio.to_thread(state.replica.stats),
+        "gallery": gallery,
         "match_threshold": state.pipeline.match_threshold,
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,

@@ -42,7 +42,11 @@ async def _wait_for_gallery(state: State, version: int) -> None:
         )
 
 
-def _answer(state: State, r: Recognition) -> RecognizeResponse:
+def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
+    m = state.metrics  # recognition quality: what a dashboard watches drift in
+    m.recognitions.labels(kind, "true" if r.match else "false").inc()
+    if r.hits:
+        m.top1_score.labels(kind).observe(r.hits[0].score)
     return RecognizeResponse(
         results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
         gallery_version=r.gallery_version,
@@ -69,7 +73,7 @@ async def recognize_clip(
     _check(state, top_k, num_frames)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score))
+    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score), "clip")
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)
@@ -86,4 +90,4 @@ async def recognize_image(
     _check(state, top_k)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id, min_score))
+    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image")

@@ -1,0 +1,473 @@
+"""A Python client for the RICE service: sync (`RiceClient`) and async (`AsyncRiceClient`), typed
+results, an API key, and retries that honour the server's Retry-After on 429 and 503.
+
+    from tools.client import RiceClient
+
+    with RiceClient("http://127.0.0.1:8000", api_key="ops-key-1234") as rice:
+        rice.add_item("catalog/cola.jpg", sku="SKU-1", shop_id="shop-1", metadata={"name": "Cola"})
+        answer = rice.recognize("clips/seller.mp4", top_k=3, shop_id="shop-1")  # stills go to /v1/recognize/image
+        print(answer.match, answer.top.sku if answer.top else None)
+
+Errors are one exception family, each with the exit status the `rice` CLI uses for it:
+`ServiceUnreachable` (3), `AuthError` (401/403: 4), `RequestRejected` (other 4xx: 5),
+`ServerError` (5xx, or 429/503 still after the retries: 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    sku: str
+    score: float
+    item_id: str
+    shop_id: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recognition:
+    results: list[Match]
+    match: bool  # the top result scores at least match_threshold; False means "none of these"
+    match_threshold: float
+    gallery_version: int
+    model_version: str
+    frames_used: int
+    timings_ms: dict[str, float]
+
+    @property
+    def top(self) -> Match | None:
+        return self.results[0] if self.results else None
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    item_id: str
+    sku: str
+    shop_id: str | None
+    gallery_version: int
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Deleted:
+    deleted: list[str]
+    gallery_version: int
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    item_id: str
+    sku: str
+    shop_id: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GalleryPage:
+    total: int
+    offset: int
+    limit: int
+    items: list[GalleryItem]
+    gallery_version: int
+    namespace: str
+
+
+def _recognition(body: Any) -> Recognition:
+    return Recognition(
+        results=[Match(r["sku"], float(r["score"]), r["item_id"], r.get("shop_id"), r.get("metadata") or {}) for r in body["results"]],
+        match=bool(body["match"]),
+        match_threshold=float(body["match_threshold"]),
+        gallery_version=int(body["gallery_version"]),
+        model_version=str(body["model_version"]),
+        frames_used=int(body["frames_used"]),
+        timings_ms={k: float(v) for k, v in body["timings_ms"].items()},
+    )
+
+
+def _page(body: Any) -> GalleryPage:
+    items = [GalleryItem(i["item_id"], i["sku"], i.get("shop_id"), i.get("metadata") or {}) for i in body["items"]]
+    return GalleryPage(int(body["total"]), int(body["offset"]), int(body["limit"]), items, int(body["gallery_version"]), body["namespace"])
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class RiceError(Exception):
+    """Anything the client could not get done; `exit_code` is what the `rice` CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ServiceUnreachable(RiceError):
+    """No connection (refused, unknown host, timed out connecting)."""
+
+    exit_code = 3
+
+
+class ApiError(RiceError):
+    """The service answered with an error: its status and the body's {"error": {code, message}}."""
+
+    exit_code = 5
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.detail, self.retry_after = status, code, message, retry_after
+
+
+class AuthError(ApiError):
+    """401 (no or unknown API key) or 403 (a key without the right)."""
+
+    exit_code = 4
+
+
+class RequestRejected(ApiError):
+    """Any other 4xx: the request or its upload is wrong, or the item does not exist."""
+
+    exit_code = 5
+
+
+class ServerError(ApiError):
+    """A 5xx, or 429/503 still after the retries (the service is overloaded or not ready)."""
+
+    exit_code = 6
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+
+
+def api_error(response: httpx.Response) -> ApiError:
+    """The typed error for a non-2xx answer."""
+    try:
+        body = response.json()
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        code, message = str(err.get("code", "error")), str(err.get("message", body))
+    except ValueError:
+        code, message = "error", response.text[:200] or response.reason_phrase
+    status = response.status_code
+    cls = AuthError if status in (401, 403) else ServerError if status >= 500 or status == 429 else RequestRejected
+    return cls(status, code, message, _retry_after(response.headers.get("retry-after")))
+
+
+# -- media -----------------------------------------------------------------------------------------
+
+
+def is_still(name: str, head: bytes) -> bool:
+    """A still image (not a clip), by the name's suffix, else by the first bytes."""
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix in VIDEO_SUFFIXES:
+        return False
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _media(media: bytes | str | Path, filename: str | None) -> tuple[str, bytes]:
+    if isinstance(media, bytes | bytearray):
+        return filename or "upload", bytes(media)
+    path = Path(media)
+    return filename or path.name, path.read_bytes()
+
+
+# -- calls -----------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass
+class Call(Generic[T]):
+    """One API call: the request to send (again, on a retry) and how to read a 2xx answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, tuple[str, bytes, str]] | None = None
+    data: dict[str, str] | None = None
+    json: Any = None
+
+    def send(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"params": {k: v for k, v in self.params.items() if v is not None}}
+        if self.files is not None:
+            kwargs["files"] = self.files
+        if self.data is not None:
+            kwargs["data"] = self.data
+        if self.json is not None:
+            kwargs["json"] = self.json
+        return kwargs
+
+
+def _json(r: httpx.Response) -> Any:
+    return r.json()
+
+
+class _Calls:
+    """The API as `Call`s, shared by the sync and the async client."""
+
+    @staticmethod
+    def recognize(
+        media: bytes | str | Path,
+        top_k: int,
+        shop_id: str | None,
+        num_frames: int,
+        min_score: float | None,
+        min_gallery_version: int,
+        image: bool | None,
+        filename: str | None,
+    ) -> Call[Recognition]:
+        name, data = _media(media, filename)
+        still = is_still(name, data[:16]) if image is None else image
+        params: dict[str, Any] = {"top_k": top_k, "shop_id": shop_id, "min_score": min_score}
+        if min_gallery_version:
+            params["min_gallery_version"] = min_gallery_version
+        if not still:
+            params["num_frames"] = num_frames
+        path = "/v1/recognize/image" if still else "/v1/recognize"
+        return Call("POST", path, lambda r: _recognition(r.json()), params, files={"file": (name, data, "application/octet-stream")})
+
+    @staticmethod
+    def add_item(
+        image: bytes | str | Path, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any] | None, filename: str | None
+    ) -> Call[ItemAdded]:
+        name, data = _media(image, filename)
+        form = {"sku": sku}
+        if shop_id:
+            form["shop_id"] = shop_id
+        if item_id:
+            form["item_id"] = item_id
+        if metadata:
+            form["metadata"] = json.dumps(metadata)
+
+        def parse(r: httpx.Response) -> ItemAdded:
+            b = r.json()
+            return ItemAdded(b["item_id"], b["sku"], b.get("shop_id"), int(b["gallery_version"]), b["model_version"])
+
+        return Call("POST", "/v1/gallery/items", parse, files={"image": (name, data, "application/octet-stream")}, data=form)
+
+    @staticmethod
+    def deleted(path: str, params: dict[str, Any] | None = None) -> Call[Deleted]:
+        return Call("DELETE", path, lambda r: Deleted(list(r.json()["deleted"]), int(r.json()["gallery_version"])), params or {})
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+class _Base:
+    def __init__(self, url: str, api_key: str | None, retries: int, max_retry_wait_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.retries = retries
+        self.max_retry_wait_s = max_retry_wait_s
+
+    def _retry_wait(self, response: httpx.Response, attempt: int) -> float:
+        """Seconds to wait before retrying a failed answer; raises its typed error when not retryable."""
+        error = api_error(response)
+        # 429 (a queue is full) and 503 (not ready, gallery behind) pass; wait as long as the server asks.
+        if response.status_code in (429, 503) and attempt < self.retries:
+            wait = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
+            return min(wait, self.max_retry_wait_s)
+        raise error
+
+    def _unreachable(self, exc: httpx.TransportError) -> ServiceUnreachable:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return ServiceUnreachable(f"cannot connect to {self.url} ({exc}); is the service running?")
+        return ServiceUnreachable(f"the connection to {self.url} failed: {type(exc).__name__}: {exc}")
+
+
+class RiceClient(_Base):
+    """Blocking client. `http` may be any httpx.Client already pointing at the service (e.g. a
+    TestClient around an in-process app); otherwise one is made for `url`."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        max_retry_wait_s: float = 30.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(str(http.base_url) if http is not None else url, api_key, retries, max_retry_wait_s)
+        self._own = http is None
+        self.http = http if http is not None else httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def __enter__(self) -> RiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own:
+            self.http.close()
+
+    def call(self, call: Call[T]) -> T:
+        """Send `call`, retrying 429/503 as the server asks; the parsed answer or a typed error."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(call.method, call.path, headers=self.headers, **call.send())
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from None
+            if response.is_success:
+                return call.parse(response)
+            time.sleep(self._retry_wait(response, attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def info(self) -> dict[str, Any]:
+        """GET /v1/info: model, gallery (with a warning when the served model's gallery is empty), limits."""
+        return self.call(Call("GET", "/v1/info", _json))
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(Call("GET", "/v1/gallery/stats", _json))
+
+    def recognize(
+        self,
+        media: bytes | str | Path,
+        top_k: int = 5,
+        shop_id: str | None = None,
+        num_frames: int = 10,
+        min_score: float | None = None,
+        min_gallery_version: int = 0,
+        image: bool | None = None,
+        filename: str | None = None,
+    ) -> Recognition:
+        """Top-k SKUs for a clip, or a still image (chosen by `image`, else by name and content)."""
+        return self.call(_Calls.recognize(media, top_k, shop_id, num_frames, min_score, min_gallery_version, image, filename))
+
+    def add_item(
+        self,
+        image: bytes | str | Path,
+        sku: str,
+        shop_id: str | None = None,
+        item_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        filename: str | None = None,
+    ) -> ItemAdded:
+        """Add (or, with an existing item_id, replace) one catalog image."""
+        return self.call(_Calls.add_item(image, sku, shop_id, item_id, metadata, filename))
+
+    def delete_item(self, item_id: str) -> Deleted:
+        return self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}"))
+
+    def delete_sku(self, sku: str, shop_id: str | None = None) -> Deleted:
+        return self.call(_Calls.deleted(f"/v1/gallery/skus/{_quote(sku)}", {"shop_id": shop_id}))
+
+    def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> GalleryPage:
+        """A page of the gallery (SKU containing `sku`, in shop `shop_id`)."""
+        params = {"sku": sku, "shop_id": shop_id, "offset": offset, "limit": limit}
+        return self.call(Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params))
+
+    def thumbnail(self, item_id: str) -> bytes:
+        """The item's catalog thumbnail (JPEG bytes)."""
+        return self.call(Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content))
+
+    def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
+        """POST /v1/admin/model: swap this replica to another checkpoint (write key)."""
+        body = {"checkpoint": checkpoint, "min_gallery_items": min_gallery_items}
+        return self.call(Call("POST", "/v1/admin/model", _json, json=body))
+
+
+class AsyncRiceClient(_Base):
+    """The same API for asyncio code: many requests in flight on one connection pool."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        max_retry_wait_s: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(str(http.base_url) if http is not None else url, api_key, retries, max_retry_wait_s)
+        self._own = http is None
+        self.http = http if http is not None else httpx.AsyncClient(base_url=self.url, timeout=timeout_s)
+
+    async def __aenter__(self) -> AsyncRiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own:
+            await self.http.aclose()
+
+    async def call(self, call: Call[T]) -> T:
+        """Send `call`, retrying 429/503 as the server asks; the parsed answer or a typed error."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self.http.request(call.method, call.path, headers=self.headers, **call.send())
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from None
+            if response.is_success:
+                return call.parse(response)
+            await asyncio.sleep(self._retry_wait(response, attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call(Call("GET", "/v1/info", _json))
+
+    async def recognize(
+        self,
+        media: bytes | str | Path,
+        top_k: int = 5,
+        shop_id: str | None = None,
+        num_frames: int = 10,
+        min_score: float | None = None,
+        min_gallery_version: int = 0,
+        image: bool | None = None,
+        filename: str | None = None,
+    ) -> Recognition:
+        """Top-k SKUs for a clip, or a still image (chosen by `image`, else by name and content)."""
+        return await self.call(_Calls.recognize(media, top_k, shop_id, num_frames, min_score, min_gallery_version, image, filename))
+
+    async def add_item(
+        self,
+        image: bytes | str | Path,
+        sku: str,
+        shop_id: str | None = None,
+        item_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        filename: str | None = None,
+    ) -> ItemAdded:
+        return await self.call(_Calls.add_item(image, sku, shop_id, item_id, metadata, filename))
+
+    async def delete_item(self, item_id: str) -> Deleted:
+        return await self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}"))
+
+    async def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> GalleryPage:
+        params = {"sku": sku, "shop_id": shop_id, "offset": offset, "limit": limit}
+        return await self.call(Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params))
