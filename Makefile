@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 
-.PHONY: setup demo run test clean
+.PHONY: setup browser demo run test clean
 
 $(BIN)/rice: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,23 @@ $(BIN)/rice: pyproject.toml
 
 setup: $(BIN)/rice
 
+# The console's browser test drives Debian's chromium through chromedriver. Installed once (skipped
+# when both are on PATH); apt-get needs root, so sudo is used when there is one and we are not root.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" -ne 0 ] && echo sudo)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver present"; \
+	else \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
+
 demo: setup
 	$(BIN)/rice demo
 
 run: setup
 	$(BIN)/rice serve --port $(PORT)
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const PAGE = 24;
 const IMAGE_NAME = /\.(jpe?g|png|webp|bmp|tiff?)$/i;
 let browseOffset = 0;
+let browseSeq = 0; // only the newest gallery request may draw the list (answers can arrive out of order)
 const thumbs = new Map(); // item id -> object URL, for this page's life (revoked when an item changes)
 
 function apiKey() { return $("api-key").value.trim(); }
@@ -143,7 +144,9 @@ async function browse() {
   const shop = $("browse-shop").value.trim();
   if (sku) params.set("sku", sku);
   if (shop) params.set("shop_id", shop);
+  const seq = ++browseSeq;
   const page = await (await api(`/v1/gallery/items?${params}`)).json();
+  if (seq !== browseSeq) return;
   const end = Math.min(page.total, page.offset + page.items.length);
   $("browse-count").textContent = page.total ? `${page.offset + 1}–${end} of ${page.total}` : "no items";
   $("prev-page").disabled = page.offset === 0;
