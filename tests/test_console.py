@@ -184,7 +184,7 @@ def test_timeline_strip(
                 "item_id": "b",
                 "match": True,
                 "alternatives": [{"sku": "A", "score": 0.5}],
-            },  # noqa: E501
+            },
         ],
     }
     browser.execute_script("window.riceConsole.renderTimeline(arguments[0]);", answer)

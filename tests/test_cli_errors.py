@@ -1,0 +1,128 @@
+"""`rice recognize` and `rice ingest` as a user meets them: stills and clips in one run, CSV and
+JSON output, a bad file among good ones, unknown shops, an empty gallery, and every user error as
+one line with its own exit status (never a traceback)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+
+from model.checkpoint import LoadedEncoder
+from service.server import background_server, free_port
+from tests.conftest import jpeg, settings_for
+from tools.cli import EXIT_AUTH, EXIT_FAILED_FILES, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_USAGE, main
+from tools.client import RiceClient
+from tools.democatalog import DemoProduct
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rice(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real `rice` command in a child process: what a user's terminal shows."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, encoder: LoadedEncoder, products: list[DemoProduct]) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("cli")
+    with background_server(settings_for(tmp, port=0), encoder) as url, RiceClient(url) as client:
+        for p in products:
+            client.add_item(jpeg(p.image), p.sku, p.shop_id, f"{p.sku}-front")
+        yield url
+
+
+@pytest.fixture
+def media(tmp_path: Path, products: list[DemoProduct], clip_of: Callable[..., bytes]) -> Path:
+    """A folder with a clip of product 1, a still of product 4 (PNG), and a clip of product 6."""
+    d = tmp_path / "media"
+    d.mkdir()
+    (d / "a_clip.mp4").write_bytes(clip_of(products[1], seed=1))
+    cv2.imwrite(str(d / "b_still.png"), products[4].image)
+    (d / "c_clip.mp4").write_bytes(clip_of(products[6], seed=2))
+    return d
+
+
+def test_clips_and_stills_in_one_run_as_json(
+    served: str, media: Path, products: list[DemoProduct], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["recognize", str(media), "--url", served, "--top-k", "2", "--concurrency", "3", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [Path(a["path"]).name for a in answers] == ["a_clip.mp4", "b_still.png", "c_clip.mp4"]  # the order given
+    assert [a["results"][0]["sku"] for a in answers] == [products[1].sku, products[4].sku, products[6].sku]
+    assert [a["frames_used"] for a in answers] == [10, 1, 10]  # the still went to /v1/recognize/image
+    assert all(a["status"] == 200 and isinstance(a["match"], bool) for a in answers)
+
+
+def test_csv_output_and_a_bad_file_among_good_ones(
+    served: str, media: Path, products: list[DemoProduct], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (media / "d_broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    code = main(["recognize", str(media), "--url", served, "--csv"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert code == EXIT_FAILED_FILES  # the run went on; the bad file is reported
+    assert [Path(r["path"]).name for r in rows] == ["a_clip.mp4", "b_still.png", "c_clip.mp4", "d_broken.mp4"]
+    assert [r["sku"] for r in rows[:3]] == [products[1].sku, products[4].sku, products[6].sku]
+    assert all(r["status"] == "200" and r["match"] in ("true", "false") and len(r["top_k"].split(";")) == 5 for r in rows[:3])
+    assert rows[3]["status"] in ("415", "422") and rows[3]["error"] and rows[3]["sku"] == ""
+
+
+def test_unknown_shop_and_empty_gallery_say_so(
+    served: str, media: Path, tmp_path: Path, encoder: LoadedEncoder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clip = str(media / "a_clip.mp4")
+    assert main(["recognize", clip, "--url", served, "--shop-id", "no-such-shop"]) == 0
+    out = capsys.readouterr().out
+    assert "shop 'no-such-shop' has no items; the gallery holds 8 items in 2 shops" in out and "empty gallery" not in out
+    with background_server(settings_for(tmp_path / "empty", port=0), encoder) as empty:
+        assert main(["recognize", clip, "--url", empty]) == 0
+    assert "(empty gallery: add items with `rice ingest`)" in capsys.readouterr().out
+
+
+def test_a_parameter_the_server_rejects_stops_the_run_in_one_line(served: str, media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recognize", str(media), "--url", served, "--top-k", "100000"]) == EXIT_REJECTED
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "HTTP 400" in err and "top_k" in err
+
+
+def test_no_server_is_one_line_and_exit_3(tmp_path: Path, media: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for args in (["recognize", str(media)], ["ingest", str(media)]):
+        out = rice(*args, "--url", url)
+        assert out.returncode == EXIT_UNREACHABLE, out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
+        assert "cannot connect to" in out.stderr and "is the service running?" in out.stderr
+
+
+def test_refused_keys_are_one_line_and_exit_4(tmp_path: Path, encoder: LoadedEncoder, media: Path, products: list[DemoProduct]) -> None:
+    catalog = tmp_path / "catalog" / products[0].sku
+    catalog.mkdir(parents=True)
+    cv2.imwrite(str(catalog / "front.jpg"), products[0].image)
+    settings = settings_for(tmp_path, port=0, api_keys="reader-key-1:r,writer-key-1:rw", read_requires_key=True)
+    with background_server(settings, encoder) as url:
+        no_key = rice("recognize", str(media), "--url", url)
+        read_only = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "reader-key-1", "--quiet")
+        ok = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "writer-key-1", "--quiet")
+    for out, status in ((no_key, "HTTP 401"), (read_only, "HTTP 403")):
+        assert out.returncode == EXIT_AUTH, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and status in out.stderr and out.stderr.strip().count("\n") == 0
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_local_mistakes_are_usage_errors(served: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recognize", str(tmp_path / "missing.mp4"), "--url", served]) == EXIT_USAGE
+    assert "missing.mp4" in capsys.readouterr().err
+    bad = tmp_path / "catalog.csv"
+    bad.write_text('path,sku,metadata\nimg/a.jpg,SKU-1,"{not json"\n')
+    assert main(["ingest", str(bad), "--url", served]) == EXIT_USAGE
+    assert "catalog.csv:2: metadata is not valid JSON" in capsys.readouterr().err
