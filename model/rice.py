@@ -36,7 +36,7 @@ class RICEConfig:
     hard_negatives: int = 3
     decoder_width: int = 256
     decoder_heads: int = 8
-    pfr_norm: str = "softmax"  # RICE.md (v2): softmax over the keys; "sum" divides by the sum instead
+    pfr_norm: str = "softmax"  # the RICE authors' v2 code: softmax over the keys; "sum" divides by the sum instead
 
     def __post_init__(self) -> None:
         if self.pfr and not self.pmd:

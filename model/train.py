@@ -45,7 +45,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--per-shop", action="store_true", help="evaluate with per-shop galleries (LPR4M protocol)")
     a("--out", required=True, help="output folder: last.pt, final.pt, metrics.jsonl, eval.json")
     a("--resume", action="store_true", help="continue from OUT/last.pt")
-    a("--exclude-skus", help="file of SKUs left out of training (held-out products)")
+    a("--exclude-skus", help="file of SKUs left out of training (held-out products, e.g. heldout_skus.txt)")
+    a("--skus", help="file of SKUs (one per line): train only on these products")
+    a("--limit", type=int, default=0, help="train on at most the first N manifest rows left after --skus/--exclude-skus (0: all)")
     # model
     a("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "vit"])
     a("--embed-dim", type=int, default=1280, help="EfficientNet projection size (1280 + --identity-proj starts at zero-shot)")
@@ -57,7 +59,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
     a("--pmd-weight", type=float, default=1.0)
-    a("--pfr-norm", default="softmax", choices=["softmax", "sum"], help="PFR weights: softmax over keys (RICE.md) or divided by their sum")
+    a("--pfr-norm", default="softmax", choices=["softmax", "sum"], help="PFR weights: softmax over keys (paper) or divided by their sum")
     a("--pfr-weight", type=float, default=1.0)
     a("--temperature", type=float, default=0.07)
     a("--decoder-width", type=int, default=256)
@@ -201,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = encoder_config(args)
     pre = cfg.preprocess
     exclude = read_sku_file(args.exclude_skus) or set()
-    rows = [r for r in read_manifest(args.train) if r.sku not in exclude]
+    only = read_sku_file(args.skus)
+    rows = [r for r in read_manifest(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
+    rows = rows[: args.limit] if args.limit > 0 else rows
     dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
     per_epoch = len(rows) // (args.batch_size * world * args.accum)  # full global batches, as epoch_batches yields
     if per_epoch == 0:

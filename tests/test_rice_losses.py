@@ -143,7 +143,7 @@ def test_losses_are_switchable_and_config_is_validated() -> None:
 
 def test_pfr_sum_norm_follows_the_attention_where_softmax_flattens_it() -> None:
     """Each image patch attends to exactly one clip token whose features it equals: with weights
-    divided by their sum the reconstruction is exact; the softmax of RICE.md blurs it toward the mean."""
+    divided by their sum the reconstruction is exact; the softmax of the authors' code blurs it toward the mean."""
     b, heads, n, k, d = 1, 2, 3, 6, 4
     clip_tokens = torch.randn(b, k, d)
     target = torch.tensor([4, 0, 2])
