@@ -141,6 +141,11 @@ def test_a_still_goes_to_the_image_endpoint(browser: WebDriver, served: str, pro
     _wait(browser, lambda b: "1 frame(s)" in _text(b, "timings"), "an image answer")
     assert _attrs(browser, "#results li.result", "data-sku")[0] == target.sku
 
+    browser.find_element(By.ID, "shop-id").send_keys("no-such-shop")  # an unknown shop is not "an empty gallery"
+    browser.find_element(By.ID, "recognize-button").click()
+    _wait(browser, lambda b: 'shop "no-such-shop" has no items (the gallery holds 8)' in _text(b, "verdict"), "the unknown-shop verdict")
+    assert _attrs(browser, "#results li.result", "data-sku") == []
+
 
 def test_browse_search_add_and_delete(browser: WebDriver, served: str, products: list[DemoProduct], tmp_path: Path) -> None:
     _open(browser, served)

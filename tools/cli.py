@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,15 +145,15 @@ def cmd_recognize(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with RiceClient(args.url, args.api_key) as client:
         reason = _empty_answer_reason(client, args.shop_id)  # also the connectivity check
+
+    def show(o: batch.Outcome) -> None:  # each file as soon as it and those before it are done
+        if args.csv:
+            print(batch.csv_row(o), flush=True)
+        elif not args.json:  # JSON is printed as one document at the end
+            print(batch.table_line(o, lambda: reason), flush=True)
+
     if args.csv:
         print(batch.csv_header(), flush=True)
-    show: Callable[[batch.Outcome], None]
-    if args.csv:
-        show = lambda o: print(batch.csv_row(o), flush=True)  # noqa: E731
-    elif args.json:
-        show = lambda o: None  # noqa: E731  (printed as one document at the end)
-    else:
-        show = lambda o: print(batch.table_line(o, lambda: reason), flush=True)  # noqa: E731
     options = {"top_k": args.top_k, "shop_id": args.shop_id, "num_frames": args.num_frames, "min_score": args.min_score}
     client_async = AsyncRiceClient(args.url, args.api_key)
     outcomes = batch.run(client_async, files, args.concurrency, batch.InOrder(show), **options)

@@ -163,8 +163,12 @@ def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return None if when is None else max(0.0, when.timestamp() - time.time())
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # neither form: as if absent
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def api_error(response: httpx.Response) -> ApiError:
@@ -217,7 +221,8 @@ class Call(Generic[T]):
     data: dict[str, str] | None = None
     json: Any = None
 
-    def send(self) -> dict[str, Any]:
+    def request_kwargs(self) -> dict[str, Any]:
+        """The httpx request arguments (built afresh for every attempt)."""
         kwargs: dict[str, Any] = {"params": {k: v for k, v in self.params.items() if v is not None}}
         if self.files is not None:
             kwargs["files"] = self.files
@@ -277,7 +282,24 @@ class _Calls:
 
     @staticmethod
     def deleted(path: str, params: dict[str, Any] | None = None) -> Call[Deleted]:
-        return Call("DELETE", path, lambda r: Deleted(list(r.json()["deleted"]), int(r.json()["gallery_version"])), params or {})
+        def parse(r: httpx.Response) -> Deleted:
+            body = r.json()
+            return Deleted(list(body["deleted"]), int(body["gallery_version"]))
+
+        return Call("DELETE", path, parse, params or {})
+
+    @staticmethod
+    def list_items(sku: str | None, shop_id: str | None, offset: int, limit: int) -> Call[GalleryPage]:
+        params = {"sku": sku, "shop_id": shop_id, "offset": offset, "limit": limit}
+        return Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params)
+
+    @staticmethod
+    def thumbnail(item_id: str) -> Call[bytes]:
+        return Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content)
+
+    @staticmethod
+    def switch_model(checkpoint: str | None, min_gallery_items: int) -> Call[dict[str, Any]]:
+        return Call("POST", "/v1/admin/model", _json, json={"checkpoint": checkpoint, "min_gallery_items": min_gallery_items})
 
 
 def _quote(part: str) -> str:
@@ -337,7 +359,7 @@ class RiceClient(_Base):
         """Send `call`, retrying 429/503 as the server asks; the parsed answer or a typed error."""
         for attempt in range(self.retries + 1):
             try:
-                response = self.http.request(call.method, call.path, headers=self.headers, **call.send())
+                response = self.http.request(call.method, call.path, headers=self.headers, **call.request_kwargs())
             except httpx.TransportError as exc:
                 raise self._unreachable(exc) from None
             if response.is_success:
@@ -386,17 +408,15 @@ class RiceClient(_Base):
 
     def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> GalleryPage:
         """A page of the gallery (SKU containing `sku`, in shop `shop_id`)."""
-        params = {"sku": sku, "shop_id": shop_id, "offset": offset, "limit": limit}
-        return self.call(Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params))
+        return self.call(_Calls.list_items(sku, shop_id, offset, limit))
 
     def thumbnail(self, item_id: str) -> bytes:
         """The item's catalog thumbnail (JPEG bytes)."""
-        return self.call(Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content))
+        return self.call(_Calls.thumbnail(item_id))
 
     def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
         """POST /v1/admin/model: swap this replica to another checkpoint (write key)."""
-        body = {"checkpoint": checkpoint, "min_gallery_items": min_gallery_items}
-        return self.call(Call("POST", "/v1/admin/model", _json, json=body))
+        return self.call(_Calls.switch_model(checkpoint, min_gallery_items))
 
 
 class AsyncRiceClient(_Base):
@@ -429,7 +449,7 @@ class AsyncRiceClient(_Base):
         """Send `call`, retrying 429/503 as the server asks; the parsed answer or a typed error."""
         for attempt in range(self.retries + 1):
             try:
-                response = await self.http.request(call.method, call.path, headers=self.headers, **call.send())
+                response = await self.http.request(call.method, call.path, headers=self.headers, **call.request_kwargs())
             except httpx.TransportError as exc:
                 raise self._unreachable(exc) from None
             if response.is_success:
@@ -468,6 +488,17 @@ class AsyncRiceClient(_Base):
     async def delete_item(self, item_id: str) -> Deleted:
         return await self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}"))
 
+    async def delete_sku(self, sku: str, shop_id: str | None = None) -> Deleted:
+        return await self.call(_Calls.deleted(f"/v1/gallery/skus/{_quote(sku)}", {"shop_id": shop_id}))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call(Call("GET", "/v1/gallery/stats", _json))
+
     async def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> GalleryPage:
-        params = {"sku": sku, "shop_id": shop_id, "offset": offset, "limit": limit}
-        return await self.call(Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params))
+        return await self.call(_Calls.list_items(sku, shop_id, offset, limit))
+
+    async def thumbnail(self, item_id: str) -> bytes:
+        return await self.call(_Calls.thumbnail(item_id))
+
+    async def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
+        return await self.call(_Calls.switch_model(checkpoint, min_gallery_items))

@@ -6,6 +6,7 @@ const PAGE = 24;
 const IMAGE_NAME = /\.(jpe?g|png|webp|bmp|tiff?)$/i;
 let browseOffset = 0;
 let browseSeq = 0; // only the newest gallery request may draw the list (answers can arrive out of order)
+let galleryItems = null; // from /v1/info: tells "empty gallery" from "nothing in this shop"
 const thumbs = new Map(); // item id -> object URL, for this page's life (revoked when an item changes)
 
 function apiKey() { return $("api-key").value.trim(); }
@@ -82,6 +83,7 @@ async function loadInfo() {
   try {
     const info = await (await api("/v1/info")).json();
     const g = info.gallery;
+    galleryItems = g.items;
     $("model").textContent = `model ${info.model_version} · ${g.items} items, ${g.skus} SKUs · match from ${info.match_threshold.toFixed(2)}`;
     $("warning").textContent = g.warning || "";
     $("warning").hidden = !g.warning;
@@ -110,7 +112,8 @@ function renderRecognition(answer, shop) {
   const verdict = $("verdict");
   const top = answer.results[0];
   if (!top) {
-    verdict.textContent = shop ? `No results: shop "${shop}" has no items in this gallery` : "No results: the gallery is empty";
+    if (galleryItems === 0 || !shop) verdict.textContent = "No results: the gallery is empty (see the warning above, if any)";
+    else verdict.textContent = `No results: shop "${shop}" has no items (the gallery holds ${galleryItems})`;
   } else if (answer.match) {
     verdict.textContent = `Match: ${top.sku} (score ${top.score.toFixed(3)} ≥ ${answer.match_threshold.toFixed(2)})`;
   } else {
