@@ -27,10 +27,11 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rice(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real `rice` command in a child process: what a user's terminal shows."""
+def rice(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real `rice` command in a child process: what a user's terminal shows. Run in `cwd`, where
+    `rice ingest` keeps its default journal folder (never the repository)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "tools.cli", *args], env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_parameter_the_server_rejects_stops_the_run_in_one_line(served: str, m
 def test_no_server_is_one_line_and_exit_3(tmp_path: Path, media: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for args in (["recognize", str(media)], ["ingest", str(media)]):
-        out = rice(*args, "--url", url)
+        out = rice(*args, "--url", url, cwd=tmp_path)
         assert out.returncode == EXIT_UNREACHABLE, out.stderr
         assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
         assert "cannot connect to" in out.stderr and "is the service running?" in out.stderr
@@ -110,9 +111,9 @@ def test_refused_keys_are_one_line_and_exit_4(tmp_path: Path, encoder: LoadedEnc
     cv2.imwrite(str(catalog / "front.jpg"), products[0].image)
     settings = settings_for(tmp_path, port=0, api_keys="reader-key-1:r,writer-key-1:rw", read_requires_key=True)
     with background_server(settings, encoder) as url:
-        no_key = rice("recognize", str(media), "--url", url)
-        read_only = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "reader-key-1", "--quiet")
-        ok = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "writer-key-1", "--quiet")
+        no_key = rice("recognize", str(media), "--url", url, cwd=tmp_path)
+        read_only = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "reader-key-1", "--quiet", cwd=tmp_path)
+        ok = rice("ingest", str(catalog.parent), "--url", url, "--api-key", "writer-key-1", "--quiet", cwd=tmp_path)
     for out, status in ((no_key, "HTTP 401"), (read_only, "HTTP 403")):
         assert out.returncode == EXIT_AUTH, out.stdout + out.stderr
         assert "Traceback" not in out.stderr and status in out.stderr and out.stderr.strip().count("\n") == 0
@@ -124,5 +125,5 @@ def test_local_mistakes_are_usage_errors(served: str, tmp_path: Path, capsys: py
     assert "missing.mp4" in capsys.readouterr().err
     bad = tmp_path / "catalog.csv"
     bad.write_text('path,sku,metadata\nimg/a.jpg,SKU-1,"{not json"\n')
-    assert main(["ingest", str(bad), "--url", served]) == EXIT_USAGE
+    assert main(["ingest", str(bad), "--url", served, "--state", str(tmp_path / "j.jsonl")]) == EXIT_USAGE
     assert "catalog.csv:2: metadata is not valid JSON" in capsys.readouterr().err
