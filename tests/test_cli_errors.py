@@ -127,3 +127,15 @@ def test_local_mistakes_are_usage_errors(served: str, tmp_path: Path, capsys: py
     bad.write_text('path,sku,metadata\nimg/a.jpg,SKU-1,"{not json"\n')
     assert main(["ingest", str(bad), "--url", served, "--state", str(tmp_path / "j.jsonl")]) == EXIT_USAGE
     assert "catalog.csv:2: metadata is not valid JSON" in capsys.readouterr().err
+
+
+def test_reindex_user_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    monkeypatch.setenv("RICE_GALLERY_PATH", str(tmp_path / "g.db"))
+    assert main(["reindex", "--checkpoint", str(tmp_path / "missing.pt"), "--catalog", str(catalog), "--quiet"]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"rice reindex: checkpoint not found: {tmp_path / 'missing.pt'}"
+    monkeypatch.setenv("RICE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # no Redis there
+    assert main(["reindex", "--catalog", str(catalog), "--quiet"]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rice reindex: cannot use the gallery store (redis:") and "\n" not in err

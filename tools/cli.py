@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (no connection, refused key, bad file, bad request) is one line
     on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
+    from index.records import StoreUnavailable
+    from model.checkpoint import CheckpointError
     from tools.client import RiceError
     from tools.ingest import CatalogError
 
@@ -288,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     except RiceError as exc:
         print(f"rice {args.command}: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except CatalogError as exc:
+    except (CatalogError, CheckpointError) as exc:  # a catalog or checkpoint file the user named is unusable
         print(f"rice {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreUnavailable as exc:  # reindex: the gallery store named by RICE_REDIS_URL / RICE_GALLERY_PATH
+        print(f"rice {args.command}: cannot use the gallery store ({exc})", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except OSError as exc:  # a local file the user named: missing, a folder, unreadable
         if exc.filename is None:
             raise
