@@ -16,6 +16,7 @@ reused by the next add, so deletes cost O(D), not a compaction of the whole inde
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 from collections import Counter, defaultdict
@@ -47,6 +48,10 @@ class _Entry:
     sku: str
     shop_id: str | None
     metadata: dict[str, Any]
+
+
+def _listing_order(e: _Entry) -> tuple[str, str]:
+    return e.sku, e.item_id
 
 
 class Gallery:
@@ -208,10 +213,13 @@ class Gallery:
         needle = (sku or "").lower()
         with self._lock.read():
             slots = self._entries if shop_id is None else self._by_shop.get(shop_id, set())
-            found = [e for s in slots if (e := self._entries[s]) and needle in e.sku.lower()]
-        found.sort(key=lambda e: (e.sku, e.item_id))
-        page = found[offset : offset + limit]
-        return len(found), [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata) for e in page]
+            found = [self._entries[s] for s in slots]
+        if needle:
+            found = [e for e in found if needle in e.sku.lower()]
+        # An early page needs only its first offset + limit entries: a bounded heap, not a full sort.
+        wanted = offset + limit
+        first = heapq.nsmallest(wanted, found, key=_listing_order) if wanted < len(found) // 8 else sorted(found, key=_listing_order)
+        return len(found), [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata) for e in first[offset : offset + limit]]
 
     def search(self, queries: np.ndarray, k: int, shop_id: str | None = None) -> tuple[list[list[Hit]], int]:
         """Top-k SKUs per query [Q, D] (best image per SKU). Returns (hits per query, version seen)."""

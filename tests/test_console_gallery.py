@@ -85,3 +85,20 @@ def test_thumbnails_are_replicated_through_redis(
         assert reader.list_items().total == 0
         with pytest.raises(RequestRejected):
             reader.thumbnail("shared-1")
+
+
+def test_listing_pages_are_in_sku_order_whatever_their_offset() -> None:
+    """Early pages come from a bounded heap, late ones from a full sort: both give the same order."""
+    from index.gallery import Gallery
+
+    g = Gallery(4)
+    rng = np.random.default_rng(0)
+    skus = [f"S{int(x):04d}" for x in rng.integers(0, 500, 400)]
+    g.apply([Record(f"i{i:03d}", sku, f"shop-{i % 3}", np.ones(4, np.float32) / 2, {}, i + 1) for i, sku in enumerate(skus)])
+    expected = sorted((sku, f"i{i:03d}") for i, sku in enumerate(skus))
+    pages = [g.list_items(offset=o, limit=10) for o in range(0, 400, 10)]
+    assert all(total == 400 for total, _ in pages)
+    assert [(h.sku, h.item_id) for _, hits in pages for h in hits] == expected
+    total, hits = g.list_items(sku="s00", shop_id="shop-1", offset=2, limit=5)
+    matching = [(s, i) for s, i in expected if s.lower().startswith("s00") and int(i[1:]) % 3 == 1]
+    assert total == len(matching) and [(h.sku, h.item_id) for h in hits] == matching[2:7]
