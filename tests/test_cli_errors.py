@@ -94,6 +94,9 @@ def test_a_parameter_the_server_rejects_stops_the_run_in_one_line(served: str, m
     assert main(["recognize", str(media), "--url", served, "--top-k", "100000"]) == EXIT_REJECTED
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "HTTP 400" in err and "top_k" in err
+    assert main(["recognize", str(media), "--url", served, "--num-frames", "0"]) == EXIT_REJECTED  # a 422, not the file's fault
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "HTTP 422 invalid_request" in err and "num_frames" in err
 
 
 def test_no_server_is_one_line_and_exit_3(tmp_path: Path, media: Path) -> None:

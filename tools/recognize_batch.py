@@ -2,7 +2,7 @@
 table, CSV or JSON in the order given.
 
 Stills (by suffix, else by their first bytes) go to /v1/recognize/image, clips to /v1/recognize.
-A file the service rejects (413, 415, 422: too big, not media, undecodable) is reported and the
+A file the service rejects (too big, not media, undecodable: 413, 415, 422) is reported and the
 run goes on; anything that would fail every file (no connection, a refused key, a bad parameter,
 a server error) stops the run with that error.
 """
@@ -20,7 +20,9 @@ from typing import Any
 
 from tools.client import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ApiError, AsyncRiceClient, Recognition, RequestRejected
 
-FILE_ERRORS = frozenset({413, 415, 422})  # the file's own fault: other files may still succeed
+# The file's own fault (too big, not media, undecodable): other files may still succeed. By error
+# code, not status: a 422 is also what a malformed parameter gets, and that would fail every file.
+FILE_ERRORS = frozenset({"payload_too_large", "unsupported_media", "invalid_media"})
 CSV_FIELDS = ("path", "status", "match", "sku", "score", "item_id", "shop_id", "top_k", "error")
 
 
@@ -63,7 +65,7 @@ async def recognize_all(
             try:
                 outcome = Outcome(path, answer=await client.recognize(data, filename=path.name, **options))
             except RequestRejected as exc:
-                if exc.status not in FILE_ERRORS:
+                if exc.code not in FILE_ERRORS:
                     raise
                 outcome = Outcome(path, error=exc)
         outcomes[i] = outcome
