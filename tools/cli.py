@@ -141,7 +141,7 @@ def cmd_recognize(args: argparse.Namespace) -> int:
 
     files = batch.media_files([Path(p) for p in args.paths])
     if not files:
-        print("rice: no clips or images found in " + ", ".join(args.paths), file=sys.stderr)
+        print("rice recognize: no clips or images found in " + ", ".join(args.paths), file=sys.stderr)
         return EXIT_USAGE
     with RiceClient(args.url, args.api_key) as client:
         reason = _empty_answer_reason(client, args.shop_id)  # also the connectivity check
