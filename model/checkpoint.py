@@ -2,7 +2,9 @@
 
 A checkpoint is a plain dict of tensors and primitives (loadable with weights_only=True):
 {"format", "encoder_config", "model_version", "encoder", ...training extras}. The service
-builds the encoder from the checkpoint alone.
+builds the encoder from the checkpoint alone. Training extras this module reads back:
+"rice_config" + "heads" (the RICE decoder etc., for PMD re-ranking) and "match_threshold"
+(a calibrated score above which the top answer counts as a match).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.backbones import build_backbone
 from model.config import EncoderConfig
 from model.efficientnet import packaged_weights_path
-from model.encoder import build_backbone
+from model.rice import RICE, RICEConfig
 
 FORMAT = "rice-checkpoint/1"
 
@@ -30,10 +33,38 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedEncoder:
+    """What a checkpoint (or the built-in default) gives the service.
+
+    backbone/config/model_version/source: the retrieval encoder. rice: the whole trained RICE model
+    (same backbone module plus its heads: the PMD decoder etc.) when the checkpoint carries them,
+    else None. match_threshold: the calibrated "this is a match" score, None when not calibrated.
+    """
+
     backbone: nn.Module
     config: EncoderConfig
     model_version: str
     source: str  # the checkpoint path, or a description of the built-in weights
+    rice: RICE | None = None
+    match_threshold: float | None = None
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images [B, 3, H, W] -> (L2-normalised embeddings [B, D], decoder tokens [B, N, d]).
+
+        The tokens are what the PMD decoder reads (`rice.pair_scores`); for backbones without a
+        summary token the mean token is prepended, as in training.
+        """
+        if self.rice is not None:
+            emb, tokens = self.rice.encode(images)
+        else:
+            emb, tokens = self.backbone(images)
+            if not getattr(self.backbone, "has_cls_token", False):
+                tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [B, 1 + HW, d]
+        return torch.nn.functional.normalize(emb.float(), dim=-1), tokens
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, H, W] -> decoder tokens [B, N, d] (see `encode`)."""
+        return self.encode(images)[1]
 
 
 def state_version(state: dict[str, torch.Tensor], config: EncoderConfig) -> str:
@@ -69,8 +100,11 @@ def save_checkpoint(
     backbone: nn.Module,
     config: EncoderConfig,
     extra: dict[str, Any] | None = None,
+    match_threshold: float | None = None,
 ) -> str:
-    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint. Returns the version."""
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint. Returns the version.
+    A match_threshold, when given, is stored (and read back by `load_encoder`); it does not change the
+    model version, which names the embeddings only."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     version = f"rice-{config.backbone}-{state_version(state, config)}"
     payload: dict[str, Any] = {
@@ -80,6 +114,8 @@ def save_checkpoint(
         "encoder": state,
     }
     payload.update(extra or {})
+    if match_threshold is not None:
+        payload["match_threshold"] = float(match_threshold)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -115,4 +151,28 @@ def load_encoder(path: str | os.PathLike[str] | None) -> LoadedEncoder:
         backbone.load_state_dict(payload["encoder"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored config: {exc}") from exc
-    return LoadedEncoder(backbone, config, str(payload["model_version"]), str(path))
+    threshold = payload.get("match_threshold")
+    return LoadedEncoder(
+        backbone,
+        config,
+        str(payload["model_version"]),
+        str(path),
+        _rice_heads(payload, backbone, path),
+        None if threshold is None else float(threshold),
+    )
+
+
+def _rice_heads(payload: dict[str, Any], backbone: nn.Module, path: str | os.PathLike[str]) -> RICE | None:
+    """The trained RICE model around `backbone` when the checkpoint carries its heads, else None."""
+    if "rice_config" not in payload or "heads" not in payload:
+        return None
+    try:
+        rice = RICE(backbone, RICEConfig.from_dict(payload["rice_config"]))
+        # The backbone is already loaded; the heads' keys are the rest of RICE's state dict.
+        missing, unexpected = rice.load_state_dict(payload["heads"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: RICE heads do not match their stored config: {exc}") from exc
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: RICE heads do not match their stored config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return rice.eval()

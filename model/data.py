@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
-from model.preprocess import pad_to_square, prepare_frame, resize_center_crop, sample_indices
+from model.preprocess import IMAGE_SUFFIXES, fit_frame, pad_to_square, prepare_frame, sample_indices
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "ClipDataset", "ClipRow", "read_lpr4m", "read_manifest", "read_movingfashion", "write_manifest"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,37 @@ def lpr4m_live_id(clip_id: str) -> str:
     return "-".join(clip_id.split("-")[:5])
 
 
+def lpr4m_image_id(name: str) -> str:
+    """A shop image's identity: files `<image_id>-<k>.jpg` are views of one image id (5 dash groups),
+    as the official LPR4M evaluation groups them."""
+    return "-".join(Path(name).stem.split("-")[:5])
+
+
+def lpr4m_view_rank(name: str) -> tuple[int, int, str]:
+    """Sort key that puts an image id's main view first: the bare `<image_id>.jpg`, then the lowest
+    numeric view index k of `<image_id>-<k>.jpg`."""
+    extra = Path(name).stem.split("-")[5:]
+    if not extra:
+        return (0, 0, "")
+    k = extra[0]
+    return (1, int(k), "") if k.isdigit() else (2, 0, "-".join(extra))
+
+
+def lpr4m_main_views(names: Iterable[str]) -> dict[str, str]:
+    """image id -> the file name of its main view (the official evaluation keeps only that one),
+    in the order the ids first appear."""
+    views: dict[str, list[str]] = {}
+    for name in names:
+        views.setdefault(lpr4m_image_id(name), []).append(name)
+    return {iid: min(group, key=lpr4m_view_rank) for iid, group in views.items()}
+
+
 def read_lpr4m(root: str | os.PathLike[str], split: str = "train") -> tuple[list[ClipRow], list[ClipRow]]:
     """LPR4M -> (query rows, gallery rows). Training: annotations/training_videoinfo_*.txt, gallery =
     the training images. Test: query/<clip_id>/ frames, gallery/<live_id>/ images, the ground-truth and
-    gallery JSONs in annotations/; SKU = image id, shop = livestream (per-shop galleries)."""
+    gallery JSONs in annotations/; SKU = image id (`lpr4m_image_id`: views `<image_id>-<k>.jpg` are one
+    product image; only the main view enters the gallery, as in the official evaluation), shop =
+    livestream (per-shop galleries). The public full release is converted by `model.lpr4m` instead."""
     root = Path(root)
     ann = root / "annotations"
     if split == "train":
@@ -124,18 +151,20 @@ def read_lpr4m(root: str | os.PathLike[str], split: str = "train") -> tuple[list
         p = root / name
         return str(p) if p.exists() else str(root / "gallery" / live / Path(name).name)
 
-    gallery = [ClipRow((), image_path(live, im), Path(im).stem, live) for live, ims in galleries.items() for im in ims]
+    gallery = [ClipRow((), image_path(live, im), iid, live) for live, ims in galleries.items() for iid, im in lpr4m_main_views(ims).items()]
     queries = []
     for clip_id, images in gt.items():
-        skus = [Path(im).stem for im in images]
+        main = lpr4m_main_views(images)
+        skus = list(main)
         live = lpr4m_live_id(clip_id)
-        queries.append(ClipRow(str(root / "query" / clip_id), image_path(live, images[0]), skus[0], live, also=tuple(skus[1:])))
+        queries.append(ClipRow(str(root / "query" / clip_id), image_path(live, main[skus[0]]), skus[0], live, also=tuple(skus[1:])))
     return queries, gallery
 
 
 def read_movingfashion(root: str | os.PathLike[str], split: str = "train") -> tuple[list[ClipRow], list[ClipRow]]:
     """MovingFashion (train.json / test.json, videos/, imgs/) -> (query rows, gallery rows). The SKU is
-    the shop image; the test gallery is every test shop image (one global gallery)."""
+    the shop image; the test gallery is every test shop image (one global gallery), so there is no
+    shop: the entry's `source` (the site a video came from) is a group, for per-group reports."""
     root = Path(root)
     table = json.loads((root / f"{split}.json").read_text())
     entries = table.values() if isinstance(table, dict) else table
@@ -143,7 +172,7 @@ def read_movingfashion(root: str | os.PathLike[str], split: str = "train") -> tu
     for e in entries:
         videos = e.get("video_paths") or [e["video_path"]]
         for v in videos:
-            rows.append(ClipRow(_resolve(root, v), _resolve(root, e["img_path"]), Path(e["img_path"]).stem, e.get("source")))
+            rows.append(ClipRow(_resolve(root, v), _resolve(root, e["img_path"]), Path(e["img_path"]).stem, group=e.get("source")))
     return rows, gallery_of(rows)
 
 
@@ -211,8 +240,8 @@ def read_image(path: str) -> np.ndarray:
 class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """(clip, image) pairs as uint8 tensors: frames [T, C, C, 3] zero-padded with mask [T], image [C, C, 3].
 
-    Eval: the service's preprocessing (centre crop for frames, letterboxed catalog images).
-    Train (RICE v2 recipe): shorter side to resize*256/224, random crop, horizontal flip, colour jitter,
+    Eval: the service's preprocessing (frames fit by pre.frame_fit, letterboxed catalog images).
+    Train (RICE v2 recipe): frames fit to resize*256/224 (pre.frame_fit), random crop, horizontal flip, colour jitter,
     and cut-tail (p=0.5 drop 0-90% of the frames from the end). Augmentation is seeded by
     (seed, epoch, index), so it does not depend on worker scheduling and resumes exactly.
     """
@@ -248,7 +277,7 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         """Same crop, flip and colour change for every frame of one clip (or for one image)."""
         c = self.pre.crop
-        big = [resize_center_crop(x, round(self.pre.resize * 256 / 224), round(c * 256 / 224)) for x in rgb]
+        big = [fit_frame(x, round(self.pre.resize * 256 / 224), round(c * 256 / 224), self.pre.frame_fit) for x in rgb]
         top, left = rng.integers(0, big[0].shape[0] - c + 1, size=2)
         flip = rng.random() < 0.5
         alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)

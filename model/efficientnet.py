@@ -7,11 +7,15 @@ the patch tokens the RICE decoder attends over.
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.backbones import BackboneSpec
+from model.config import LITE_MEAN, LITE_STD, EfficientNetConfig, EncoderConfig, PreprocessConfig
 
 # (expand ratio, kernel, stride, out channels, repeats) per stage
 _LITE0_STAGES = (
@@ -136,3 +140,71 @@ def load_imagenet_lite0() -> EfficientNetLite0:
     state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(convert_lite0_state_dict(state), strict=True)
     return model
+
+
+class EfficientNetBackbone(nn.Module):
+    """EfficientNet-Lite0 as a RICE backbone: pooled (optionally projected) embedding + 7x7 tokens."""
+
+    has_cls_token = False
+
+    def __init__(self, embed_dim: int | None, pretrained: bool) -> None:
+        super().__init__()
+        self.net = load_imagenet_lite0() if pretrained else EfficientNetLite0()
+        self.proj = nn.Linear(HEAD_CHANNELS, embed_dim) if embed_dim else None
+        self.embed_dim = embed_dim or HEAD_CHANNELS
+        self.token_dim = HEAD_CHANNELS
+
+    @torch.no_grad()
+    def set_identity_proj(self) -> None:
+        """Projection = identity: the model then embeds exactly as the zero-shot ImageNet features
+        do (where --identity-proj training starts, and the zero-shot end of WiSE-FT)."""
+        if self.proj is None or self.proj.in_features != self.proj.out_features:
+            raise ValueError("an identity projection needs embed_dim 1280")
+        self.proj.weight.copy_(torch.eye(self.proj.in_features))
+        self.proj.bias.zero_()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.net(images)  # [B, 1280, h, w]
+        tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, 1280]
+        pooled = tokens.mean(dim=1)  # [B, 1280]
+        emb = self.proj(pooled) if self.proj is not None else pooled  # [B, D]
+        return emb, tokens
+
+
+# --- registry entry (model.backbones) ------------------------------------------------------------
+
+
+def _build(cfg: EncoderConfig, pretrained: bool | None) -> nn.Module:
+    use_pretrained = cfg.efficientnet.pretrained if pretrained is None else pretrained
+    return EfficientNetBackbone(cfg.efficientnet.embed_dim, use_pretrained)
+
+
+def _preprocess(image_size: int) -> PreprocessConfig:
+    return PreprocessConfig(image_size, image_size, LITE_MEAN, LITE_STD)
+
+
+def _from_args(args: argparse.Namespace) -> EncoderConfig:
+    efficientnet = EfficientNetConfig(args.embed_dim, pretrained=not args.no_pretrained)
+    return EncoderConfig("efficientnet_lite0", efficientnet=efficientnet, preprocess=_preprocess(args.image_size))
+
+
+def _trainable(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module | nn.Parameter]]:
+    assert isinstance(module, EfficientNetBackbone)
+    return [*module.net.blocks, module.net.head], [module.proj] if module.proj is not None else []
+
+
+def _prepare(module: nn.Module, args: argparse.Namespace) -> None:
+    assert isinstance(module, EfficientNetBackbone)
+    if getattr(args, "identity_proj", False) and module.proj is not None:
+        module.set_identity_proj()  # start exactly at the zero-shot embedding
+
+
+def _zero_shot(cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights with the projection at the identity (where fine-tuning starts)."""
+    module = EfficientNetBackbone(cfg.efficientnet.embed_dim, pretrained=True)
+    if module.proj is not None:
+        module.set_identity_proj()
+    return module.state_dict()
+
+
+SPEC = BackboneSpec("efficientnet_lite0", _build, _from_args, _preprocess, _trainable, _prepare, _zero_shot)

@@ -1,53 +1,20 @@
-"""The shared image encoder: images -> (global embedding, patch tokens), and the clip embedding."""
+"""The shared image encoder: images -> (global embedding, patch tokens), and the clip embedding.
+
+Backbones are built through the registry in `model.backbones`; `build_backbone` and
+`EfficientNetBackbone` are re-exported here for existing callers. Clip pooling lives here once, in a
+torch form (training, evaluation) and a numpy form (serving), which agree.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from model.config import EncoderConfig
-from model.efficientnet import HEAD_CHANNELS, EfficientNetLite0, load_imagenet_lite0
+from model.backbones import build_backbone
+from model.efficientnet import EfficientNetBackbone
 
-
-class EfficientNetBackbone(nn.Module):
-    """EfficientNet-Lite0 as a RICE backbone: pooled (optionally projected) embedding + 7x7 tokens."""
-
-    def __init__(self, embed_dim: int | None, pretrained: bool) -> None:
-        super().__init__()
-        self.net = load_imagenet_lite0() if pretrained else EfficientNetLite0()
-        self.proj = nn.Linear(HEAD_CHANNELS, embed_dim) if embed_dim else None
-        self.embed_dim = embed_dim or HEAD_CHANNELS
-        self.token_dim = HEAD_CHANNELS
-
-    @torch.no_grad()
-    def set_identity_proj(self) -> None:
-        """Projection = identity: the model then embeds exactly as the zero-shot ImageNet features
-        do (where --identity-proj training starts, and the zero-shot end of WiSE-FT)."""
-        if self.proj is None or self.proj.in_features != self.proj.out_features:
-            raise ValueError("an identity projection needs embed_dim 1280")
-        self.proj.weight.copy_(torch.eye(self.proj.in_features))
-        self.proj.bias.zero_()
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.net(images)  # [B, 1280, h, w]
-        tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, 1280]
-        pooled = tokens.mean(dim=1)  # [B, 1280]
-        emb = self.proj(pooled) if self.proj is not None else pooled  # [B, D]
-        return emb, tokens
-
-
-def build_backbone(cfg: EncoderConfig, pretrained: bool | None = None) -> nn.Module:
-    """Construct the backbone named by the config. `pretrained` overrides the config's flag
-    (a checkpoint's own weights replace the ImageNet ones anyway, so loading is skipped then)."""
-    if cfg.backbone == "efficientnet_lite0":
-        use_pretrained = cfg.efficientnet.pretrained if pretrained is None else pretrained
-        return EfficientNetBackbone(cfg.efficientnet.embed_dim, use_pretrained)
-    if cfg.backbone == "vit":
-        from model.vit import VisionTransformer
-
-        return VisionTransformer(cfg.vit)
-    raise ValueError(f"unknown backbone {cfg.backbone!r}; expected 'efficientnet_lite0' or 'vit'")
+__all__ = ["EfficientNetBackbone", "build_backbone", "clip_embedding", "pool_clip"]
 
 
 def clip_embedding(frame_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,3 +27,20 @@ def clip_embedding(frame_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     summed = (frames * m).sum(dim=1)  # [B, D]
     count = m.sum(dim=1).clamp_min(1.0)  # [B, 1]
     return F.normalize(summed / count, dim=-1)
+
+
+def pool_clip(frame_emb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """numpy twin of `clip_embedding`: masked mean of L2-normalised frame embeddings, L2-normalised.
+
+    frame_emb [T, D] -> [D], or [B, T, D] -> [B, D]; mask [T] / [B, T] (1 = real frame), default all
+    real. Returns float32. A clip with no real frame gives zeros rather than NaN.
+    """
+    x = np.asarray(frame_emb, dtype=np.float32)
+    single = x.ndim == 2
+    if single:
+        x = x[None]  # [1, T, D]
+    m = np.ones(x.shape[:2], np.float32) if mask is None else np.asarray(mask, np.float32).reshape(x.shape[:2])  # [B, T]
+    frames = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # [B, T, D]
+    mean = (frames * m[..., None]).sum(axis=1) / np.maximum(m.sum(axis=1, keepdims=True), 1.0)  # [B, D]
+    out = (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    return out[0] if single else out

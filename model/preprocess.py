@@ -12,6 +12,9 @@ import torch
 
 from model.config import PreprocessConfig
 
+# Still-image files that training data readers (frame folders, catalogs, LPR4M downloads) accept.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def sample_indices(total: int, n: int) -> list[int]:
     """`n` frame indices spread uniformly (linspace, first and last included) over `total` frames;
@@ -32,6 +35,24 @@ def resize_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
     return np.ascontiguousarray(out[top : top + crop, left : left + crop])
 
 
+def squash_center_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> [crop, crop, 3]: the whole frame to resize x resize (aspect not kept),
+    then the centre square, as the RICE authors' `Resize([256, 256])` + `CenterCrop(224)`."""
+    size = max(resize, crop)
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    out = cv2.resize(rgb, (size, size), interpolation=interp)
+    top = (size - crop) // 2
+    return np.ascontiguousarray(out[top : top + crop, top : top + crop])
+
+
+def fit_frame(rgb: np.ndarray, resize: int, crop: int, frame_fit: str = "crop") -> np.ndarray:
+    """[H, W, 3] -> [crop, crop, 3] by the config's frame fit ("crop" or "squash", see PreprocessConfig)."""
+    if frame_fit == "squash":
+        return squash_center_crop(rgb, resize, crop)
+    return resize_center_crop(rgb, resize, crop)
+
+
 def pad_to_square(rgb: np.ndarray) -> np.ndarray:
     """Letterbox [H, W, 3] to a square, filling with the image's own border colour."""
     h, w = rgb.shape[:2]
@@ -48,7 +69,7 @@ def pad_to_square(rgb: np.ndarray) -> np.ndarray:
 
 
 def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig, whole: bool = False) -> np.ndarray:
-    """An OpenCV BGR frame -> RGB uint8 [crop, crop, 3] ready for `normalize`.
+    """An OpenCV BGR frame -> RGB uint8 [crop, crop, 3] ready for `normalize` (fit by cfg.frame_fit).
 
     whole=True letterboxes instead of cropping: catalog images show the whole product, and
     cropping a tall package cuts off its top and bottom (measured: +20 points top-1 on the
@@ -57,7 +78,7 @@ def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig, whole: bool = False) -
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if whole:
         rgb = pad_to_square(rgb)
-    return resize_center_crop(rgb, cfg.resize, cfg.crop)
+    return fit_frame(rgb, cfg.resize, cfg.crop, cfg.frame_fit)
 
 
 def normalize(frames: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:

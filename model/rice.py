@@ -10,6 +10,7 @@ to the loss of one process on the whole global batch. See `RICE.forward` for the
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,18 +35,26 @@ class RICEConfig:
     temperature: float = 0.07  # initial value when learnable
     learn_temperature: bool = True
     hard_negatives: int = 3
-    decoder_width: int = 256
+    decoder_width: int = 256  # "small" decoder only; "v2" works at the backbone's token width
     decoder_heads: int = 8
-    pfr_norm: str = "softmax"  # the RICE authors' v2 code: softmax over the keys; "sum" divides by the sum instead
+    # PFR weights over the keys: "softmax" (v2), "none" (v1: the conv output as it is), "sum" (ours:
+    # divided by their sum). See PatchFeatureReconstruction.
+    pfr_norm: str = "softmax"
+    # "small": a fresh decoder of decoder_width; "v2": the authors' v2 decoder at the token width
+    # (768, 12 heads for ViT-B/32), its two blocks copied from the backbone's last two, score =
+    # 10 x cosine.
+    decoder: str = "small"
 
     def __post_init__(self) -> None:
         if self.pfr and not self.pmd:
             raise ValueError("PFR reads the PMD decoder's cross-attention: enable pmd too")
         if not (self.icl or self.pmd):
             raise ValueError("enable at least one of icl and pmd")
-        if self.pfr_norm not in ("softmax", "sum"):
-            raise ValueError("pfr_norm must be 'softmax' or 'sum'")
-        if self.decoder_width % self.decoder_heads:
+        if self.pfr_norm not in ("softmax", "sum", "none"):
+            raise ValueError("pfr_norm must be 'softmax', 'none' or 'sum'")
+        if self.decoder not in ("small", "v2"):
+            raise ValueError("decoder must be 'small' or 'v2'")
+        if self.decoder == "small" and self.decoder_width % self.decoder_heads:
             raise ValueError("decoder_width must be a multiple of decoder_heads")
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +110,13 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
 # --- losses --------------------------------------------------------------------------------------
 
 
+def fp32(x: torch.Tensor) -> AbstractContextManager[Any]:
+    """Autocast off on x's device: under bf16 autocast a matmul of fp32 inputs still runs in bf16,
+    whose 8-bit mantissa rounds cosines near 1 by ~0.004, x100 at temperature 0.01 = 0.4 nats of logit
+    noise, and can swap which clip is the hardest negative."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def same_sku_mask(sku_q: torch.Tensor, sku_all: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """[b, N] True where gallery column j shares row i's SKU but is not row i's own pair
     (row i's own pair is column offset + i): these are false negatives and leave the softmax."""
@@ -132,9 +148,11 @@ def icl_loss(
     sku_all = skus if sku_all is None else sku_all
     target = torch.arange(clip_emb.shape[0], device=clip_emb.device) + offset  # [b]
     drop = same_sku_mask(skus, sku_all, offset)  # [b, N]
-    c2i = (logit_scale * clip_emb @ image_all.T).float().masked_fill(drop, float("-inf"))  # [b, N]
-    i2c = (logit_scale * image_emb @ clip_all.T).float().masked_fill(drop, float("-inf"))  # [b, N]
-    return (F.cross_entropy(c2i, target) + F.cross_entropy(i2c, target)) / 2
+    with fp32(clip_emb):
+        scale = logit_scale.float()
+        c2i = (scale * clip_emb.float() @ image_all.float().T).masked_fill(drop, float("-inf"))  # [b, N]
+        i2c = (scale * image_emb.float() @ clip_all.float().T).masked_fill(drop, float("-inf"))  # [b, N]
+        return (F.cross_entropy(c2i, target) + F.cross_entropy(i2c, target)) / 2
 
 
 @torch.no_grad()
@@ -145,7 +163,7 @@ def mine_hard_negatives(sim: torch.Tensor, skus: torch.Tensor, sku_all: torch.Te
     -> (column indices [b, k], valid [b, k]); valid is False where fewer than k other-SKU clips exist.
     """
     same = skus[:, None] == sku_all[None, :]  # [b, N]; the positive shares its own SKU, so it is excluded too
-    masked = sim.float().masked_fill(same, float("-inf"))
+    masked = sim.float().masked_fill(same, float("-inf"))  # callers compute sim in fp32 (see `fp32`)
     values, idx = masked.topk(min(k, sim.shape[1]), dim=1)  # [b, k]
     return idx, torch.isfinite(values)
 
@@ -153,7 +171,7 @@ def mine_hard_negatives(sim: torch.Tensor, skus: torch.Tensor, sku_all: torch.Te
 def pmd_loss(pos_score: torch.Tensor, neg_score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over {positive, hard negatives} with the positive as target, mean over rows.
     pos_score [b], neg_score [b, k], valid [b, k]."""
-    logits = torch.cat([pos_score[:, None], neg_score.masked_fill(~valid, float("-inf"))], dim=1).float()  # [b, 1+k]
+    logits = torch.cat([pos_score[:, None].float(), neg_score.float().masked_fill(~valid, float("-inf"))], dim=1)  # [b, 1+k]
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
@@ -166,6 +184,7 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = width // heads
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)
@@ -194,6 +213,7 @@ class PairwiseMatchingDecoder(nn.Module):
 
     def __init__(self, token_dim: int, width: int, heads: int) -> None:
         super().__init__()
+        self.heads = heads
         self.input = nn.Linear(token_dim, width)  # shared by both views, like the shared encoder
         self.ln_self = nn.LayerNorm(width)
         self.self_attn = Attention(width, heads)
@@ -205,7 +225,11 @@ class PairwiseMatchingDecoder(nn.Module):
         self.score = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
 
     def forward(self, image_tokens: torch.Tensor, clip_tokens: torch.Tensor, clip_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_tokens [P, N, d], clip_tokens [P, K, d], clip_pad [P, K] -> (score [P], cross-attn probs [P, h, N, K])."""
+        """image_tokens [P, N, d], clip_tokens [P, K, d], clip_pad [P, K] -> (score [P], PFR input [P, h, N, K]).
+
+        The PFR input is the cross-attention probabilities divided by the attention scale
+        (x sqrt(head_dim)), as the authors' decoder returns them: see PatchFeatureReconstruction.
+        """
         x = self.input(image_tokens)  # [P, N, W]
         mem = self.ln_mem(self.input(clip_tokens))  # [P, K, W]
         h = self.ln_self(x)
@@ -213,36 +237,86 @@ class PairwiseMatchingDecoder(nn.Module):
         attn, probs = self.cross_attn(self.ln_query(x), mem, clip_pad)
         x = x + attn
         x = x + self.mlp(self.ln_mlp(x))
-        return self.score(x[:, 0]).squeeze(-1), probs
+        return self.score(x[:, 0]).squeeze(-1), probs * math.sqrt(self.cross_attn.head_dim)
+
+
+class PairwiseMatchingDecoderV2(nn.Module):
+    """The authors' v2 PMD: two pre-LN transformer blocks at the backbone's token width (768, 12 heads
+    for ViT-B/32), started from copies of the backbone's last two blocks when it offers them
+    (`last_blocks(n)`), else freshly initialised. Block 1 self-attends over the image tokens, block 2
+    cross-attends from them to the clip tokens. Score = 10 x cosine between the decoded token 0 and the
+    clip's masked-mean token, both through one LayerNorm + Linear: a bounded logit (+-10) like the
+    authors' cosine head, so the 4-way PMD softmax cannot saturate early.
+    """
+
+    logit_scale = 10.0
+
+    def __init__(self, backbone: nn.Module, width: int, heads: int) -> None:
+        super().__init__()
+        from model.vit import ResidualAttentionBlock  # the CLIP block layout, so weights copy 1:1
+
+        source = getattr(backbone, "last_blocks", None)
+        blocks = source(2) if callable(source) else None
+        if not blocks or any(b.attn.embed_dim != width for b in blocks):
+            blocks = [ResidualAttentionBlock(width, heads) for _ in range(2)]
+        self.self_block, self.cross_block = blocks
+        self.heads = self.cross_block.attn.num_heads
+        self.head_dim = width // self.heads
+        self.ln_score = nn.LayerNorm(width)
+        self.proj_score = nn.Linear(width, width)
+
+    def forward(self, image_tokens: torch.Tensor, clip_tokens: torch.Tensor, clip_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_tokens [P, N, W], clip_tokens [P, K, W], clip_pad [P, K] -> (score [P], PFR input [P, h, N, K])."""
+        x = self.self_block(image_tokens)  # [P, N, W]
+        blk = self.cross_block
+        q, mem = blk.ln_1(x), blk.ln_1(clip_tokens)  # [P, N, W], [P, K, W]
+        attn, probs = blk.attn(q, mem, mem, key_padding_mask=clip_pad, need_weights=True, average_attn_weights=False)
+        x = x + attn  # probs [P, h, N, K]
+        x = x + blk.mlp(blk.ln_2(x))
+        keep = (~clip_pad).to(clip_tokens.dtype).unsqueeze(-1)  # [P, K, 1]
+        pooled = (clip_tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # [P, W]
+        a = F.normalize(self.proj_score(self.ln_score(x[:, 0])).float(), dim=-1)  # [P, W]
+        b = F.normalize(self.proj_score(self.ln_score(pooled)).float(), dim=-1)  # [P, W]
+        return self.logit_scale * (a * b).sum(-1), probs * math.sqrt(self.head_dim)
 
 
 class PatchFeatureReconstruction(nn.Module):
-    """PFR: a 1x1 conv over attention heads turns cross-attention probabilities into reconstruction
-    weights W [B, N, K]; X_hat = W @ sg(clip tokens) should equal sg(image tokens). Both token sets are
-    detached, so the loss trains the model only through the attention logits."""
+    """PFR: a 1x1 conv over attention heads turns cross-attention maps into reconstruction weights
+    W [B, N, K]; X_hat = W @ sg(clip tokens) should equal sg(image tokens). Both token sets are
+    detached, so the loss trains the model only through the attention logits.
+
+    As the authors built it (v2 `module_crossattn.py`, `initialize_head_weights`): the input is the
+    probabilities divided by the attention scale (x sqrt(head_dim), done by the decoders) and both
+    convs start at weight 1.0, bias 0, so the first W is softmax(sum over heads of sqrt(d) * p): much
+    sharper than the attention. With raw probabilities and a mean-over-heads init the softmax over 500
+    keys is near uniform (80% of a head's mass on 5 keys gives them ~1.2% of W) and PFR does nothing.
+    norm "softmax" (v2), "none" (v1: W is the ReLU'd conv output, weight 0.05), "sum" (W divided by
+    its sum: the attention's shape whatever the scale).
+    """
 
     def __init__(self, heads: int, norm: str = "softmax") -> None:
         super().__init__()
         self.norm = norm
         mid = max(heads // 2, 1)
         first, second = nn.Conv2d(heads, mid, 1), nn.Conv2d(mid, 1, 1)
-        # Start as the mean over heads: a random init can leave the final ReLU dead everywhere,
-        # and then PFR sends no gradient at all.
-        for conv, fan_in in ((first, heads), (second, mid)):
-            nn.init.constant_(conv.weight, 1.0 / fan_in)
+        for conv in (first, second):
+            nn.init.ones_(conv.weight)  # the authors' init (also keeps the final ReLU alive at the start)
             nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
         self.mix = nn.Sequential(first, nn.ReLU(), second, nn.ReLU())
 
+    def weights(self, attn: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
+        """attn [B, h, N, K] (scaled probabilities), clip_pad [B, K] -> reconstruction weights [B, N, K]."""
+        w = self.mix(attn.float()).squeeze(1)  # [B, N, K], >= 0
+        if self.norm == "sum":
+            w = w.masked_fill(clip_pad[:, None, :], 0.0)
+            return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        if self.norm == "none":
+            return w.masked_fill(clip_pad[:, None, :], 0.0)
+        return w.masked_fill(clip_pad[:, None, :], float("-inf")).softmax(dim=-1)
+
     def forward(self, probs: torch.Tensor, clip_tokens: torch.Tensor, image_tokens: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
         """probs [B, h, N, K], clip_tokens [B, K, d], image_tokens [B, N, d], clip_pad [B, K] -> MSE (scalar)."""
-        w = self.mix(probs).squeeze(1)  # [B, N, K], >= 0
-        if self.norm == "sum":
-            # The ReLU'd weights are attention-sized (about 1/K): a softmax over them is nearly
-            # uniform and passes little gradient; dividing by their sum keeps the attention's shape.
-            w = w.masked_fill(clip_pad[:, None, :], 0.0)
-            w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
-        else:
-            w = w.masked_fill(clip_pad[:, None, :], float("-inf")).softmax(dim=-1)
+        w = self.weights(probs, clip_pad)  # [B, N, K]
         x_hat = w @ clip_tokens.detach().to(w.dtype)  # [B, N, d]
         return F.mse_loss(x_hat.float(), image_tokens.detach().float())
 
@@ -258,9 +332,37 @@ class RICE(nn.Module):
         # CNN backbones have no CLS token; their mean token plays token 0 for the decoder's pooling.
         self.add_global_token = not getattr(backbone, "has_cls_token", False)
         token_dim = int(backbone.token_dim)  # type: ignore[arg-type]
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)), requires_grad=cfg.learn_temperature)
-        self.decoder = PairwiseMatchingDecoder(token_dim, cfg.decoder_width, cfg.decoder_heads) if cfg.pmd else None
-        self.pfr = PatchFeatureReconstruction(cfg.decoder_heads, cfg.pfr_norm) if cfg.pfr else None
+        # Without ICL the temperature is never used: frozen, so no optimiser step moves it and DDP
+        # does not wait for its gradient.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)), requires_grad=cfg.learn_temperature and cfg.icl)
+        self.decoder: PairwiseMatchingDecoder | PairwiseMatchingDecoderV2 | None = None
+        if cfg.pmd and cfg.decoder == "v2":
+            if token_dim % cfg.decoder_heads:
+                raise ValueError(f"the v2 decoder works at the token width {token_dim}: not a multiple of {cfg.decoder_heads} heads")
+            self.decoder = PairwiseMatchingDecoderV2(backbone, token_dim, cfg.decoder_heads)
+        elif cfg.pmd:
+            self.decoder = PairwiseMatchingDecoder(token_dim, cfg.decoder_width, cfg.decoder_heads)
+        self.pfr = PatchFeatureReconstruction(self.decoder.heads, cfg.pfr_norm) if cfg.pfr and self.decoder is not None else None
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """True when some trainable parameters get no gradient (DDP then needs find_unused_parameters):
+        without ICL nothing reads the global embedding, so the backbone's projection gets none."""
+        return not self.cfg.icl
+
+    @torch.no_grad()
+    def pair_scores(self, image_tokens: torch.Tensor, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """PMD scores of one clip against G candidate images (for re-ranking a shortlist).
+
+        image_tokens [G, N, d] and frame_tokens [T, N, d] as `encode` returns them, frame_mask [T]
+        (1 = real frame) -> [G], higher = better match. Needs the PMD decoder.
+        """
+        if self.decoder is None:
+            raise ValueError("this model was trained without PMD: no decoder to score pairs")
+        g = image_tokens.shape[0]
+        clip_tok = frame_tokens.flatten(0, 1).unsqueeze(0).expand(g, -1, -1)  # [G, T*N, d]
+        pad = (~frame_mask.bool()).repeat_interleave(frame_tokens.shape[1]).unsqueeze(0).expand(g, -1)  # [G, T*N]
+        return self.decoder(image_tokens, clip_tok, pad)[0]
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (embedding [B, D], decoder tokens [B, N, d])."""
@@ -305,7 +407,9 @@ class RICE(nn.Module):
             total = total + self.cfg.icl_weight * out["icl"]
         if self.decoder is not None:
             k = self.cfg.hard_negatives
-            neg_idx, valid = mine_hard_negatives(image_emb.detach() @ clip_all.detach().T, skus, sku_all, k)
+            with fp32(image_emb):
+                sim = image_emb.detach().float() @ clip_all.detach().float().T  # [b, N]
+            neg_idx, valid = mine_hard_negatives(sim, skus, sku_all, k)
             clip_tok_all, pad_all = gather_batch(clip_tok), gather_batch(clip_pad)
             pos_score, probs = self.decoder(image_tok, clip_tok, clip_pad)  # [b], [b, h, N, T*N]
             k = neg_idx.shape[1]

@@ -6,7 +6,13 @@ DistributedDataParallel. Read top to bottom: config -> data -> model -> optimise
 
 `OUT/last.pt` is written every --ckpt-every steps (and at the end) and resumes exactly with
 --resume; `OUT/final.pt` is the servable checkpoint (`rice serve --checkpoint OUT/final.pt`).
-Both are model.checkpoint files: the encoder plus training extras.
+Both are model.checkpoint files: the encoder plus training extras. With --select-every N the model
+is evaluated on held-out products every N steps, `OUT/best.pt` keeps the best by held-out R@1,
+training stops after --patience evaluations without a gain, and final.pt is the best one.
+
+Gradient accumulation (--accum) averages gradients over micro-batches but does NOT enlarge the
+contrastive batch: each micro-batch's clips only see that micro-batch's images (and those gathered
+from other processes) as negatives. Use more processes (or a larger --batch-size) for more negatives.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +34,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
-from model.config import CLIP_MEAN, CLIP_STD, EfficientNetConfig, EncoderConfig, PreprocessConfig, ViTConfig
-from model.data import ClipDataset, gallery_of, read_manifest, worker_init
-from model.encoder import EfficientNetBackbone, build_backbone
+from model.config import FRAME_FITS, EncoderConfig, PreprocessConfig
+from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, worker_init
 from model.evaluate import evaluate_rows, read_sku_file
 from model.preprocess import normalize
 from model.rice import RICE, RICEConfig, world_info
@@ -49,26 +56,49 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--skus", help="file of SKUs (one per line): train only on these products")
     a("--limit", type=int, default=0, help="train on at most the first N manifest rows left after --skus/--exclude-skus (0: all)")
     # model
-    a("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "vit"])
+    a("--backbone", default="efficientnet_lite0", help=f"a registered backbone (model.backbones): {', '.join(backbone_names())}")
+    a("--backbone-options", default="", help="key=value,... settings for a backbone without its own flags (EncoderConfig.options)")
     a("--embed-dim", type=int, default=1280, help="EfficientNet projection size (1280 + --identity-proj starts at zero-shot)")
     a("--identity-proj", action="store_true", help="initialise the EfficientNet projection to the identity")
     a("--vit", default="768,12,12,32,224,512", help="ViT width,layers,heads,patch,image_size,embed_dim")
-    a("--clip-weights", help="OpenAI CLIP / open_clip ViT weights to start from")
+    a("--gelu", default="quick", choices=["quick", "exact"], help="ViT MLP activation: quick (OpenAI CLIP) or exact (open_clip LAION)")
+    a("--clip-weights", help="OpenAI CLIP (ViT-B-32.pt, TorchScript or state dict) / open_clip ViT weights to start from")
     a("--no-pretrained", action="store_true", help="random init (tests)")
     a("--train-blocks", type=int, default=-1, help="train only the last N blocks of the backbone (-1: all)")
     a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
+    a(
+        "--frame-fit",
+        default="squash",
+        choices=FRAME_FITS,
+        help="squash: whole frame to a square, as the authors do for 9:16 LPR4M frames (default); crop: shorter side + centre crop. "
+        "Stored in the checkpoint: the service then prepares frames the same way",
+    )
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
     a("--pmd-weight", type=float, default=1.0)
-    a("--pfr-norm", default="softmax", choices=["softmax", "sum"], help="PFR weights: softmax over keys (paper) or divided by their sum")
-    a("--pfr-weight", type=float, default=1.0)
+    a(
+        "--pmd-form",
+        default="small",
+        choices=["small", "v2"],
+        help="small: fresh decoder of --decoder-width; v2: the authors' (token width, "
+        "12 heads, started from the backbone's last two blocks, 10 x cosine score)",
+    )
+    a("--pfr-form", default="v2", choices=["v1", "v2"], help="v2: softmax over the keys, weight 1.0; v1: no softmax, weight 0.05")
+    a("--pfr-norm", choices=["softmax", "none", "sum"], help="override the form's PFR weight normalisation (sum: divide by the sum)")
+    a("--pfr-weight", type=float, help="override the form's PFR loss weight")
     a("--temperature", type=float, default=0.07)
     a("--decoder-width", type=int, default=256)
-    a("--decoder-heads", type=int, default=8)
+    a("--decoder-heads", type=int, help="default 8 (small decoder) or 12 (v2)")
+    a("--match-threshold", type=float, help="a calibrated match score to store in the checkpoint (served as LoadedEncoder.match_threshold)")
     # optimisation
     a("--frames", type=int, default=10, help="frames per training clip")
     a("--eval-frames", type=int, default=10)
-    a("--batch-size", type=int, default=32, help="per process, per micro-batch")
-    a("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--batch-size", type=int, default=32, help="per process, per micro-batch; with N processes the contrastive batch is N x this")
+    a(
+        "--accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step. Does not enlarge the contrastive batch: negatives come from one micro-batch only",
+    )
     a("--epochs", type=float, default=1.0)
     a("--max-steps", type=int, default=0, help="schedule length in optimizer steps (overrides --epochs)")
     a("--stop-at-step", type=int, default=0, help="end this run early at this step (resume later with --resume)")
@@ -80,55 +110,69 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--log-every", type=int, default=10)
     a("--workers", type=int, default=2)
     a("--seed", type=int, default=0)
+    # model selection on held-out products
+    a("--select-every", type=int, default=0, help="evaluate held-out products every N steps, keep OUT/best.pt by their R@1 (0: off)")
+    a("--select-queries", help="manifest of held-out query clips (default: the --val rows whose SKU is in --exclude-skus)")
+    a("--select-gallery", help="gallery for --select-queries (default: --val-gallery, else the queries' images)")
+    a("--patience", type=int, default=0, help="stop after this many selections without a better held-out R@1 (0: run to the end)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--no-progress", action="store_true")
 
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
-    """The encoder (and its preprocessing) the checkpoint will carry."""
-    if args.backbone == "vit":
-        width, layers, heads, patch, size, dim = (int(x) for x in args.vit.split(","))
-        pre = PreprocessConfig(size, size, CLIP_MEAN, CLIP_STD)
-        return EncoderConfig("vit", vit=ViTConfig(size, patch, width, layers, heads, dim), preprocess=pre)
-    pre = PreprocessConfig(args.image_size, args.image_size)
-    return EncoderConfig(efficientnet=EfficientNetConfig(args.embed_dim, pretrained=not args.no_pretrained), preprocess=pre)
+    """The encoder (and its preprocessing) the checkpoint will carry, from the backbone's registry entry."""
+    cfg = get_spec(args.backbone).from_args(args)
+    return replace(cfg, preprocess=replace(cfg.preprocess, frame_fit=getattr(args, "frame_fit", cfg.preprocess.frame_fit)))
 
 
-def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
-    """Backbone (pretrained weights, frozen early blocks) + RICE heads."""
-    backbone = build_backbone(cfg)
-    if isinstance(backbone, EfficientNetBackbone):
-        if args.identity_proj and backbone.proj is not None:
-            backbone.set_identity_proj()  # start exactly at the zero-shot embedding
-        blocks: list[nn.Module] = [*backbone.net.blocks, backbone.net.head]
-        tail: list[nn.Module | nn.Parameter] = [backbone.proj] if backbone.proj is not None else []
-    else:
-        from model.vit import VisionTransformer, load_clip_weights
-
-        assert isinstance(backbone, VisionTransformer)
-        if args.clip_weights:
-            load_clip_weights(backbone, args.clip_weights)
-        blocks = list(backbone.transformer.resblocks)
-        tail = [backbone.ln_post, backbone.proj]
-    if args.train_blocks >= 0:
-        backbone.requires_grad_(False)
-        for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
-            m.requires_grad_(True)
+def rice_config(args: argparse.Namespace) -> RICEConfig:
+    """The RICE losses and heads, with the --pmd-form / --pfr-form presets resolved."""
     losses = {x.strip() for x in args.losses.split(",") if x.strip()}
     if not losses or losses - {"icl", "pmd", "pfr"}:
         raise ValueError(f"--losses takes a comma-separated subset of icl,pmd,pfr; got {args.losses!r}")
-    rice_cfg = RICEConfig(
+    v1 = args.pfr_form == "v1"
+    return RICEConfig(
         icl="icl" in losses,
         pmd="pmd" in losses,
         pfr="pfr" in losses,
         pmd_weight=args.pmd_weight,
-        pfr_weight=args.pfr_weight,
+        pfr_weight=args.pfr_weight if args.pfr_weight is not None else (0.05 if v1 else 1.0),
         temperature=args.temperature,
         decoder_width=args.decoder_width,
-        decoder_heads=args.decoder_heads,
-        pfr_norm=args.pfr_norm,
+        decoder_heads=args.decoder_heads or (12 if args.pmd_form == "v2" else 8),
+        pfr_norm=args.pfr_norm or ("none" if v1 else "softmax"),
+        decoder=args.pmd_form,
     )
-    return RICE(backbone, rice_cfg)
+
+
+def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
+    """Backbone (pretrained weights, frozen early blocks) + RICE heads."""
+    spec = get_spec(cfg.backbone)
+    backbone = build_backbone(cfg)
+    if spec.prepare is not None:
+        spec.prepare(backbone, args)
+    blocks, tail = spec.trainable(backbone)
+    if args.train_blocks >= 0:
+        backbone.requires_grad_(False)
+        for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
+            m.requires_grad_(True)
+    return RICE(backbone, rice_config(args))
+
+
+def selection_rows(args: argparse.Namespace, exclude: set[str]) -> tuple[list[ClipRow], list[ClipRow]] | None:
+    """(held-out queries, their gallery) for --select-every, or None when selection is off."""
+    if not args.select_every:
+        return None
+    if args.select_queries:
+        queries = read_manifest(args.select_queries)
+    elif args.val and exclude:
+        queries = [r for r in read_manifest(args.val) if r.sku in exclude]
+    else:
+        raise ValueError("--select-every needs --select-queries, or --val with --exclude-skus (held-out products)")
+    if not queries:
+        raise ValueError("no held-out queries to select on (no --val row has an --exclude-skus SKU)")
+    gallery_file = args.select_gallery or args.val_gallery
+    return queries, read_manifest(gallery_file) if gallery_file else gallery_of(queries)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -139,13 +183,17 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 def param_groups(model: RICE, lr_backbone: float, lr_head: float, wd: float) -> list[dict[str, Any]]:
-    """AdamW groups: backbone vs heads learning rates; no weight decay on norms, biases and scalars."""
+    """AdamW groups: backbone vs heads learning rates; no weight decay on norms, biases and scalars.
+    Each group has a unique name (backbone, backbone_nodecay, head, head_nodecay) for the metrics log."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault(("backbone" if name.startswith("backbone.") else "head", p.ndim >= 2), []).append(p)
     lrs = {"backbone": lr_backbone, "head": lr_head}
-    return [{"params": ps, "lr": lrs[part], "weight_decay": wd if decay else 0.0, "name": part} for (part, decay), ps in groups.items()]
+    return [
+        {"params": ps, "lr": lrs[part], "weight_decay": wd if decay else 0.0, "name": part if decay else f"{part}_nodecay"}
+        for (part, decay), ps in groups.items()
+    ]
 
 
 def warmup_cosine(warmup: int, total: int) -> Any:
@@ -206,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     only = read_sku_file(args.skus)
     rows = [r for r in read_manifest(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
     rows = rows[: args.limit] if args.limit > 0 else rows
+    selection = selection_rows(args, exclude)
     dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
     per_epoch = len(rows) // (args.batch_size * world * args.accum)  # full global batches, as epoch_batches yields
     if per_epoch == 0:
@@ -217,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, total))
     step = 0
-    last = out_dir / "last.pt"
+    # Model selection on held-out products: best held-out R@1 so far, its step, selections since.
+    best = {"r1": -1.0, "step": 0, "stale": 0}
+    last, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if args.resume and last.is_file():
         state = read_checkpoint(last)["train_state"]
         model.load_state_dict(state["model"])
@@ -225,8 +276,14 @@ def run(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
+        best.update(state.get("best", {}))
     cuda = device.type == "cuda"
-    ddp: nn.Module = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    ddp: nn.Module = model
+    if world > 1:
+        # Without ICL the backbone's embedding head gets no gradient; DDP must then not wait for it.
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, find_unused_parameters=model.leaves_parameters_unused
+        )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # fp32 master weights, bf16 maths
 
     def save(path: Path, with_state: bool) -> str:
@@ -242,13 +299,35 @@ def run(args: argparse.Namespace) -> int:
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "step": step,
+                "best": dict(best),
             }
-        return save_checkpoint(path, model.backbone, cfg, extra)
+        return save_checkpoint(path, model.backbone, cfg, extra, match_threshold=args.match_threshold)
+
+    def select() -> bool:
+        """Evaluate the held-out products (rank 0), keep best.pt; True when patience has run out."""
+        stop = torch.zeros(1, device=device)
+        if rank == 0 and selection is not None:
+            report = evaluate_rows(model.backbone, pre, selection[0], selection[1], args.per_shop, args.eval_frames, device, args.workers)
+            freeze_batchnorm(model.backbone)  # evaluate_rows restored train mode, BatchNorm included
+            r1 = report["recall"]["R@1"]
+            if r1 > best["r1"]:
+                best.update(r1=r1, step=step, stale=0)
+                save(best_path, with_state=False)
+            else:
+                best["stale"] += 1
+            if log:
+                log.write(json.dumps({"step": step, "select": report["recall"], "best_step": best["step"]}) + "\n")
+                log.flush()
+            stop[0] = float(bool(args.patience) and best["stale"] >= args.patience)
+        if world > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop.item())
 
     log = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0 or args.no_progress, desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
-    while step < total:
+    stopped = False
+    while step < total and not stopped:
         epoch, done = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(rows), args.batch_size, world, rank, epoch, args.seed)[done * args.accum : per_epoch * args.accum]
@@ -284,15 +363,17 @@ def run(args: argparse.Namespace) -> int:
                     **{k: round(float(v), 5) for k, v in stats.items()},
                     "temperature": round(math.exp(-model.logit_scale.item()), 5),
                 }
-                rec.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups[:2]}, seconds=round(time.perf_counter() - t0, 1))
+                rec.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}, seconds=round(time.perf_counter() - t0, 1))
                 bar.set_postfix(loss=rec["loss"])
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
             sums = {}
-            if rank == 0 and (step % args.ckpt_every == 0 or step in (total, args.stop_at_step)):
+            if selection is not None and (step % args.select_every == 0 or step == total):
+                stopped = select()
+            if rank == 0 and (stopped or step % args.ckpt_every == 0 or step in (total, args.stop_at_step)):
                 save(last, with_state=True)
-            if step >= total or step == args.stop_at_step:
+            if stopped or step >= total or step == args.stop_at_step:
                 break
         if step == args.stop_at_step:
             break
@@ -304,6 +385,12 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
+        if selection is not None and best_path.is_file():
+            # The servable model is the best on held-out products, not the last.
+            kept = read_checkpoint(best_path)
+            model.backbone.load_state_dict(kept["encoder"])
+            model.load_state_dict(kept["heads"], strict=False)
+            sys.stdout.write(f"best held-out R@1 {best['r1']} at step {best['step']} (of {step}): final.pt = best.pt\n")
         version = save(out_dir / "final.pt", with_state=False)
         sys.stdout.write(f"saved {out_dir / 'final.pt'} ({version}) after {step} steps, {time.perf_counter() - t0:.0f} s\n")
         if args.val:

@@ -6,6 +6,8 @@ dict loads after stripping the `visual.` prefix. Only torch is imported here.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import math
 import os
 import re
@@ -15,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.config import ViTConfig
+from model.backbones import BackboneSpec
+from model.config import CLIP_MEAN, CLIP_STD, EncoderConfig, PreprocessConfig, ViTConfig
 
 
 class QuickGELU(nn.Module):
-    """The GELU approximation OpenAI's CLIP weights were trained with (open_clip's `-quickgelu` models too;
-    its LAION-trained ViT-B-32 uses exact GELU and embeds slightly differently here)."""
+    """The GELU approximation OpenAI's CLIP weights were trained with (open_clip's `-quickgelu` models
+    too). open_clip's LAION-trained ViT-B-32 was trained with exact GELU: use ViTConfig(gelu="exact")."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -29,12 +32,13 @@ class QuickGELU(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block; names match CLIP's (attn, ln_1, mlp.c_fc, mlp.c_proj, ln_2)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, gelu: str = "quick") -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_1 = nn.LayerNorm(width)
+        act: nn.Module = QuickGELU() if gelu == "quick" else nn.GELU()
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))])
+            OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", act), ("c_proj", nn.Linear(width * 4, width))])
         )
         self.ln_2 = nn.LayerNorm(width)
 
@@ -45,9 +49,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(self, width: int, layers: int, heads: int, gelu: str = "quick") -> None:
         super().__init__()
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, gelu) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resblocks(x)
@@ -69,7 +73,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.gelu)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, cfg.embed_dim))
         self.embed_dim = cfg.embed_dim
@@ -83,6 +87,10 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x))  # [B, T, width]
         emb = self.ln_post(x[:, 0]) @ self.proj  # [B, embed_dim]
         return emb, x
+
+    def last_blocks(self, n: int) -> list[ResidualAttentionBlock]:
+        """Copies of the last `n` transformer blocks (the RICE v2 decoder starts from them)."""
+        return [copy.deepcopy(b) for b in list(self.transformer.resblocks)[-n:]]  # type: ignore[misc]
 
 
 class CLIPImportError(ValueError):
@@ -136,10 +144,44 @@ def convert_clip_state(state: dict[str, Any], model: VisionTransformer) -> dict[
 def load_clip_weights(model: VisionTransformer, path: str | os.PathLike[str]) -> None:
     """Load OpenAI CLIP (TorchScript archive or state dict) or open_clip weights into `model`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError:
-        # OpenAI's release files are TorchScript archives; loading one runs no Python pickles.
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch versions differ in what they raise for a TorchScript archive
+        # OpenAI's release files (ViT-B-32.pt) are TorchScript archives; loading one runs no Python pickles.
+        state = torch.jit.load(str(path), map_location="cpu")
+    if isinstance(state, torch.jit.ScriptModule):
+        # torch.load hands TorchScript archives to torch.jit.load and returns the module on some versions.
+        state = dict(state.state_dict())
     if not isinstance(state, dict):
         raise CLIPImportError(f"{path}: expected a state dict, got {type(state).__name__}")
     model.load_state_dict(convert_clip_state(state, model), strict=True)
+
+
+# --- registry entry (model.backbones) ------------------------------------------------------------
+
+
+def _build(cfg: EncoderConfig, pretrained: bool | None) -> nn.Module:
+    return VisionTransformer(cfg.vit)  # pretrained weights come from a file: see _prepare
+
+
+def _preprocess(image_size: int) -> PreprocessConfig:
+    return PreprocessConfig(image_size, image_size, CLIP_MEAN, CLIP_STD)
+
+
+def _from_args(args: argparse.Namespace) -> EncoderConfig:
+    width, layers, heads, patch, size, dim = (int(x) for x in args.vit.split(","))
+    vit = ViTConfig(size, patch, width, layers, heads, dim, getattr(args, "gelu", "quick"))
+    return EncoderConfig("vit", vit=vit, preprocess=_preprocess(size))
+
+
+def _trainable(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module | nn.Parameter]]:
+    assert isinstance(module, VisionTransformer)
+    return list(module.transformer.resblocks), [module.ln_post, module.proj]
+
+
+def _prepare(module: nn.Module, args: argparse.Namespace) -> None:
+    assert isinstance(module, VisionTransformer)
+    if getattr(args, "clip_weights", None):
+        load_clip_weights(module, args.clip_weights)
+
+
+SPEC = BackboneSpec("vit", _build, _from_args, _preprocess, _trainable, _prepare)

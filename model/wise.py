@@ -16,19 +16,18 @@ from pathlib import Path
 
 import torch
 
+from model.backbones import get_spec
 from model.checkpoint import load_encoder, save_checkpoint
 from model.config import EncoderConfig
-from model.encoder import EfficientNetBackbone, build_backbone
 
 
 def zero_shot_state(cfg: EncoderConfig) -> dict[str, torch.Tensor]:
-    """The pretrained weights fine-tuning started from (ImageNet Lite0, identity projection)."""
-    backbone = build_backbone(cfg, pretrained=True)
-    if not isinstance(backbone, EfficientNetBackbone):
-        raise ValueError("only the EfficientNet-Lite0 backbone has packaged zero-shot weights here")
-    if backbone.proj is not None:
-        backbone.set_identity_proj()
-    return backbone.state_dict()
+    """The pretrained weights fine-tuning started from, as the backbone's registry entry defines them
+    (EfficientNet-Lite0: packaged ImageNet weights, identity projection)."""
+    spec = get_spec(cfg.backbone)
+    if spec.zero_shot is None:
+        raise ValueError(f"backbone {cfg.backbone!r} has no packaged zero-shot weights to interpolate with")
+    return spec.zero_shot(cfg)
 
 
 def interpolate(path: str | Path, alpha: float, out: str | Path) -> str:
@@ -45,7 +44,9 @@ def interpolate(path: str | Path, alpha: float, out: str | Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a fine-tuned EfficientNet-Lite0 RICE checkpoint")
+    ap.add_argument(
+        "--checkpoint", required=True, help="a fine-tuned RICE checkpoint whose backbone has zero-shot weights (EfficientNet-Lite0)"
+    )
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned end (1 = unchanged)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
