@@ -126,14 +126,17 @@ def lpr4m_main_views(names: Iterable[str]) -> dict[str, str]:
     return {iid: min(group, key=lpr4m_view_rank) for iid, group in views.items()}
 
 
-def read_lpr4m(root: str | os.PathLike[str], split: str = "train") -> tuple[list[ClipRow], list[ClipRow]]:
+def read_lpr4m(
+    root: str | os.PathLike[str], split: str = "train", annotations: str | os.PathLike[str] | None = None
+) -> tuple[list[ClipRow], list[ClipRow]]:
     """LPR4M -> (query rows, gallery rows). Training: annotations/training_videoinfo_*.txt, gallery =
     the training images. Test: query/<clip_id>/ frames, gallery/<live_id>/ images, the ground-truth and
     gallery JSONs in annotations/; SKU = image id (`lpr4m_image_id`: views `<image_id>-<k>.jpg` are one
     product image; only the main view enters the gallery, as in the official evaluation), shop =
-    livestream (per-shop galleries). The public full release is converted by `model.lpr4m` instead."""
+    livestream (per-shop galleries). `annotations` defaults to root/annotations. The public full
+    release is converted by `model.lpr4m` instead."""
     root = Path(root)
-    ann = root / "annotations"
+    ann = Path(annotations) if annotations is not None else root / "annotations"
     if split == "train":
         rows = []
         for txt in sorted(ann.glob("training_videoinfo_*.txt")):
