@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Any
 
@@ -141,16 +142,23 @@ def convert_clip_state(state: dict[str, Any], model: VisionTransformer) -> dict[
     return {k: v[k].float() for k in expected}
 
 
+def _is_torchscript(path: str | os.PathLike[str]) -> bool:
+    """A TorchScript archive is a zip holding compiled code (`<name>/code/...`) beside its constants."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
+
+
 def load_clip_weights(model: VisionTransformer, path: str | os.PathLike[str]) -> None:
     """Load OpenAI CLIP (TorchScript archive or state dict) or open_clip weights into `model`."""
-    try:
-        state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch versions differ in what they raise for a TorchScript archive
+    state: Any
+    if _is_torchscript(path):
         # OpenAI's release files (ViT-B-32.pt) are TorchScript archives; loading one runs no Python pickles.
-        state = torch.jit.load(str(path), map_location="cpu")
-    if isinstance(state, torch.jit.ScriptModule):
-        # torch.load hands TorchScript archives to torch.jit.load and returns the module on some versions.
-        state = dict(state.state_dict())
+        # torch.load(weights_only=True) would hand it to torch.jit.load on some versions and raise on others.
+        state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CLIPImportError(f"{path}: expected a state dict, got {type(state).__name__}")
     model.load_state_dict(convert_clip_state(state, model), strict=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_encoder, read_checkpoint
 from model.config import ViTConfig
-from model.data import ClipDataset, ClipRow, read_manifest, write_manifest
+from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, write_manifest
 from model.encoder import clip_embedding
 from model.rice import RICE, RICEConfig
 from model.train import build_parser, param_groups, run
@@ -169,3 +169,36 @@ def test_resume_n_plus_n_equals_2n_and_final_checkpoint_serves(tmp_path: Path) -
     log = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6] and "eval" in log[-1]
     assert set(json.loads((tmp_path / "straight" / "eval.json").read_text())["recall"]) == {"R@1", "R@5", "R@10"}
+
+
+@pytest.mark.slow
+def test_selection_on_held_out_products_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    """--select-every: held-out products (left out of training) are evaluated every step; best.pt is the
+    best held-out R@1 so far (first reached), final.pt equals it, and training stops once --patience
+    selections in a row bring no gain. Every optimiser group's learning rate is logged."""
+    manifest = _video_dataset(tmp_path)  # 6 products x 2 clips
+    (tmp_path / "held.txt").write_text("sku0\nsku1\n")
+    write_manifest(gallery_of(read_manifest(manifest)), tmp_path / "gallery.jsonl")  # all 6 products compete
+    args = _train_args(
+        manifest,
+        tmp_path / "sel",
+        *("--exclude-skus", str(tmp_path / "held.txt"), "--val", str(manifest), "--val-gallery", str(tmp_path / "gallery.jsonl")),
+        *("--select-every", "1", "--patience", "2"),
+    )
+    args.max_steps = 8
+    assert run(args) == 0
+    log = [json.loads(x) for x in (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()]
+    picks = [r for r in log if "select" in r]
+    r1 = [r["select"]["R@1"] for r in picks]
+    best_i = r1.index(max(r1))
+    assert [r["step"] for r in picks] == list(range(1, len(picks) + 1))
+    for i, r in enumerate(picks):  # best so far, the first step that reached it
+        assert r["best_step"] == r1.index(max(r1[: i + 1])) + 1
+    if len(picks) < 8:  # stopped early: exactly `patience` selections without a gain at the end
+        assert len(picks) - 1 - best_i == 2
+    else:
+        assert len(picks) - 1 - best_i < 2
+    best, final = read_checkpoint(tmp_path / "sel" / "best.pt"), read_checkpoint(tmp_path / "sel" / "final.pt")
+    assert best["model_version"] == final["model_version"]
+    losses = [r for r in log if "loss" in r]
+    assert {"lr_backbone", "lr_backbone_nodecay", "lr_head", "lr_head_nodecay"} <= set(losses[0])
