@@ -21,8 +21,6 @@ import torch
 from model.config import PreprocessConfig
 from model.preprocess import IMAGE_SUFFIXES, fit_frame, pad_to_square, prepare_frame, sample_indices
 
-__all__ = ["IMAGE_SUFFIXES", "ClipDataset", "ClipRow", "read_lpr4m", "read_manifest", "read_movingfashion", "write_manifest"]
-
 
 @dataclass(frozen=True)
 class ClipRow:
