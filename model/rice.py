@@ -305,8 +305,15 @@ class PatchFeatureReconstruction(nn.Module):
         self.mix = nn.Sequential(first, nn.ReLU(), second, nn.ReLU())
 
     def weights(self, attn: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
-        """attn [B, h, N, K] (scaled probabilities), clip_pad [B, K] -> reconstruction weights [B, N, K]."""
-        w = self.mix(attn.float()).squeeze(1)  # [B, N, K], >= 0
+        """attn [B, h, N, K] (scaled probabilities), clip_pad [B, K] -> reconstruction weights [B, N, K].
+
+        In fp32 even under autocast: the conv outputs reach ~100 (heads x sqrt(head_dim) x p), where
+        bf16's spacing is 0.5, i.e. a softmax logit error of up to 0.25."""
+        with fp32(attn):
+            return self._weights(attn.float(), clip_pad)
+
+    def _weights(self, attn: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
+        w = self.mix(attn).squeeze(1)  # [B, N, K], >= 0
         if self.norm == "sum":
             w = w.masked_fill(clip_pad[:, None, :], 0.0)
             return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -316,9 +323,10 @@ class PatchFeatureReconstruction(nn.Module):
 
     def forward(self, probs: torch.Tensor, clip_tokens: torch.Tensor, image_tokens: torch.Tensor, clip_pad: torch.Tensor) -> torch.Tensor:
         """probs [B, h, N, K], clip_tokens [B, K, d], image_tokens [B, N, d], clip_pad [B, K] -> MSE (scalar)."""
-        w = self.weights(probs, clip_pad)  # [B, N, K]
-        x_hat = w @ clip_tokens.detach().to(w.dtype)  # [B, N, d]
-        return F.mse_loss(x_hat.float(), image_tokens.detach().float())
+        w = self.weights(probs, clip_pad)  # [B, N, K] fp32
+        with fp32(w):
+            x_hat = w @ clip_tokens.detach().float()  # [B, N, d]
+            return F.mse_loss(x_hat, image_tokens.detach().float())
 
 
 class RICE(nn.Module):

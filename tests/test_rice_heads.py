@@ -135,3 +135,15 @@ def test_v2_decoder_starts_from_the_backbones_last_two_blocks_and_scores_within_
     with torch.no_grad():  # a padded frame does not change any score
         frame_tok[2] = 1e3
     assert torch.allclose(model.pair_scores(image_tok, frame_tok, torch.tensor([1, 1, 0])), scores, atol=1e-5)
+
+
+def test_pfr_runs_in_fp32_under_bf16_autocast() -> None:
+    probs, _ = _peaked_attention(heads=8, n=10, k=100)
+    pfr = PatchFeatureReconstruction(8)
+    pad = torch.zeros(1, 100, dtype=torch.bool)
+    clip_tokens, image_tokens = torch.randn(1, 100, 16), torch.randn(1, 10, 16)
+    reference = pfr(probs * 8, clip_tokens, image_tokens, pad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pfr.weights(probs * 8, pad).dtype == torch.float32
+        got = pfr(probs * 8, clip_tokens, image_tokens, pad)
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
