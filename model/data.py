@@ -180,7 +180,8 @@ def read_movingfashion(root: str | os.PathLike[str], split: str = "train") -> tu
 # --- frame reading and sampling ------------------------------------------------------------------
 
 
-def _frame_files(clip: str | tuple[str, ...]) -> list[str] | None:
+def frame_files(clip: str | tuple[str, ...]) -> list[str] | None:
+    """The frame files of a frame list or a folder of frames (sorted, image suffixes only); None for a video file."""
     if isinstance(clip, tuple):
         return list(clip)
     if Path(clip).is_dir():
@@ -191,7 +192,7 @@ def _frame_files(clip: str | tuple[str, ...]) -> list[str] | None:
 def read_clip_frames(clip: str | tuple[str, ...], n: int, keep: float = 1.0) -> list[np.ndarray]:
     """Up to `n` BGR frames sampled uniformly from a video file, frame folder or frame list.
     `keep` < 1 drops that fraction of the sampled frames from the end (cut-tail)."""
-    files = _frame_files(clip)
+    files = frame_files(clip)
     if files is not None:
         idx = sample_indices(len(files), n)
         idx = idx[: max(1, round(len(idx) * keep))]

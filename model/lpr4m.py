@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from model.data import (
-    _frame_files,
+    frame_files,
     lpr4m_image_id,
     lpr4m_live_id,
     lpr4m_main_views,
@@ -367,7 +367,7 @@ def convert_subset(annotations: Path, root: Path, out_dir: Path, counts: Counts)
     queries = []
     counts.test_queries_total = len(queries_rows)
     for q in queries_rows:
-        frames = (_frame_files(q.clip) or []) if isinstance(q.clip, str) and Path(q.clip).is_dir() else []
+        frames = (frame_files(q.clip) or []) if isinstance(q.clip, str) and Path(q.clip).is_dir() else []
         truth = [s for s in [q.sku, *q.also] if (q.shop, s) in in_gallery]
         if not truth:
             counts.test_queries_without_gallery_truth += 1
