@@ -35,7 +35,7 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -69,7 +69,6 @@ class Counts:
     test_queries_without_gallery_truth: int = 0
     gallery_images: int = 0
     gallery_images_total: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 # --- parsing helpers -----------------------------------------------------------------------------
@@ -430,7 +429,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert and print a summary; 1 when nothing usable was found."""
     counts = convert(args.annotations, args.images, args.out)
-    sys.stdout.write(json.dumps({k: v for k, v in vars(counts).items() if v != {}}, indent=2) + "\n")
+    sys.stdout.write(json.dumps(asdict(counts), indent=2) + "\n")
     sys.stdout.write(
         f"{counts.layout}: {counts.train_clips}/{counts.train_clips_total} training clips usable, "
         f"{counts.test_queries}/{counts.test_queries_total} test queries, "
