@@ -291,7 +291,9 @@ class PatchFeatureReconstruction(nn.Module):
     sharper than the attention. With raw probabilities and a mean-over-heads init the softmax over 500
     keys is near uniform (80% of a head's mass on 5 keys gives them ~1.2% of W) and PFR does nothing.
     norm "softmax" (v2), "none" (v1: W is the ReLU'd conv output, weight 0.05), "sum" (W divided by
-    its sum: the attention's shape whatever the scale).
+    its sum: the attention's shape whatever the scale). With this scale and init, "none" gives W rows
+    summing to heads x sqrt(head_dim) x heads/2 (181 for 8 heads of 32), so X_hat is ~100x the tokens:
+    on grocery its loss was ~10^4 and, even at weight 0.05, 99% of the total (docs/RESULTS.md).
     """
 
     def __init__(self, heads: int, norm: str = "softmax") -> None:
