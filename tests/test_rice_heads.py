@@ -33,7 +33,7 @@ def _peaked_attention(heads: int = 12, n: int = 50, k: int = 500, top: int = 5, 
 
 
 def test_pfr_weights_concentrate_where_the_attention_does() -> None:
-    """RICE.md (v2): PFR reads probabilities x sqrt(head_dim) through 1x1 convs initialised to 1.0/0.
+    """The authors' v2 code: PFR reads probabilities x sqrt(head_dim) through 1x1 convs initialised to 1.0/0.
     80% of every head's mass on 5 of 500 keys is ~7.8 effective keys; the authors' PFR weights are at
     least as concentrated. The former init (mean over heads, raw probabilities) spread them over
     nearly all 500 keys, giving the 5 attended keys ~1.2% of the weight: PFR was switched off."""
