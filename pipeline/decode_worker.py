@@ -84,7 +84,11 @@ def _encode(value: Any, buffers: list[np.ndarray]) -> Any:
 
 def _send_result(conn: Connection, value: Any) -> None:
     buffers: list[np.ndarray] = []
-    header = {"ok": True, "value": _encode(value, buffers)}
+    try:
+        header = {"ok": True, "value": _encode(value, buffers)}
+    except TypeError as e:  # nothing sent yet: the pipe stays in step
+        _send_error(conn, "TypeError", str(e))
+        return
     conn.send_bytes(json.dumps(header).encode())
     for arr in buffers:
         conn.send_bytes(arr.reshape(-1).view(np.uint8).data)

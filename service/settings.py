@@ -63,7 +63,13 @@ class Settings(BaseSettings):
     max_decode_pending: int = Field(64, ge=1, description="uploads waiting for or in decoding beyond which requests get 429")
     stall_after_s: float = Field(5.0, gt=0, description="/readyz fails when the batcher has work but finished no batch for this long")
     drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, how long queued frames may still be encoded")
-    api_keys: SecretStr = Field(SecretStr(""), description='API keys and rights: "key1:rw,key2:r" or JSON {"key1": "rw"}; empty = open')
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description='API keys and rights (r read, w gallery writes, a model switch): "key1:rwa,key2:r" or JSON {"key1": "rw"}; empty = open',
+    )
+    allow_open: bool = Field(
+        True, description="with no RICE_API_KEYS, serve writes and admin open (local development); false = refuse to start"
+    )
     read_requires_key: bool = Field(False, description="with keys set, recognition and gallery reads need a key with r too")
 
     # server

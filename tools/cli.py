@@ -38,7 +38,11 @@ def _settings(**overrides: object) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
+    try:
+        serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
+    except ValueError as exc:  # a setting the app refuses (bad RICE_API_KEYS, no keys with RICE_ALLOW_OPEN=false)
+        print(f"rice serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
