@@ -7,7 +7,8 @@ own right because a model switch changes every answer for every shop, while a ca
 only touches items: a key for the catalog pipeline should not be able to do that. With no keys
 configured the service is open (local development; docker-compose refuses to start that way
 unless told to). Once keys exist, writes always need a key with w, model switches a key with a;
-reads need a key with r only when RICE_READ_REQUIRES_KEY is set. Health, readiness and metrics are always open (probes and scrapers carry no keys).
+reads need a key with r only when RICE_READ_REQUIRES_KEY is set. Health, readiness and metrics
+are always open (probes and scrapers carry no keys).
 
 Clients send `Authorization: Bearer <key>` or `X-API-Key: <key>`. Only SHA-256 digests of keys
 are kept, and a presented key is compared with every one of them by `hmac.compare_digest`, so

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, how long queued frames may still be encoded")
     api_keys: SecretStr = Field(
         SecretStr(""),
-        description='API keys and rights (r read, w gallery writes, a model switch): "key1:rwa,key2:r" or JSON {"key1": "rw"}; empty = open',
+        description='API keys and rights (r read, w gallery writes, a model switch): "key1:rwa,key2:r" or JSON {"k": "rw"}; empty = open',
     )
     allow_open: bool = Field(
         True, description="with no RICE_API_KEYS, serve writes and admin open (local development); false = refuse to start"
