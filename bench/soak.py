@@ -4,10 +4,10 @@ Starts `rice serve` (separate process, default encoder, embedded gallery) and dr
 --clients closed-loop clients, each request drawn at random: clip recognitions, image
 recognitions, catalog ingests, deletes of earlier ingests, and about 10% bad uploads (mutations
 from tools/mediafuzz.py, the AVI/MJPEG crashers among them). Every --every seconds it records the
-resident memory (RSS) of the server process and, separately, the proportional memory (PSS: shared
-pages split) of its decode workers (every process below it). At the end: the answers by status class, worker deaths by cause, the plateau bound (the
-largest server RSS after --warmup seconds) and the slope of server RSS over the second half of
-the run, by least squares.
+resident memory (RSS) of the server process and, separately, the proportional memory (PSS:
+shared pages split) of its decode workers (every process below it). At the end: the answers by
+status class, worker deaths by cause, the plateau bound (the largest server RSS after --warmup
+seconds) and the slope of server RSS over the second half of the run, by least squares.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--clients 3] [--every 10] [--out soak.jsonl]
 """
@@ -60,14 +60,13 @@ def pss_mib(pid: int) -> float:
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (the forkserver and the decode workers)."""
     parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
                 continue
-            parents.setdefault(ppid, []).append(int(entry))
+            parents.setdefault(ppid, []).append(int(entry.name))
     out, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
@@ -186,7 +185,7 @@ def main() -> None:
         started = time.monotonic()
         for t in threads:
             t.start()
-        out = open(args.out, "w") if args.out else None
+        out = Path(args.out).open("w") if args.out else None  # noqa: SIM115  # closed after the loop
         while (elapsed := time.monotonic() - started) < args.minutes * 60:
             workers = descendants(server.pid)
             with traffic.lock:
