@@ -63,7 +63,8 @@ class Load:
         if r is None:
             outcome = f"transport:{error}"
         elif r.status_code >= 500:
-            outcome = f"{r.status_code}:{r.json().get('error', {}).get('code', '?') if r.headers.get('content-type', '').startswith('application/json') else '?'}"
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            outcome = f"{r.status_code}:{r.json().get('error', {}).get('code', '?') if is_json else '?'}"
         else:
             outcome = str(r.status_code)
         with self.lock:
@@ -198,7 +199,7 @@ def test_sigkilled_replica_mid_write_the_other_keeps_serving_and_it_catches_up(
     chaos: tuple[list[Replica], RedisStore, str],
 ) -> None:
     replicas, store, namespace = chaos
-    a, b = replicas
+    b = replicas[1]
     with Load(replicas) as load:
         wait_until(lambda: load.count("before", "write@1", "201") >= 4, 120, "writes through the replica to be killed")
         load.phase = "b_down"
