@@ -189,12 +189,19 @@ class DecodePool:
         """An idle worker; as many dispatch threads as workers, so one is idle or being restarted."""
         while True:
             try:
-                return self._idle.get(timeout=1.0)
+                w = self._idle.get(timeout=1.0)
             except queue.Empty:
-                with self._lock:
-                    missing = self.workers - len(self._all)
-                if missing > 0 and not self._closed:  # a replacement failed to start earlier: try again
-                    return self._start_worker()
+                w = None
+            if w is not None:
+                if w.process.is_alive():
+                    return w
+                # Died while idle (e.g. the host's OOM killer): not this upload's fault.
+                self._replace(w, "crash")
+                continue
+            with self._lock:
+                missing = self.workers - len(self._all)
+            if missing > 0 and not self._closed:  # a replacement failed to start earlier: try again
+                return self._start_worker()
 
     def _exit_reason(self, w: _Worker) -> str:
         w.process.join(1)
@@ -208,11 +215,11 @@ class DecodePool:
 
     def _replace(self, w: _Worker, cause: str) -> None:
         self._retire(w)
+        if self._closed:  # close() killed it: not a death to count or replace
+            return
         self.deaths[cause] = self.deaths.get(cause, 0) + 1
         self.on_worker_death(cause)
         log.warning("decode worker %s replaced after %s", w.process.pid, cause)
-        if self._closed:
-            return
         try:
             self._idle.put(self._start_worker())
         except Exception:  # _take() starts it later

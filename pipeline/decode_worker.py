@@ -12,6 +12,7 @@ then every `bytes` argument as its own raw message, so a 64 MB upload is not pic
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -170,6 +171,16 @@ def receive_result(conn: Connection, wait: Callable[[], None]) -> Any:
     raise DecoderRaised(f"{kind}: {message}")
 
 
+def _few_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own 64 MB arena of address space; FFmpeg's decode
+    threads would spend the RLIMIT_AS headroom on reservations alone on a many-core host."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX = -8 in malloc.h
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _limit_memory(limit_mb: int) -> None:
     """Cap the address space at what the worker uses after its imports plus `limit_mb`: a bomb
     (a 60000x60000 PNG, a corrupt size field) hits MemoryError here instead of the host's OOM killer."""
@@ -181,12 +192,19 @@ def _limit_memory(limit_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _is_out_of_memory(message: str) -> bool:
+    """OpenCV reports a failed C++ allocation as cv2.error, not MemoryError."""
+    m = message.lower()
+    return "bad_alloc" in m or "failed to allocate" in m or ("insufficient" in m and "memory" in m)
+
+
 def worker_main(conn: Connection, memory_limit_mb: int, cv_threads: int) -> None:
     """Entry point of a worker process: answer calls until the pipe closes."""
     import cv2  # after the fork: the pool's parent never needs this module's state
 
     # One worker per core is the parallelism; OpenCV's own threads would only oversubscribe the cores.
     cv2.setNumThreads(cv_threads)
+    _few_malloc_arenas()
     _limit_memory(memory_limit_mb)
     while True:
         try:
@@ -203,7 +221,7 @@ def worker_main(conn: Connection, memory_limit_mb: int, cv_threads: int) -> None
             return  # the heap may be left fragmented or half-initialised: let the pool start a fresh one
         except Exception as e:
             # OpenCV raises cv2.error on some malformed inputs; say which, without a traceback in the answer.
-            if "memory" in str(e).lower() and "insufficient" in str(e).lower():
+            if _is_out_of_memory(str(e)):
                 _send_error(conn, OUT_OF_MEMORY, "decoding needed more memory than a worker may use")
                 return
             _send_error(conn, type(e).__name__, "".join(traceback.format_exception_only(e)).strip())

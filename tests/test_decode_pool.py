@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import os
+import signal
 import struct
 import time
 import zlib
@@ -153,6 +154,23 @@ def test_thread_isolation_decodes_in_process(clip: bytes) -> None:
         assert len(_run(p.run(decode_clip, clip, 3, PRE, LIMITS)).frames) == 3  # type: ignore[attr-defined]
     finally:
         p.close()
+
+
+def test_a_worker_that_died_while_idle_costs_no_request(pool: tuple[DecodePool, list[str]], clip: bytes) -> None:
+    """Killed from outside between uploads (the host's OOM killer, an operator): replaced on the
+    next take, and the upload that comes next is decoded, not refused."""
+    p, deaths = pool
+    victim = next(iter(p._all)).process
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(30)
+    assert not victim.is_alive()
+
+    async def both() -> list[object]:
+        return await asyncio.gather(*[p.run(decode_clip, clip, 3, PRE, LIMITS) for _ in range(2)])
+
+    assert [len(r.frames) for r in _run(both())] == [3, 3]  # type: ignore[attr-defined, union-attr]
+    assert deaths == ["crash"]
 
 
 def test_closing_the_pool_ends_its_workers() -> None:
