@@ -3,7 +3,8 @@
 grab-only is the floor for any decoder that must look at every frame (uniform sampling over a
 clip whose length the container may not state): demux + decode, no colour conversion, no copies.
 Our sampled decode adds retrieve() + colour conversion + resize/crop for the N kept frames only.
-Efficiency = grab-only time / sampled time (goal >= 0.85).
+Efficiency = grab-only time / sampled time (goal >= 0.85), the median of per-round ratios: each
+round times grab-only, sampled and sampled-in-a-worker once, in rotating order.
 
 The service decodes in isolated worker processes (pipeline/decode_pool.py), so the sampled decode
 is also measured through the pool, both ways, in the same run: one call at a time (latency, with
@@ -19,8 +20,8 @@ import argparse
 import asyncio
 import io
 import json
-import statistics
 import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -48,20 +49,21 @@ def grab_only(data: bytes) -> int:
     return n
 
 
-def best_of(fn: object, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def pool_latency(pool: DecodePool, data: bytes, n: int, pre: PreprocessConfig, limits: DecodeLimits, repeats: int) -> float:
-    async def once() -> None:
-        await pool.run(decode_clip, data, n, pre, limits)
-
-    return best_of(lambda: asyncio.run(once()), repeats)
+def paired(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Each function once per round, in rotating order, `repeats` rounds: on a shared, noisy
+    machine the ratios of one round compare like with like."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            times[k].append(timed(fns[k]))
+    return times
 
 
 def pool_throughput(pool: DecodePool, data: bytes, n: int, pre: PreprocessConfig, limits: DecodeLimits, calls: int) -> float:
@@ -92,12 +94,23 @@ def main() -> None:
     processes = DecodePool(args.workers, isolation="process")
     threads = DecodePool(args.workers, isolation="thread")
     try:
-        pool_latency(processes, data, 4, pre, limits, 2)  # the workers' first decode warms their caches
-        grab = best_of(lambda: grab_only(data), args.repeats)
+        pool_throughput(processes, data, 4, pre, limits, args.workers)  # the workers' first decode warms their caches
         rows = []
         for n in args.num_frames:
-            sampled = best_of(lambda n=n: decode_clip(data, n, pre, limits), args.repeats)
-            in_worker = pool_latency(processes, data, n, pre, limits, args.repeats)
+
+            async def in_worker(n: int = n) -> None:
+                await processes.run(decode_clip, data, n, pre, limits)
+
+            t = paired(
+                {
+                    "grab": lambda: grab_only(data),
+                    "sampled": lambda n=n: decode_clip(data, n, pre, limits),  # type: ignore[misc]
+                    "worker": lambda: asyncio.run(in_worker()),
+                },
+                args.repeats,
+            )
+            grab, sampled, worker = (float(np.median(t[k])) for k in ("grab", "sampled", "worker"))
+            ratio = {k: float(np.median([g / x for g, x in zip(t["grab"], t[k], strict=True)])) for k in ("sampled", "worker")}
             proc_rates, thread_rates = [], []
             for _ in range(args.rounds):  # interleaved: drift in machine load hits both alike
                 proc_rates.append(pool_throughput(processes, data, n, pre, limits, 4 * args.workers))
@@ -107,9 +120,9 @@ def main() -> None:
                     "num_frames": n,
                     "sampled_ms": round(sampled * 1e3, 2),
                     "grab_only_ms": round(grab * 1e3, 2),
-                    "efficiency": round(grab / sampled, 3),
-                    "sampled_in_worker_ms": round(in_worker * 1e3, 2),
-                    "efficiency_in_worker": round(grab / in_worker, 3),
+                    "efficiency": round(ratio["sampled"], 3),
+                    "sampled_in_worker_ms": round(worker * 1e3, 2),
+                    "efficiency_in_worker": round(ratio["worker"], 3),
                     "process_pool_decodes_per_s": round(float(np.median(proc_rates)), 2),
                     "thread_pool_decodes_per_s": round(float(np.median(thread_rates)), 2),
                     "process_over_thread": round(float(np.median(proc_rates)) / float(np.median(thread_rates)), 3),
