@@ -164,9 +164,7 @@ def cluster_for_chaos(redis_for_chaos: RedisServer, tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture
-def chaos(
-    cluster_for_chaos: list[Replica], redis_for_chaos: RedisServer
-) -> Iterator[tuple[list[Replica], RedisServer, RedisStore, str]]:
+def chaos(cluster_for_chaos: list[Replica], redis_for_chaos: RedisServer) -> Iterator[tuple[list[Replica], RedisServer, RedisStore, str]]:
     """The shared cluster, healthy at the start of every scenario (whatever the last one left)."""
     if redis_for_chaos.proc is None:
         redis_for_chaos.start()

@@ -28,13 +28,17 @@ CI_CASES = 200
 # segfault inside the serving process (MJPEG in AVI: duplicated ranges and chunks, size fields,
 # splices, garbage tails). (source, seed) rebuilds the exact bytes.
 KNOWN_CRASHERS = (
-    ("avi_mjpeg", 28),
-    ("avi_mjpeg", 49),
-    ("avi_mjpeg", 115),
-    ("avi_mjpeg", 180),
-    ("avi_mjpeg", 1055),
-    ("avi_mjpeg", 1460),
-    ("avi_mjpeg", 1766),
+    ("avi_mjpeg", 28),  # a duplicated range; the hdrl LIST size set to 2950491784; bit flips
+    ("avi_mjpeg", 49),  # one duplicated range of 1002 bytes
+    ("avi_mjpeg", 115),  # a chunk duplicated 3 times
+    ("avi_mjpeg", 180),  # one duplicated range of 1368 bytes
+    ("avi_mjpeg", 614),  # one chunk size field set to 2867219103
+    ("avi_mjpeg", 848),  # one duplicated range of 172 bytes
+    ("avi_mjpeg", 920),  # the clip spliced with its own tail
+    ("avi_mjpeg", 1055),  # one duplicated range of 2022 bytes
+    ("avi_mjpeg", 1460),  # one duplicated range of 1801 bytes
+    ("avi_mjpeg", 1766),  # one duplicated range of 138 bytes
+    ("avi_mjpeg", 2351),  # a chunk duplicated 3 times
 )
 
 
