@@ -91,7 +91,7 @@ def main() -> None:
     data = make_clip(args.frames, w, h)
     pre, limits = PreprocessConfig(), DecodeLimits()
     assert grab_only(data) == args.frames
-    processes = DecodePool(args.workers, isolation="process")
+    processes = DecodePool(args.workers, isolation="process", cv_threads=1)  # as this process: like with like
     threads = DecodePool(args.workers, isolation="thread")
     try:
         pool_throughput(processes, data, 4, pre, limits, args.workers)  # the workers' first decode warms their caches

@@ -54,9 +54,10 @@ class _WorkerGone(Exception):
 class _Worker:
     """One decode process and the parent's end of its pipe."""
 
-    def __init__(self, ctx: Any, memory_limit_mb: int) -> None:
+    def __init__(self, ctx: Any, memory_limit_mb: int, cv_threads: int | None) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process: BaseProcess = ctx.Process(target=worker_main, args=(child, memory_limit_mb, 1), daemon=True, name="rice-decode")
+        args = (child, memory_limit_mb, cv_threads)
+        self.process: BaseProcess = ctx.Process(target=worker_main, args=args, daemon=True, name="rice-decode")
         self.process.start()
         child.close()  # the child holds its own copy: EOF on ours means the worker is gone
 
@@ -79,6 +80,7 @@ class DecodePool:
         isolation: Isolation = "process",
         memory_limit_mb: int = 2048,
         time_budget_s: float = 30.0,
+        cv_threads: int | None = None,
     ) -> None:
         self.workers = workers
         self.max_pending = max_pending
@@ -88,6 +90,7 @@ class DecodePool:
         self.isolation = isolation
         self.memory_limit_mb = memory_limit_mb
         self.time_budget_s = time_budget_s
+        self.cv_threads = cv_threads
         self.pending = 0
         self.deaths: dict[str, int] = dict.fromkeys(DEATH_CAUSES, 0)
         # One dispatch thread per worker: it hands a call to an idle worker and blocks (GIL released)
@@ -104,7 +107,7 @@ class DecodePool:
                 self._idle.put(self._start_worker())
 
     def _start_worker(self) -> _Worker:
-        w = _Worker(self._ctx, self.memory_limit_mb)
+        w = _Worker(self._ctx, self.memory_limit_mb, self.cv_threads)
         with self._lock:
             self._all.add(w)
         return w

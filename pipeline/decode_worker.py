@@ -198,12 +198,13 @@ def _is_out_of_memory(message: str) -> bool:
     return "bad_alloc" in m or "failed to allocate" in m or ("insufficient" in m and "memory" in m)
 
 
-def worker_main(conn: Connection, memory_limit_mb: int, cv_threads: int) -> None:
-    """Entry point of a worker process: answer calls until the pipe closes."""
-    import cv2  # after the fork: the pool's parent never needs this module's state
+def worker_main(conn: Connection, memory_limit_mb: int, cv_threads: int | None = None) -> None:
+    """Entry point of a worker process: answer calls until the pipe closes. `cv_threads`: OpenCV's
+    thread count in the worker (None: OpenCV's default, as decoding in the server had)."""
+    if cv_threads is not None:
+        import cv2
 
-    # One worker per core is the parallelism; OpenCV's own threads would only oversubscribe the cores.
-    cv2.setNumThreads(cv_threads)
+        cv2.setNumThreads(cv_threads)
     _few_malloc_arenas()
     _limit_memory(memory_limit_mb)
     while True:
