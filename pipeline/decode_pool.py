@@ -14,7 +14,7 @@ At most `max_pending` uploads wait for or sit in the pool; past that the request
 Retry-After instead of queueing into a timeout.
 
 `isolation="thread"` runs decodes on threads of the serving process instead: for trusted input
-and for measuring what isolation costs (bench/service_load.py --decode-isolation).
+and for measuring what isolation costs (bench/decode_isolation.py, bench/decode_efficiency.py).
 """
 
 from __future__ import annotations
@@ -47,10 +47,6 @@ class _WorkerTimeout(Exception):
     pass
 
 
-class _WorkerGone(Exception):
-    pass
-
-
 class _Worker:
     """One decode process and the parent's end of its pipe."""
 
@@ -69,6 +65,8 @@ class _Worker:
 
 
 class DecodePool:
+    """`workers` decode processes (or threads), each call on an idle one; see the module docstring."""
+
     def __init__(
         self,
         workers: int,
