@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pickle
 import resource
@@ -33,6 +34,9 @@ from pipeline import errors
 _TRUSTED_MODULES = ("pipeline.", "model.")
 # dtypes an array may have on the wire: plain numbers, never objects.
 _ARRAY_KINDS = "biuf"
+# Decode results are model-sized frames (32 crops of 224x224x3 are 4.8 MB; an hour sampled at
+# 1 fps, 0.5 GB): a header claiming more than this is a worker gone wrong, not a reason to allocate.
+MAX_RESULT_BYTES = 4 * 1024**3
 # The worker reports these instead of dying on its own; the pool then replaces it.
 OUT_OF_MEMORY = "out_of_memory"
 
@@ -128,7 +132,10 @@ class _Reader:
             dtype = np.dtype(node["dtype"])
             if dtype.kind not in _ARRAY_KINDS:
                 raise WorkerFailed(f"array of dtype {dtype} on the wire")
-            arr = np.empty([int(d) for d in node["shape"]], dtype)
+            shape = [int(d) for d in node["shape"]]
+            if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > MAX_RESULT_BYTES:
+                raise WorkerFailed(f"array of shape {shape} is larger than a decode result may be")
+            arr = np.empty(shape, dtype)
             self.wait()
             if arr.nbytes == 0:
                 self.conn.recv_bytes()

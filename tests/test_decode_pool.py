@@ -188,3 +188,25 @@ def test_mjpeg_in_avi_source_decodes(pool: tuple[DecodePool, list[str]]) -> None
     avi = encode_video(frames, fourcc="MJPG", suffix=".avi")
     assert len(_run(p.run(decode_clip, avi, 6, PRE, LIMITS)).frames) == 6  # type: ignore[attr-defined]
     assert len(_run(p.run(decode_clip, source("avi_mjpeg"), 6, PRE, LIMITS)).frames) == 6  # type: ignore[attr-defined]
+
+
+def test_a_lying_worker_cannot_make_the_server_allocate_or_import_at_will() -> None:
+    """What comes back from a worker is parsed, never unpickled, and bounded before allocation."""
+    import json
+    import multiprocessing
+
+    from pipeline.decode_worker import WorkerFailed, receive_result
+
+    lies = [
+        {"ok": True, "value": {"t": "array", "dtype": "|u1", "shape": [10**6, 10**6]}},  # 1 TB
+        {"ok": True, "value": {"t": "array", "dtype": "|O", "shape": [1]}},  # objects
+        {"ok": True, "value": {"t": "dataclass", "module": "os", "name": "system", "fields": {}}},
+        {"ok": False, "error": "SystemExit", "message": "not one of our errors"},
+    ]
+    for lie in lies:
+        ours, theirs = multiprocessing.Pipe()
+        theirs.send_bytes(json.dumps(lie).encode())
+        with pytest.raises(WorkerFailed):
+            receive_result(ours, lambda: None)
+        ours.close()
+        theirs.close()
