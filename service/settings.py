@@ -47,6 +47,7 @@ class Settings(BaseSettings):
         20.0, gt=0, description="decode time budget per clip (422); a decoder still stuck 10 s later is killed and replaced"
     )
     decode_workers: int = Field(0, ge=0, le=64, description="decode worker processes; 0 = one per CPU core")
+    decode_threads: int | None = Field(None, ge=1, le=64, description="former name of RICE_DECODE_WORKERS, still honoured when that is 0")
     decode_memory_mb: int = Field(
         2048, ge=0, description="address space a decode worker may add to its baseline before it is replaced (422); 0 = no limit"
     )

@@ -87,7 +87,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     )
     limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
     decode_pool = DecodePool(
-        settings.decode_workers or len(os.sched_getaffinity(0)),
+        settings.decode_workers or settings.decode_threads or len(os.sched_getaffinity(0)),
         settings.max_decode_pending,
         on_decoded=metrics.stage_seconds.labels("decode").observe,
         on_reject=lambda where: metrics.rejected.labels(where).inc(),
