@@ -50,7 +50,8 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     RICE_HOST=0.0.0.0 \
     RICE_PORT=8000 \
-    RICE_GALLERY_PATH=/data/gallery.db
+    RICE_GALLERY_PATH=/data/gallery.db \
+    RICE_ALLOW_OPEN=false
 RUN useradd --create-home --uid 10001 rice && mkdir -p /data /models && chown rice:rice /data
 USER 10001
 WORKDIR /home/rice

@@ -140,7 +140,7 @@ def main() -> None:
         "RICE_MAX_BATCH_SIZE": str(args.batch),
         "RICE_MAX_WAIT_MS": str(args.max_wait_ms),
         "RICE_TORCH_THREADS": str(args.threads),
-        "RICE_DECODE_THREADS": "2",
+        "RICE_DECODE_WORKERS": "2",
         "RICE_MAX_QUEUE_FRAMES": str(4 * args.batch),  # ~4 batches of waiting: bounded queue wait
     }
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port), "--log-level", "warning"]

@@ -37,6 +37,12 @@ class InvalidMedia(ServiceError):
     code = "invalid_media"
 
 
+class UndecodableMedia(ServiceError):
+    """The decoder crashed, ran out of memory or time on this upload; its worker was replaced."""
+
+    code = "undecodable_media"
+
+
 class NotFound(ServiceError):
     code = "not_found"
 

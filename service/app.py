@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from index.records import Store
 from model.checkpoint import LoadedEncoder, load_encoder
 from service.auth import ApiKeys
+from service.docs import install_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
@@ -43,11 +44,19 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         version="0.1.0",
         lifespan=lifespan,
         description="Upload a clip of a product being shown; get the shop's matching SKUs.",
+        docs_url=None,  # FastAPI's own pages load their assets from a CDN: see install_offline_docs
+        redoc_url=None,
     )
+    install_offline_docs(app)
     install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc, on_error=lambda code: metrics.errors.labels(code).inc())
     app.state.settings = settings  # what auth and health read; unchanged by model switches
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys.parse(settings.api_keys.get_secret_value())  # bad RICE_API_KEYS fails start-up
+    if not app.state.api_keys.enabled and not settings.allow_open:
+        raise ValueError(
+            "RICE_API_KEYS is empty and RICE_ALLOW_OPEN is false: refusing to serve gallery writes and model "
+            "switches to anyone. Set RICE_API_KEYS (e.g. 'ops-key-1234:rwa,viewer-5678:r') or RICE_ALLOW_OPEN=true."
+        )
 
     # Added before the request counter so it sits inside it: a streamed upload going over the
     # limit then raises in the route's own body read and the error table answers 413 (outside the

@@ -1,10 +1,14 @@
-"""API keys: who may search and who may change the gallery.
+"""API keys: who may search, who may change the gallery and who may switch the model.
 
 Keys come from one setting (RICE_API_KEYS), either "key1:rw,key2:r" or a JSON object
-{"key1": "rw", "key2": "r"}; rights are r (read: recognise, gallery stats) and w (write: add and
-delete gallery items). With no keys configured the service is open (local development). Once keys
-exist, writes always need a key with w; reads need a key with r only when RICE_READ_REQUIRES_KEY
-is set. Health, readiness and metrics are always open (probes and scrapers carry no keys).
+{"key1": "rw", "key2": "r"}; rights are r (read: recognise, gallery stats), w (write: add and
+delete gallery items) and a (admin: switch the served model, `POST /v1/admin/model`). Admin is its
+own right because a model switch changes every answer for every shop, while a catalog writer
+only touches items: a key for the catalog pipeline should not be able to do that. With no keys
+configured the service is open (local development; docker-compose refuses to start that way
+unless told to). Once keys exist, writes always need a key with w, model switches a key with a;
+reads need a key with r only when RICE_READ_REQUIRES_KEY is set. Health, readiness and metrics
+are always open (probes and scrapers carry no keys).
 
 Clients send `Authorization: Bearer <key>` or `X-API-Key: <key>`. Only SHA-256 digests of keys
 are kept, and a presented key is compared with every one of them by `hmac.compare_digest`, so
@@ -24,7 +28,8 @@ from service.errors import Forbidden, Unauthorized
 from service.metrics import Metrics
 from service.settings import Settings
 
-RIGHTS = frozenset("rw")
+RIGHTS = frozenset("rwa")
+_NEEDED_FOR = {"r": "read", "w": "change the gallery", "a": "switch the model (admin)"}
 
 
 def _digest(key: str) -> bytes:
@@ -69,7 +74,7 @@ class ApiKeys:
                 raise ValueError(f"RICE_API_KEYS entry {n}: keys must be at least 8 characters")
             granted = frozenset(rights.strip().lower())
             if not granted or not granted <= RIGHTS:
-                raise ValueError(f"RICE_API_KEYS entry {n}: rights must be r, w or rw")
+                raise ValueError(f"RICE_API_KEYS entry {n}: rights must be letters of r, w, a (e.g. r, rw, rwa)")
             entries.append((_digest(key), granted))
         return cls(tuple(entries))
 
@@ -111,8 +116,7 @@ def _check(request: Request, right: str) -> None:
         raise Unauthorized("the API key is not valid")
     if right not in rights:
         metrics.auth_failures.labels("403").inc()
-        what = "change the gallery" if right == "w" else "read"
-        raise Forbidden(f"this API key has no right to {what}")
+        raise Forbidden(f"this API key has no right to {_NEEDED_FOR[right]}")
 
 
 def require_read(request: Request) -> None:
@@ -123,3 +127,8 @@ def require_read(request: Request) -> None:
 def require_write(request: Request) -> None:
     """Dependency of gallery writes: a key with w, whenever keys are configured."""
     _check(request, "w")
+
+
+def require_admin(request: Request) -> None:
+    """Dependency of admin endpoints (model switch): a key with a, whenever keys are configured."""
+    _check(request, "a")

@@ -22,6 +22,7 @@ from pipeline.errors import (
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    UndecodableMedia,
     UnsupportedMedia,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "PayloadTooLarge",
     "ServiceError",
     "Unauthorized",
+    "UndecodableMedia",
     "UnsupportedMedia",
     "error_body",
     "install_error_handlers",
@@ -73,6 +75,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidMedia: 422,
+    UndecodableMedia: 422,
     Overloaded: 429,
     NotReady: 503,
     StoreUnavailable: 503,

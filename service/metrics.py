@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from pipeline.decode_pool import DEATH_CAUSES
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -41,6 +43,12 @@ class Metrics:
             "rice_cancelled_requests_total", "Requests abandoned because their client disconnected", registry=r
         )
         self.batch_errors = Counter("rice_batch_errors_total", "Encoder batches that raised", registry=r)
+        self.decode_worker_deaths = Counter(
+            "rice_decode_worker_deaths_total",
+            "Decode worker processes killed and replaced, by cause (crash, memory, timeout, protocol)",
+            ["cause"],
+            registry=r,
+        )
         self.unexpected_errors = Counter("rice_unexpected_errors_total", "Requests that ended in a 500", registry=r)
         self.auth_failures = Counter("rice_auth_failures_total", "Requests refused by API-key checks", ["status"], registry=r)
         self.ready = Gauge("rice_ready", "1 when /readyz would answer 200", registry=r)
@@ -79,6 +87,8 @@ class Metrics:
         self.model_info = Info("rice_model", "The served model (version, source, device, dtype)", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see gaps
             self.stage_seconds.labels(stage)
+        for cause in DEATH_CAUSES:
+            self.decode_worker_deaths.labels(cause)
         for queue in ("encoder", "decode"):
             self.rejected.labels(queue)
         for kind in KINDS:

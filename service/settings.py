@@ -3,6 +3,8 @@ environment variables with the RICE_ prefix, e.g. RICE_GALLERY_PATH=/data/galler
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,8 +43,17 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(600.0, gt=0, description="longest clip, in seconds (422)")
     max_frame_pixels: int = Field(3840 * 2160, ge=1, description="largest frame, width*height (422)")
     max_decoded_frames: int = Field(36000, ge=1, description="most frames a clip may contain (422)")
-    decode_timeout_s: float = Field(20.0, gt=0, description="decode time budget per clip (422)")
-    decode_threads: int = Field(4, ge=1, le=64, description="size of the decoding thread pool")
+    decode_timeout_s: float = Field(
+        20.0, gt=0, description="decode time budget per clip (422); a decoder still stuck 10 s later is killed and replaced"
+    )
+    decode_workers: int = Field(0, ge=0, le=64, description="decode worker processes; 0 = one per CPU core")
+    decode_threads: int | None = Field(None, ge=1, le=64, description="former name of RICE_DECODE_WORKERS, still honoured when that is 0")
+    decode_memory_mb: int = Field(
+        2048, ge=0, description="address space a decode worker may add to its baseline before it is replaced (422); 0 = no limit"
+    )
+    decode_isolation: Literal["process", "thread"] = Field(
+        "process", description="process: decode in isolated workers; thread: in the server (trusted input and benchmarks only)"
+    )
     search_threads: int = Field(2, ge=1, le=64, description="threads running gallery searches (off the event loop)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest metadata JSON per gallery item")
 
@@ -53,7 +64,13 @@ class Settings(BaseSettings):
     max_decode_pending: int = Field(64, ge=1, description="uploads waiting for or in decoding beyond which requests get 429")
     stall_after_s: float = Field(5.0, gt=0, description="/readyz fails when the batcher has work but finished no batch for this long")
     drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, how long queued frames may still be encoded")
-    api_keys: SecretStr = Field(SecretStr(""), description='API keys and rights: "key1:rw,key2:r" or JSON {"key1": "rw"}; empty = open')
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description='API keys and rights (r read, w gallery writes, a model switch): "key1:rwa,key2:r" or JSON {"k": "rw"}; empty = open',
+    )
+    allow_open: bool = Field(
+        True, description="with no RICE_API_KEYS, serve writes and admin open (local development); false = refuse to start"
+    )
     read_requires_key: bool = Field(False, description="with keys set, recognition and gallery reads need a key with r too")
 
     # server

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -86,10 +87,15 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     )
     limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
     decode_pool = DecodePool(
-        settings.decode_threads,
+        settings.decode_workers or settings.decode_threads or len(os.sched_getaffinity(0)),
         settings.max_decode_pending,
         on_decoded=metrics.stage_seconds.labels("decode").observe,
         on_reject=lambda where: metrics.rejected.labels(where).inc(),
+        on_worker_death=lambda cause: metrics.decode_worker_deaths.labels(cause).inc(),
+        isolation=settings.decode_isolation,
+        memory_limit_mb=settings.decode_memory_mb,
+        # The worker stops itself at decode_timeout_s (a clean 422); this is for a decoder stuck in native code.
+        time_budget_s=settings.decode_timeout_s + DECODE_KILL_GRACE_S,
     )
     pipeline = Pipeline(
         batcher,
@@ -117,6 +123,9 @@ def store_for(settings: Settings) -> Store:
     """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set, else embedded SQLite."""
     return open_store(settings.redis_url, settings.redis_prefix, settings.redis_log_maxlen, settings.gallery_path)
 
+
+# How long past RICE_DECODE_TIMEOUT_S a decode worker may stay silent before it is killed.
+DECODE_KILL_GRACE_S = 10.0
 
 # Until a model carries a calibrated threshold: the top-1 cosine below which the built-in encoder's
 # answers are mostly wrong products. Calibration replaces it per model (see docs/RESULTS.md).

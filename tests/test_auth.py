@@ -1,5 +1,5 @@
-"""API keys: parsing, constant-time lookup, 401 vs 403, writes always keyed, reads optionally,
-health open, keys never logged."""
+"""API keys: parsing, constant-time lookup, 401 vs 403, writes always keyed, model switches need
+the admin right, reads optionally, health open, keys never logged, no keys refused when open is not allowed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tests.conftest import settings_for
 from tests.serving_helpers import gated_encoder
 
 WRITER, READER, WRITE_ONLY = "writer-key-0123456789", "reader-key-0123456789", "ingest-only-key-0123"
-KEYS = f"{WRITER}:rw,{READER}:r,{WRITE_ONLY}:w"
+ADMIN = "admin-only-key-0123456"
+KEYS = f"{WRITER}:rw,{READER}:r,{WRITE_ONLY}:w,{ADMIN}:a"
 
 
 def _png() -> bytes:
@@ -116,3 +117,29 @@ def test_keys_never_reach_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixtu
 def test_bad_key_setting_fails_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rights"):
         create_app(settings_for(tmp_path, api_keys="some-long-key:admin"))
+
+
+def test_model_switch_needs_the_admin_right_not_the_write_right(keyed: TestClient) -> None:
+    body = {"checkpoint": "/nonexistent/rice.pt"}  # past auth, the switch fails cleanly (400): nothing is loaded
+    assert keyed.post("/v1/admin/model", json=body).status_code == 401
+    r = keyed.post("/v1/admin/model", json=body, headers={"X-API-Key": WRITER})
+    assert r.status_code == 403 and "switch the model" in r.json()["error"]["message"]
+    assert keyed.post("/v1/admin/model", json=body, headers={"X-API-Key": READER}).status_code == 403
+    r = keyed.post("/v1/admin/model", json=body, headers={"X-API-Key": ADMIN})
+    assert r.status_code == 400, r.text
+    # and the admin right is not a write right
+    assert _add(keyed, {"X-API-Key": ADMIN}) == 403
+    assert keyed.delete("/v1/gallery/skus/A", headers={"X-API-Key": ADMIN}).status_code == 403
+    assert 'rice_auth_failures_total{status="403"} 4.0' in keyed.get("/metrics").text
+
+
+def test_rights_parse_with_admin() -> None:
+    keys = ApiKeys.parse(f"{WRITER}:rwa,{READER}:r")
+    assert keys.rights_of(WRITER) == {"r", "w", "a"} and keys.rights_of(READER) == {"r"}
+
+
+def test_no_keys_refused_when_open_is_not_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="RICE_ALLOW_OPEN"):
+        create_app(settings_for(tmp_path, allow_open=False))
+    create_app(settings_for(tmp_path, allow_open=False, api_keys=KEYS))  # keyed: fine
+    create_app(settings_for(tmp_path))  # local development default: open

@@ -4,6 +4,7 @@ lints clean, and every metric the Grafana dashboard queries is exported by the s
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,12 +23,21 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def _compose_config(*files: str) -> dict[str, Any]:
+# What an operator must set before compose starts anything (see docker-compose.yml).
+OPERATOR_ENV = {"RICE_API_KEYS": "ops-key-1234:rwa", "GRAFANA_ADMIN_PASSWORD": "not-admin-1234"}
+
+
+def _run_compose_config(files: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     args = [_tool("docker-compose")]
     for f in files:
         args += ["-f", f]
-    out = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    clean = {k: v for k, v in os.environ.items() if k not in ("RICE_API_KEYS", "RICE_ALLOW_OPEN", "GRAFANA_ADMIN_PASSWORD")}
+    return subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**clean, **env})
+
+
+def _compose_config(*files: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = _run_compose_config(files, OPERATOR_ENV if env is None else env)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
     return dict(json.loads(out.stdout))
 
 
@@ -46,6 +56,23 @@ def test_compose_file_is_valid_and_wires_the_stack() -> None:
         assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     scrape = (ROOT / "docker/prometheus.yml").read_text()
     assert "api-1:8000" in scrape and "api-2:8000" in scrape
+
+
+def test_compose_starts_nothing_open() -> None:
+    """Grafana's admin password has no default; the replicas get the operator's keys, and without
+    keys they run with RICE_ALLOW_OPEN=false (so they refuse to start) unless the operator says true."""
+    refused = _run_compose_config(("docker-compose.yml",), {"RICE_API_KEYS": "ops-key-1234:rwa"})
+    # (this compose build reports the error on stderr and prints no config, whatever its exit status)
+    assert "GRAFANA_ADMIN_PASSWORD is missing a value" in refused.stderr and not refused.stdout.strip()
+    keyed = _compose_config("docker-compose.yml")["services"]
+    assert keyed["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "not-admin-1234"
+    no_keys = _compose_config("docker-compose.yml", env={"GRAFANA_ADMIN_PASSWORD": "x"})["services"]
+    opened = _compose_config("docker-compose.yml", env={"GRAFANA_ADMIN_PASSWORD": "x", "RICE_ALLOW_OPEN": "true"})["services"]
+    for name in ("api-1", "api-2"):
+        assert keyed[name]["environment"]["RICE_API_KEYS"] == "ops-key-1234:rwa"
+        assert no_keys[name]["environment"]["RICE_ALLOW_OPEN"] == "false"
+        assert opened[name]["environment"]["RICE_ALLOW_OPEN"] == "true"
+    assert re.search(r"RICE_ALLOW_OPEN=false", (ROOT / "Dockerfile").read_text()), "the image itself must not start open"
 
 
 def test_cpu_override_drops_the_gpu_reservation() -> None:
@@ -91,3 +118,11 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [f"RICE_{name.upper()}" for name in Settings.model_fields if f"`RICE_{name.upper()}`" not in readme]
     assert missing == [], f"settings missing from the README table: {missing}"
+
+
+def test_the_container_entry_point_refuses_to_start_open_with_a_clear_message() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RICE_")}
+    env.update(RICE_ALLOW_OPEN="false", RICE_GALLERY_PATH=":memory:")
+    out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "RICE_API_KEYS is empty and RICE_ALLOW_OPEN is false" in out.stderr and "Traceback" not in out.stderr

@@ -38,7 +38,11 @@ def _settings(**overrides: object) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
+    try:
+        serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
+    except ValueError as exc:  # a setting the app refuses (bad RICE_API_KEYS, no keys with RICE_ALLOW_OPEN=false)
+        print(f"rice serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--url", action="append", default=[], help="a replica to switch (repeat for each); none = only embed")
     x.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
     x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")
-    x.add_argument("--api-key", default=None, help="API key with write rights (or RICE_CLIENT_API_KEY)")
+    x.add_argument("--api-key", default=None, help="API key with the admin right a, to switch the replicas (or RICE_CLIENT_API_KEY)")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=cmd_reindex)
 

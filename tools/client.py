@@ -415,7 +415,7 @@ class RiceClient(_Base):
         return self.call(_Calls.thumbnail(item_id))
 
     def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
-        """POST /v1/admin/model: swap this replica to another checkpoint (write key)."""
+        """POST /v1/admin/model: swap this replica to another checkpoint (a key with the admin right `a`)."""
         return self.call(_Calls.switch_model(checkpoint, min_gallery_items))
 
 

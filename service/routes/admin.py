@@ -11,11 +11,11 @@ from pydantic import BaseModel, Field
 
 from index.records import StoreUnavailable
 from model.checkpoint import CheckpointError, load_encoder
-from service.auth import require_write
+from service.auth import require_admin
 from service.errors import BadRequest, Conflict, NotReady
 from service.state import AppState, build_serving, close_serving
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 log = logging.getLogger("rice.admin")
 
 
