@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -44,6 +45,19 @@ class AnnConfig:
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and sees a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+# Copies a CPU index to where searches run (the GPUs), returning the copy to search. The gallery
+# keeps its CPU index as the source of truth (written in place) and re-places it after each write.
+IndexPlacer = Callable[[faiss.Index], faiss.Index]
+
+
+def default_placer() -> IndexPlacer | None:
+    """All GPUs (`faiss.index_cpu_to_all_gpus`, sharded over them) when faiss has GPU support and
+    sees one; None otherwise: the CPU index is searched in place, with no copy."""
+    if not gpu_available():
+        return None
+    return lambda index: faiss.index_cpu_to_all_gpus(index)
 
 
 @dataclass

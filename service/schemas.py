@@ -33,6 +33,11 @@ class ItemCreated(BaseModel):
     model_version: str
 
 
+class BulkImported(BaseModel):
+    imported: int
+    gallery_version: int
+
+
 class Deleted(BaseModel):
     deleted: list[str] = Field(description="item ids removed")
     gallery_version: int

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     decode_threads: int = Field(4, ge=1, le=64, description="size of the decoding thread pool")
     search_threads: int = Field(2, ge=1, le=64, description="threads running gallery searches (off the event loop)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest metadata JSON per gallery item")
+    max_bulk_bytes: int = Field(
+        2 * 1024**3, ge=1, description="largest POST /v1/gallery/bulk body (.npy + JSONL; 413); 150k x 1280-d float32 is 768 MB"
+    )
 
     # serving
     dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from index.ann import AnnConfig
+from index.ann import AnnConfig, default_placer
 from index.records import Store, StoreUnavailable
 from index.replica import GalleryReplica
 from index.stores import open_store
@@ -59,7 +59,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     dtype = str(engine.dtype).removeprefix("torch.")
     metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
     ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
-    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
+    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
     try:
         warning = replica.namespace_warning()
