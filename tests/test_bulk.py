@@ -45,7 +45,9 @@ def jsonl(items: list[dict[str, object]]) -> bytes:
 
 
 def items_for(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [{"item_id": f"b{start + i}", "sku": f"sku{(start + i) // 2}", "shop_id": f"shop{i % 3}", "metadata": {"i": i}} for i in range(n)]
+    return [
+        {"item_id": f"b{start + i}", "sku": f"sku{(start + i) // 2}", "shop_id": f"shop{i % 3}", "metadata": {"i": i}} for i in range(n)
+    ]
 
 
 # -- the format -----------------------------------------------------------------------------------
@@ -93,7 +95,13 @@ def test_bad_item_lines_are_named(line: bytes, message: str) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"random bytes", npy(np.zeros((2, 3), np.float64)), npy(np.zeros(3, np.float32)), npy(np.array([{"a": 1}], dtype=object), pickled=True)],
+    [
+        b"",
+        b"random bytes",
+        npy(np.zeros((2, 3), np.float64)),
+        npy(np.zeros(3, np.float32)),
+        npy(np.array([{"a": 1}], dtype=object), pickled=True),
+    ],
 )
 def test_read_vectors_accepts_only_float32_matrices(data: bytes) -> None:
     with pytest.raises(InvalidBulk):
