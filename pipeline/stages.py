@@ -11,10 +11,8 @@ readers-writer lock lets searches run side by side).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -27,6 +25,7 @@ from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
 from pipeline.errors import Overloaded
+from pipeline.search_batcher import SearchBatcher
 
 Kind = Literal["clip", "image", "catalog"]
 # The decode pool observes decoding (not waiting for a decoder); the batcher observes each encoder batch.
@@ -112,22 +111,21 @@ class Embed:
 
 
 class Search:
-    """Clip vector -> top-k SKUs of the shop's gallery, on a search thread (never on the event loop)."""
+    """Clip vector -> top-k SKUs of the shop's gallery, on a search thread (never on the event loop);
+    concurrent requests' vectors are searched together (`pipeline.search_batcher`)."""
 
     name = "search"
 
-    def __init__(self, replica: GalleryReplica, threads: int = 2) -> None:
+    def __init__(self, replica: GalleryReplica, threads: int = 2, max_batch: int = 64) -> None:
         self.replica = replica
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
+        self.batcher = SearchBatcher(replica.search, threads, max_batch)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     async def __call__(self, q: Query) -> None:
         assert q.vector is not None
-        loop = asyncio.get_running_loop()
-        hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, q.vector[None], q.top_k, q.shop_id)
-        q.hits = hits[0]
+        q.hits, q.gallery_version = await self.batcher.search(q.vector, q.top_k, q.shop_id)
 
 
 class Pipeline:
@@ -144,6 +142,7 @@ class Pipeline:
         observe_stage: Callable[[str, float], object] = lambda name, seconds: None,
         on_reject: Callable[[str], object] = lambda where: None,
         search_threads: int = 2,
+        search_max_batch: int = 64,
         extra_stages: Sequence[Stage] = (),
         match_threshold: float = 0.0,
     ) -> None:
@@ -153,7 +152,7 @@ class Pipeline:
         self.decode_pool = decode_pool
         self.observe_stage = observe_stage
         self.match_threshold = match_threshold
-        self._search = Search(replica, search_threads)
+        self._search = Search(replica, search_threads, search_max_batch)
         self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
         self.stages: list[Stage] = [*self.embedding, self._search, *extra_stages]
 
