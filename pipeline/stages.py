@@ -25,9 +25,11 @@ from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
 from pipeline.errors import Overloaded
+from pipeline.keyframes import decode_keyframes
 from pipeline.search_batcher import SearchBatcher
 
 Kind = Literal["clip", "image", "catalog"]
+Sampling = Literal["uniform", "keyframes"]  # which frames of a clip are decoded (pipeline.keyframes)
 # The decode pool observes decoding (not waiting for a decoder); the batcher observes each encoder batch.
 _OBSERVED_ELSEWHERE = frozenset({"decode", "encode"})
 
@@ -41,6 +43,7 @@ class Query:
     top_k: int = 5
     shop_id: str | None = None
     num_frames: int = 10
+    sampling: Sampling = "uniform"
     min_score: float | None = None  # the request's match threshold; None = the model's
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
     frame_emb: np.ndarray | None = None  # [N, D], after embed
@@ -85,7 +88,8 @@ class Decode:
 
     async def __call__(self, q: Query) -> None:
         if q.kind == "clip":
-            clip = await self.pool.run(decode_clip, q.data, q.num_frames, self.preprocess, self.limits)
+            decode = decode_keyframes if q.sampling == "keyframes" else decode_clip
+            clip = await self.pool.run(decode, q.data, q.num_frames, self.preprocess, self.limits)
             q.frames = clip.frames
         else:  # a catalog image shows the whole product: letterbox it rather than crop
             frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels, q.kind == "catalog")
@@ -188,9 +192,16 @@ class Pipeline:
         return q.vector, q.frames[0]
 
     async def recognize_clip(
-        self, data: bytes, top_k: int, shop_id: str | None, num_frames: int, min_score: float | None = None
+        self,
+        data: bytes,
+        top_k: int,
+        shop_id: str | None,
+        num_frames: int,
+        min_score: float | None = None,
+        sampling: Sampling = "uniform",
     ) -> Recognition:
-        return self._answer(await self.run(Query("clip", data, top_k, shop_id, num_frames, min_score), self.stages))
+        q = Query("clip", data, top_k, shop_id, num_frames, sampling=sampling, min_score=min_score)
+        return self._answer(await self.run(q, self.stages))
 
     async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None, min_score: float | None = None) -> Recognition:
         return self._answer(await self.run(Query("image", data, top_k, shop_id, min_score=min_score), self.stages))
