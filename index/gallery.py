@@ -115,14 +115,15 @@ class Gallery:
                 raise ValueError(f"record {r.item_id!r}: vector of {got} floats, gallery dim is {self.dim}")
         with self._applying:  # one batch at a time, and exports never see half of one
             for start in range(0, len(records), self.apply_chunk):
-                with self._lock.write():
-                    self._apply_chunk(records[start : start + self.apply_chunk])
+                last = start + self.apply_chunk >= len(records)
+                with self._lock.write():  # an index build is decided once the whole batch is in, not mid-import
+                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last)
             newest = max((r.version for r in records), default=0)
             if newest > self.version:
                 with self._lock.write():
                     self.version = newest
 
-    def _apply_chunk(self, records: list[Record]) -> None:
+    def _apply_chunk(self, records: list[Record], may_build: bool = True) -> None:
         """Apply records under the write lock (held by the caller); the version is the caller's business."""
         base = self._flat.ntotal
         rows = self._rows()
@@ -168,7 +169,7 @@ class Gallery:
                 self._by_shop[r.shop_id].add(slot)
         if appended:
             self._flat.add(np.stack(appended))
-        self._update_ann(removed, added)
+        self._update_ann(removed, added, may_build)
         self._place()
 
     def _place(self) -> None:
@@ -187,7 +188,7 @@ class Gallery:
             items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata)) for e in (self._entries[int(s)] for s in slots)]
             return self.version, items, self._rows()[slots].copy()
 
-    def _update_ann(self, removed: set[int], added: set[int]) -> None:
+    def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
         """Keep the approximate index (and one being built) in step; start or drop it by size."""
         if self._build is not None:
             self._build.touched |= removed | added
@@ -201,7 +202,7 @@ class Gallery:
         if self._ann is not None and n < cfg.threshold // 2:
             self._ann = None  # small again: exact is cheaper than approximate (the caller re-places)
         stale = self._ann is None or n >= cfg.rebuild_growth * self._ann_size
-        if cfg.enabled and n >= cfg.threshold and stale and self._build is None:
+        if may_build and cfg.enabled and n >= cfg.threshold and stale and self._build is None:
             self._start_build()
 
     def _start_build(self) -> None:

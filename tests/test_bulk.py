@@ -149,9 +149,9 @@ class CountingGallery(Gallery):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.versions_during: list[int] = []
 
-    def _apply_chunk(self, records: list[Record]) -> None:
+    def _apply_chunk(self, records: list[Record], may_build: bool = True) -> None:
         self.versions_during.append(self.version)
-        super()._apply_chunk(records)
+        super()._apply_chunk(records, may_build)
 
 
 def test_big_batch_applies_in_chunks_and_the_version_moves_last() -> None:
@@ -166,6 +166,16 @@ def test_big_batch_applies_in_chunks_and_the_version_moves_last() -> None:
     with pytest.raises(ValueError):  # one bad record: nothing of the batch applied
         g.apply([Record("x", "x", None, v[1], version=5), Record("y", "y", None, np.ones(3, np.float32), version=5)])
     assert len(g) == 1001 and g.version == 4
+
+
+def test_an_import_crossing_the_threshold_builds_the_index_once_over_all_of_it() -> None:
+    from index.ann import AnnConfig
+
+    g = Gallery(8, AnnConfig(threshold=500, nlist=16), apply_chunk=100)
+    v = unit(2000, 8, seed=4)
+    g.apply([Record(f"i{i}", f"s{i}", None, v[i], version=1) for i in range(2000)])  # 20 chunks
+    assert g.wait_for_index(120) and g.approximate
+    assert g._ann_size == 2000  # not a build started at chunk 5 over 500 items
 
 
 def test_placer_path_searches_the_copy_and_keeps_it_current() -> None:
