@@ -251,6 +251,8 @@ class Gallery:
                 "shops": len([s for s in self._by_shop if s is not None]),
                 "dim": self.dim,
                 "gallery_version": self.version,
+                "index": "ivf" if self._ann is not None else "exact",
+                "index_building": self._build is not None,
             }
 
     def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> tuple[int, list[Hit]]:
