@@ -58,6 +58,32 @@ def latency(g: Gallery, queries: np.ndarray, batch: int, shop: str | None = None
     return float(np.percentile(times, 50)), float(np.percentile(times, 99)), ids
 
 
+def search_during_import(g: Gallery, queries: np.ndarray, vecs: np.ndarray) -> tuple[float, list[float]]:
+    """Apply `vecs` as one new version (a bulk import) while a thread searches without pause; returns
+    (import seconds, search latencies in ms that overlapped the import)."""
+    import threading
+
+    lat: list[float] = []
+    done = threading.Event()
+
+    def searcher() -> None:
+        i = 0
+        while not done.is_set():
+            t = time.perf_counter()
+            g.search(queries[i % len(queries)], 10)
+            lat.append((time.perf_counter() - t) * 1e3)
+            i += 1
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    t = time.perf_counter()
+    g.apply([Record(f"new{i}", f"new{i}", None, vecs[i], version=2) for i in range(len(vecs))])
+    seconds = time.perf_counter() - t
+    done.set()
+    thread.join()
+    return seconds, lat
+
+
 async def concurrent_qps(g: Gallery, queries: np.ndarray, clients: int, threads: int, batched: bool) -> float:
     """Queries/s with `clients` concurrent requesters, each one query at a time, on `threads` search
     threads: through the SearchBatcher, or one search call per request (the service before it)."""
@@ -89,6 +115,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--nprobes", type=int, nargs="+", default=[32], help="IVF lists scanned per query: one row each")
     ap.add_argument("--concurrency", type=int, default=0, help="also compare N concurrent requesters, batched vs not")
+    ap.add_argument("--import-rows", type=int, default=0, help="also: searches while a bulk import of this many rows is applied")
     ap.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss call, as RICE_FAISS_THREADS")
     args = ap.parse_args()
     set_search_threads(args.faiss_threads)
@@ -140,6 +167,15 @@ def main() -> None:
                 f"{name}: {args.concurrency} concurrent requesters, 2 threads: {plain:.1f} q/s one per call, "
                 f"{batched:.1f} q/s batched ({batched / plain:.2f}x)"
             )
+    if args.import_rows:
+        extra = clustered(np.random.default_rng(2), args.import_rows, args.dim)
+        before_p50, before_p99, _ = latency(exact, queries, 1)
+        seconds, lat = search_during_import(exact, queries, extra)
+        print(
+            f"bulk import of {args.import_rows:,} rows into the exact gallery of {args.n:,}: applied in {seconds:.1f} s; "
+            f"{len(lat)} searches meanwhile, p50 {np.percentile(lat, 50):.1f} / p99 {np.percentile(lat, 99):.1f} / "
+            f"max {max(lat):.1f} ms (before: p50 {before_p50:.1f} / p99 {before_p99:.1f} ms)"
+        )
     print(f"memory per million vectors (exact gallery, RSS growth): {mem_exact / args.n * 1e6 / 1024:.2f} GB")
 
 

@@ -135,14 +135,12 @@ def bulk_records(vectors: np.ndarray, items: list[BulkItem], dim: int) -> list[R
         if it.item_id in seen:
             raise InvalidBulk(f"item {it.item_id!r} appears twice (row {line_no}); one row per item")
         seen.add(it.item_id)
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.empty(len(v), np.float64)
-    for s in range(0, len(v), 65536):  # chunks keep the float64 temporaries small
-        norms[s : s + 65536] = np.linalg.norm(v[s : s + 65536].astype(np.float64), axis=1)
-    bad = np.flatnonzero(~np.isfinite(norms) | (norms < 1e-12))
+    unit = np.array(vectors, dtype=np.float32, order="C")  # our own copy, normalised in place
+    norms = np.sqrt(np.einsum("ij,ij->i", unit, unit))  # one pass, no float64 copy of the import
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms < 1e-12))  # NaN/inf rows, overflow, all-zero rows
     if len(bad):
         raise InvalidBulk(f"vector row {int(bad[0])} (item {items[int(bad[0])].item_id!r}) is all zero or not finite")
-    unit = (v / norms[:, None]).astype(np.float32)
+    unit /= norms[:, None]
     return [Record(it.item_id, it.sku, it.shop_id, unit[i], it.metadata) for i, it in enumerate(items)]
 
 
