@@ -304,3 +304,29 @@ def test_http_bulk_has_its_own_size_limit(tmp_path: Path, encoder: LoadedEncoder
         mv = c.get("/v1/info").json()["model_version"]
         status, body = bulk_post(c, npy(unit(200, 1280)), jsonl(items_for(200)), mv)  # 1 MB
         assert status == 413 and body["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.integration
+def test_a_following_replica_applies_a_staged_import_as_one_version(redis_server: RedisServer) -> None:
+    """Writer and follower on separate connections: the parts come back as one change, applied whole."""
+    from index.replica import GalleryReplica
+
+    writer = RedisStore(redis_server.url, part_rows=50)
+    follower_store = RedisStore(redis_server.url, part_rows=50)
+    replica = GalleryReplica(follower_store, "m", 8)
+    assert replica.follower is not None
+    replica.follower.batch = 3  # fewer entries per read than the import has parts
+    replica.start()
+    try:
+        writer.upsert("m", [Record("first", "first", None, unit(1, 8)[0])])
+        recs = bulk_records(unit(420, 8, seed=6), parse_items(jsonl(items_for(420)).splitlines(), 1024), 8)
+        version = writer.upsert("m", recs)  # 9 parts
+        writer.upsert("m", [Record("after", "after", None, unit(1, 8, seed=9)[0])])
+        wait_until(lambda: replica.gallery.version >= version + 1, 30, "the follower to apply the import and the write after it")
+        assert len(replica.gallery) == 422 and replica.follower.resyncs == 0
+        hits, _ = replica.search(recs[100].vector[None], 1, None)  # type: ignore[index]
+        assert hits[0][0].item_id == "b100"
+    finally:
+        replica.stop()
+        writer.close()
+        follower_store.close()
