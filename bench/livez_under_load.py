@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -59,17 +61,33 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q)) if xs else float("nan")
 
 
-async def load(url: str, clips: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+async def load(
+    url: str,
+    clips: list[bytes],
+    clients: int,
+    seconds: float,
+    expect: Sequence[str] | None = None,
+    params: dict[str, str | int] | None = None,
+) -> dict[str, float]:
+    """Closed-loop clip clients plus a /livez prober; with `expect` (the right SKU of each clip), also
+    the share of answers that rank it first."""
     clip_lat: list[float] = []
     livez_lat: list[float] = []
+    right: list[bool] = []
     deadline = time.perf_counter() + seconds
 
     async def client(i: int, c: httpx.AsyncClient) -> None:
+        j = i
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            r = await c.post("/v1/recognize", params={"num_frames": 10}, files={"file": ("c.mp4", clips[i % len(clips)])})
+            k = j % len(clips)
+            r = await c.post("/v1/recognize", params={"num_frames": 10, **(params or {})}, files={"file": ("c.mp4", clips[k])})
             r.raise_for_status()
             clip_lat.append(time.perf_counter() - t)
+            if expect is not None:
+                results = r.json()["results"]
+                right.append(bool(results) and results[0]["sku"] == expect[k])
+            j += clients
 
     async def prober(c: httpx.AsyncClient) -> None:
         while time.perf_counter() < deadline:
@@ -92,20 +110,27 @@ async def load(url: str, clips: list[bytes], clients: int, seconds: float) -> di
         "livez_p50_ms": pct(livez_lat, 50),
         "livez_p99_ms": pct(livez_lat, 99),
         "livez_probes": len(livez_lat),
+        **({"right_sku_first": sum(right) / len(right)} if right else {}),
     }
 
 
-def run_size(n: int, args: argparse.Namespace, namespace: str, dim: int, clips: list[bytes], tmp: Path) -> dict[str, float]:
-    db = tmp / f"gallery-{n}.db"
-    t = time.perf_counter()
-    fill_gallery(db, namespace, dim, n)
-    print(f"gallery of {n} items written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextmanager
+def serve(env: dict[str, str], ready_timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`rice serve` in its own process with these RICE_* variables (plus a free port); yields (url, process) once ready."""
     port = free_port()
-    env = {**os.environ, "RICE_GALLERY_PATH": str(db), "RICE_PORT": str(port), "RICE_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], env=env)
+    full = {**os.environ, **env, "RICE_PORT": str(port), "RICE_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], env=full)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + ready_timeout_s
         while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
@@ -115,12 +140,21 @@ def run_size(n: int, args: argparse.Namespace, namespace: str, dim: int, clips: 
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("service did not become ready")
             time.sleep(0.2)
-        asyncio.run(load(url, clips, args.clients, 3))  # warm-up
-        result = asyncio.run(load(url, clips, args.clients, args.seconds))
-        return {"gallery_items": n, **result}
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def run_size(n: int, args: argparse.Namespace, namespace: str, dim: int, clips: list[bytes], tmp: Path) -> dict[str, float]:
+    db = tmp / f"gallery-{n}.db"
+    t = time.perf_counter()
+    fill_gallery(db, namespace, dim, n)
+    print(f"gallery of {n} items written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    with serve({"RICE_GALLERY_PATH": str(db)}) as (url, _):
+        asyncio.run(load(url, clips, args.clients, 3))  # warm-up
+        result = asyncio.run(load(url, clips, args.clients, args.seconds))
+        return {"gallery_items": n, **result}
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.ann import AnnConfig, IvfBuild
+from index.ann import AnnConfig, IndexPlacer, IvfBuild
 from index.records import Record
 from index.rwlock import RWLock
 
@@ -57,8 +57,22 @@ def _listing_order(e: _Entry) -> tuple[str, str]:
 class Gallery:
     """Thread-safe faiss index of gallery images with SKU aggregation and a shop filter."""
 
-    def __init__(self, dim: int, ann: AnnConfig | None = None, exact_shop_max: int = 50_000) -> None:
+    def __init__(
+        self,
+        dim: int,
+        ann: AnnConfig | None = None,
+        exact_shop_max: int = 50_000,
+        placer: IndexPlacer | None = None,
+        apply_chunk: int = 4096,
+    ) -> None:
+        """`placer` copies the unfiltered index to where searches run (`index.ann.default_placer`: all
+        GPUs when faiss has them, else None = search the CPU index in place); `apply_chunk` bounds
+        how many records one write-lock hold applies."""
         self.dim = dim
+        self._placer = placer
+        self._placed: faiss.Index | None = None  # the placer's copy of the unfiltered index
+        self.apply_chunk = max(1, apply_chunk)
+        self._applying = threading.Lock()
         self.ann_config = ann or AnnConfig()
         self.exact_shop_max = exact_shop_max
         self._flat = faiss.IndexFlatIP(dim)  # row i holds slot i's vector (zeros when free)
@@ -89,60 +103,92 @@ class Gallery:
         return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def apply(self, records: list[Record]) -> None:
-        """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing."""
+        """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing.
+
+        A large batch (a bulk import) is applied in chunks of `apply_chunk` records, each under the
+        write lock alone, so a search waits for one chunk (milliseconds), never for the whole import.
+        The gallery version moves only after the last chunk: a search during the import may already
+        see some of its items, but read-your-writes (`version` >= the import's) sees all of them."""
         for r in records:  # validate the whole batch first: a bad record must not half-apply it
             if not r.deleted and (r.vector is None or np.asarray(r.vector).reshape(-1).shape[0] != self.dim):
                 got = None if r.vector is None else np.asarray(r.vector).size
                 raise ValueError(f"record {r.item_id!r}: vector of {got} floats, gallery dim is {self.dim}")
-        with self._lock.write():
-            base = self._flat.ntotal
-            rows = self._rows()
-            appended: list[np.ndarray] = []  # rows for slots >= base, added to faiss in one call
-            removed: set[int] = set()  # slots that left the approximate index
-            added: set[int] = set()  # slots whose vector is new
+        with self._applying:  # one batch at a time, and exports never see half of one
+            for start in range(0, len(records), self.apply_chunk):
+                last = start + self.apply_chunk >= len(records)
+                with self._lock.write():  # an index build is decided once the whole batch is in, not mid-import
+                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last)
+            newest = max((r.version for r in records), default=0)
+            if newest > self.version:
+                with self._lock.write():
+                    self.version = newest
 
-            def write(slot: int, vec: np.ndarray) -> None:
-                if slot < base:
-                    rows[slot] = vec
+    def _apply_chunk(self, records: list[Record], may_build: bool = True) -> None:
+        """Apply records under the write lock (held by the caller); the version is the caller's business."""
+        base = self._flat.ntotal
+        rows = self._rows()
+        appended: list[np.ndarray] = []  # rows for slots >= base, added to faiss in one call
+        removed: set[int] = set()  # slots that left the approximate index
+        added: set[int] = set()  # slots whose vector is new
+
+        def write(slot: int, vec: np.ndarray) -> None:
+            if slot < base:
+                rows[slot] = vec
+            else:
+                appended[slot - base] = vec
+
+        for r in records:
+            old = self._ids.pop(r.item_id, None)
+            if old is not None:
+                entry = self._entries.pop(old)
+                self._sku_items[entry.sku] -= 1
+                if not self._sku_items[entry.sku]:
+                    del self._sku_items[entry.sku]
+                shop = self._by_shop[entry.shop_id]
+                shop.discard(old)
+                if not shop:
+                    del self._by_shop[entry.shop_id]
+                write(old, np.zeros(self.dim, np.float32))
+                self._free.append(old)
+                if old in added:
+                    added.discard(old)
                 else:
-                    appended[slot - base] = vec
+                    removed.add(old)
+            if not r.deleted:
+                vec = np.asarray(r.vector, dtype=np.float32).reshape(-1)
+                if self._free:
+                    slot = self._free.pop()
+                else:
+                    slot = base + len(appended)
+                    appended.append(vec)
+                write(slot, vec)
+                added.add(slot)
+                self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
+                self._sku_items[r.sku] += 1
+                self._ids[r.item_id] = slot
+                self._by_shop[r.shop_id].add(slot)
+        if appended:
+            self._flat.add(np.stack(appended))
+        self._update_ann(removed, added, may_build)
+        self._place()
 
-            for r in records:
-                old = self._ids.pop(r.item_id, None)
-                if old is not None:
-                    entry = self._entries.pop(old)
-                    self._sku_items[entry.sku] -= 1
-                    if not self._sku_items[entry.sku]:
-                        del self._sku_items[entry.sku]
-                    shop = self._by_shop[entry.shop_id]
-                    shop.discard(old)
-                    if not shop:
-                        del self._by_shop[entry.shop_id]
-                    write(old, np.zeros(self.dim, np.float32))
-                    self._free.append(old)
-                    if old in added:
-                        added.discard(old)
-                    else:
-                        removed.add(old)
-                if not r.deleted:
-                    vec = np.asarray(r.vector, dtype=np.float32).reshape(-1)
-                    if self._free:
-                        slot = self._free.pop()
-                    else:
-                        slot = base + len(appended)
-                        appended.append(vec)
-                    write(slot, vec)
-                    added.add(slot)
-                    self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
-                    self._sku_items[r.sku] += 1
-                    self._ids[r.item_id] = slot
-                    self._by_shop[r.shop_id].add(slot)
-                self.version = max(self.version, r.version)
-            if appended:
-                self._flat.add(np.stack(appended))
-            self._update_ann(removed, added)
+    def _place(self) -> None:
+        """Refresh the search copy of the unfiltered index (e.g. on the GPU) after a change; under the write lock."""
+        if self._placer is None:
+            return
+        source = self._ann if self._ann is not None else self._flat
+        self._placed = self._placer(source) if source.ntotal else None
 
-    def _update_ann(self, removed: set[int], added: set[int]) -> None:
+    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any]]], np.ndarray]:
+        """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata)], vectors [N, D]).
+
+        Waits for an import being applied to finish, then copies under the read lock (searches go on)."""
+        with self._applying, self._lock.read():
+            slots = np.fromiter(sorted(self._entries), np.int64, len(self._entries))
+            items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata)) for e in (self._entries[int(s)] for s in slots)]
+            return self.version, items, self._rows()[slots].copy()
+
+    def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
         """Keep the approximate index (and one being built) in step; start or drop it by size."""
         if self._build is not None:
             self._build.touched |= removed | added
@@ -154,9 +200,9 @@ class Gallery:
                 self._ann.add_with_ids(self._rows()[slots], slots)
         n, cfg = len(self._entries), self.ann_config
         if self._ann is not None and n < cfg.threshold // 2:
-            self._ann = None  # small again: exact is cheaper than approximate
+            self._ann = None  # small again: exact is cheaper than approximate (the caller re-places)
         stale = self._ann is None or n >= cfg.rebuild_growth * self._ann_size
-        if cfg.enabled and n >= cfg.threshold and stale and self._build is None:
+        if may_build and cfg.enabled and n >= cfg.threshold and stale and self._build is None:
             self._start_build()
 
     def _start_build(self) -> None:
@@ -179,6 +225,7 @@ class Gallery:
                     if len(live):
                         index.add_with_ids(self._rows()[live], live)
                 self._ann, self._ann_size = index, len(build.slots)
+                self._place()
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth
             log.exception("approximate index build failed")
         finally:
@@ -204,6 +251,8 @@ class Gallery:
                 "shops": len([s for s in self._by_shop if s is not None]),
                 "dim": self.dim,
                 "gallery_version": self.version,
+                "index": "ivf" if self._ann is not None else "exact",
+                "index_building": self._build is not None,
             }
 
     def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> tuple[int, list[Hit]]:
@@ -242,6 +291,8 @@ class Gallery:
             if self._ann is not None:
                 index, extra = self._ann, 0  # dead slots are removed from the IVF, not zeroed
                 params = faiss.SearchParametersIVF(nprobe=self.ann_config.nprobe)  # type: ignore[call-arg]
+            if shop is None and self._placed is not None:
+                index, params = self._placed, None  # the device copy; an IVF copy keeps the CPU index's nprobe
             if shop is not None:
                 sel = faiss.IDSelectorBatch(np.fromiter(shop, np.int64, len(shop)))
                 if self._ann is not None:

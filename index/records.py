@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,8 +39,17 @@ def metadata_to_json(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, separators=(",", ":"), sort_keys=True)
 
 
+# Printable ids without spaces, at most 256 characters: item ids, SKUs and shop ids alike.
+ID_PATTERN = re.compile(r"^[\w.:@/+-]{1,256}$")
+ID_RULE = "1-256 characters of letters, digits and . _ - : @ / +"
+
+
 class ItemNotFound(LookupError):
     """No live item (or SKU) with that id."""
+
+
+class InvalidBulk(ValueError):
+    """A bulk import (or its files) that cannot be applied as sent; nothing was written."""
 
 
 @runtime_checkable

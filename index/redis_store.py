@@ -24,6 +24,7 @@ after Redis executed the script, i.e. after the AOF write when appendfsync is `a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -48,16 +49,19 @@ from index.records import (
 
 DEFAULT_PREFIX = "rice:{gallery}:"
 _CHUNK = 1000  # items per round trip when reading the state
+_LAST_PART = 2**64 - 1  # the largest stream-id sequence: reading after `<v>-_LAST_PART` skips all of v's parts
+_STAGE_TTL_S = 3600  # staged parts of an import that never committed (its writer died) expire
 
-# Shared by every write script: one stream entry per version, its id the version itself (so a
-# gap in ids means entries were trimmed), the stream capped at about `maxlen` entries (0 = all).
+# Shared by every write script: stream entries with the version as id (so a gap in ids means entries
+# were trimmed), part 0 of each version's id being `<v>-0` (a bulk import writes parts 0..n-1 of one
+# version), the stream capped at about `maxlen` entries (0 = all).
 _APPEND_LOG = """
-local function append_log(p, maxlen, v, fields)
+local function append_log(p, maxlen, v, fields, part)
   local xadd = {'XADD', p .. 'log'}
   if tonumber(maxlen) > 0 then
     table.insert(xadd, 'MAXLEN'); table.insert(xadd, '~'); table.insert(xadd, maxlen)
   end
-  table.insert(xadd, v .. '-0')
+  table.insert(xadd, v .. '-' .. (part or 0))
   for _, x in ipairs(fields) do table.insert(xadd, x) end
   redis.call(unpack(xadd))
 end
@@ -111,6 +115,53 @@ for i = 0, n - 1 do
   redis.call('SADD', p .. 'sku:' .. sku, member)
 end
 append_log(p, maxlen, v, {'op', 'upsert', 'v', tostring(v), 't', t, 'ns', ns, 'items', items, 'dim', dim, 'vecs', vecs})
+return v
+"""
+)
+
+# A bulk import: its rows were staged (invisible to readers) in keys `<stage><i>:hdrs` (JSON
+# [[item_id, sku, header], ...]), `<stage><i>:items` (the log's items JSON) and `<stage><i>:vecs`
+# (raw float32), i = 0..n-1. This script checks every part is there, then writes them all under one
+# version, one stream entry per part (ids <v>-0 .. <v>-(n-1), fields part and parts): atomic, and
+# no single value exceeds Redis's bulk-string limit.
+# ARGV: prefix, namespace, epoch, maxlen, t, dim, stage, n
+_COMMIT_STAGED = (
+    _APPEND_LOG
+    + """
+local p, ns, epoch, maxlen, t, dim, stage = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local n = tonumber(ARGV[8])
+local width = tonumber(dim) * 4
+for c = 0, n - 1 do
+  for _, part in ipairs({':hdrs', ':items', ':vecs'}) do
+    if redis.call('EXISTS', stage .. c .. part) == 0 then
+      return redis.error_reply('staged bulk import is incomplete or expired: ' .. stage .. c .. part)
+    end
+  end
+end
+redis.call('SET', p .. 'epoch', epoch, 'NX')
+local v = redis.call('INCR', p .. 'version')
+redis.call('SADD', p .. 'namespaces', ns)
+local hdr, vec, ver = p .. 'n:' .. ns .. ':hdr', p .. 'n:' .. ns .. ':vec', p .. 'n:' .. ns .. ':ver'
+for c = 0, n - 1 do
+  local rows = cjson.decode(redis.call('GET', stage .. c .. ':hdrs'))
+  local items = redis.call('GET', stage .. c .. ':items')
+  local vecs = redis.call('GET', stage .. c .. ':vecs')
+  for i, row in ipairs(rows) do
+    local id, sku, h = row[1], row[2], row[3]
+    local member = #ns .. ':' .. ns .. id
+    if redis.call('HEXISTS', vec, id) == 1 then
+      local old = cjson.decode(redis.call('HGET', hdr, id)).sku
+      if old ~= sku then redis.call('SREM', p .. 'sku:' .. old, member) end
+    end
+    redis.call('HSET', hdr, id, h)
+    redis.call('HSET', vec, id, string.sub(vecs, (i - 1) * width + 1, i * width))
+    redis.call('ZADD', ver, v, id)
+    redis.call('SADD', p .. 'sku:' .. sku, member)
+  end
+  append_log(p, maxlen, v, {'op', 'upsert', 'v', tostring(v), 't', t, 'ns', ns, 'items', items, 'dim', dim, 'vecs', vecs,
+    'part', tostring(c), 'parts', tostring(n)}, c)
+  redis.call('DEL', stage .. c .. ':hdrs', stage .. c .. ':items', stage .. c .. ':vecs')
+end
 return v
 """
 )
@@ -172,8 +223,11 @@ def _reachable() -> Iterator[None]:
 class RedisStore:
     """`index.records.Store` and `index.records.ChangeLog` on a Redis server."""
 
-    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, log_maxlen: int = 100_000, timeout_s: float = 5.0) -> None:
-        """`log_maxlen` bounds the stream (approximately; 0 = unbounded): a follower further behind resyncs."""
+    def __init__(
+        self, url: str, prefix: str = DEFAULT_PREFIX, log_maxlen: int = 100_000, timeout_s: float = 5.0, part_rows: int = 4096
+    ) -> None:
+        """`log_maxlen` bounds the stream (approximately; 0 = unbounded): a follower further behind resyncs.
+        `part_rows`: an upsert of more records is staged in parts of this many and committed by one script."""
         # No automatic retries: re-sending a write whose answer was lost could apply it twice.
         # Typed as Any: redis-py's stubs type every reply as a union of everything a reply can be.
         self._r: Any = redis.Redis.from_url(
@@ -185,6 +239,8 @@ class RedisStore:
         self._upsert: Any = self._r.register_script(_UPSERT)
         self._delete_items: Any = self._r.register_script(_DELETE_ITEMS)
         self._delete_sku: Any = self._r.register_script(_DELETE_SKU)
+        self._commit_staged: Any = self._r.register_script(_COMMIT_STAGED)
+        self.part_rows = max(1, part_rows)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -201,6 +257,8 @@ class RedisStore:
         if len(dims) > 1:
             raise ValueError(f"one upsert holds vectors of one dimension, got {sorted(dims)}")
         dim = dims.pop() if dims else 0
+        if len(records) > self.part_rows:
+            return self._upsert_staged(namespace, records, dim)
         items, args = [], []
         for r in records:
             meta = metadata_to_json(r.metadata)
@@ -210,6 +268,37 @@ class RedisStore:
         head = [self.prefix, namespace, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), dim, json.dumps(items), vecs, len(records)]
         with _reachable():
             return int(self._upsert(args=head + args))
+
+    def _upsert_staged(self, namespace: str, records: list[Record], dim: int) -> int:
+        """A large upsert, still all or nothing: stage it in parts (invisible to every reader), then
+        one script checks the parts and writes them under one version. A failure before the commit
+        leaves only staged keys, which expire; readers never see part of the import."""
+        stage = self._key("stage", uuid.uuid4().hex, "")
+        parts = range(0, len(records), self.part_rows)
+        with _reachable():
+            try:
+                for i, start in enumerate(parts):
+                    chunk = records[start : start + self.part_rows]
+                    hdrs, items = [], []
+                    for r in chunk:
+                        meta = metadata_to_json(r.metadata)
+                        hdrs.append([r.item_id, r.sku, json.dumps({"sku": r.sku, "shop_id": r.shop_id, "dim": dim, "meta": meta})])
+                        items.append([r.item_id, r.sku, r.shop_id, meta])
+                    vecs = b"".join(vector_to_bytes(np.asarray(r.vector).reshape(-1)) for r in chunk)
+                    pipe = self._r.pipeline(transaction=False)
+                    pipe.set(f"{stage}{i}:hdrs", json.dumps(hdrs), ex=_STAGE_TTL_S)
+                    pipe.set(f"{stage}{i}:items", json.dumps(items), ex=_STAGE_TTL_S)
+                    pipe.set(f"{stage}{i}:vecs", vecs, ex=_STAGE_TTL_S)
+                    pipe.execute()
+                head = [self.prefix, namespace, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), dim, stage, len(parts)]
+                return int(self._commit_staged(args=head))
+            except BaseException:
+                self._drop_stage(stage, len(parts))
+                raise
+
+    def _drop_stage(self, stage: str, parts: int) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError):  # unreachable: the keys expire on their own
+            self._r.delete(*(f"{stage}{i}:{k}" for i in range(parts) for k in ("hdrs", "items", "vecs")))
 
     def _tombstoned(self, reply: list[Any], what: str) -> tuple[int, list[str]]:
         version = int(reply[0])
@@ -308,11 +397,19 @@ class RedisStore:
 
     def read_log(self, namespace: str, after_version: int, block_ms: int, count: int) -> list[LogEntry]:
         """Log entries after `after_version`, oldest first, waiting up to `block_ms` (0 = not at all)."""
+        log_key = self._key("log")
         with _reachable():
-            reply = self._r.xread({self._key("log"): f"{after_version}-0"}, count=count, block=block_ms if block_ms > 0 else None)
-        if not reply:
-            return []
-        return [_entry(fields, namespace) for _, fields in reply[0][1]]
+            reply = self._r.xread({log_key: f"{after_version}-{_LAST_PART}"}, count=count, block=block_ms if block_ms > 0 else None)
+            if not reply:
+                return []
+            raw = list(reply[0][1])
+            # A bulk import is several entries of one version: complete the last one if `count` cut it.
+            last_id, last = raw[-1]
+            parts, part = int(last.get(b"parts", 1)), int(last.get(b"part", 0))
+            if part + 1 < parts:
+                version = last_id.split(b"-")[0].decode()
+                raw += self._r.xrange(log_key, f"{version}-{part + 1}", f"{version}-{parts - 1}")
+        return _entries(raw, namespace)
 
     def log_versions(self) -> tuple[int, int]:
         """(first, last) version still in the log; (0, 0) when it is empty."""
@@ -341,6 +438,29 @@ def _record(item_id: str, header: dict[str, Any], vector: bytes | None, version:
     dim = int(header["dim"])
     vec = None if vector is None else np.frombuffer(vector, dtype="<f4", count=dim).astype(np.float32)
     return Record(item_id, header["sku"], header["shop_id"], vec, json.loads(header["meta"]), version, vector is None)
+
+
+def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]], namespace: str) -> list[LogEntry]:
+    """Stream entries -> one LogEntry per version (a bulk import's parts joined). A version whose
+    parts are not all there (the stream was trimmed through it) is left out: the reader then sees
+    a gap in versions and resynchronises, rather than applying half an import."""
+    out: list[LogEntry] = []
+    i = 0
+    while i < len(raw):
+        fields = raw[i][1]
+        parts = int(fields.get(b"parts", 1))
+        group = raw[i : i + parts]
+        ok = len(group) == parts and [int(f.get(b"part", 0)) for _, f in group] == list(range(parts))
+        ok = ok and len({f[b"v"] for _, f in group}) == 1
+        if ok:
+            entries = [_entry(f, namespace) for _, f in group]
+            out.append(LogEntry(entries[0].version, entries[0].namespace, [r for e in entries for r in e.records], entries[0].written_at))
+            i += parts
+        else:  # skip this version's stray parts
+            v = fields[b"v"]
+            while i < len(raw) and raw[i][1][b"v"] == v:
+                i += 1
+    return out
 
 
 def _entry(fields: dict[bytes, bytes], namespace: str) -> LogEntry:

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from index.ann import AnnConfig
+from index.ann import AnnConfig, IndexPlacer
 from index.follower import Follower
 from index.gallery import Gallery, Hit
 from index.records import ChangeLog, Namespaces, Record, Store, StoreUnavailable, Thumbnails
@@ -31,19 +31,22 @@ log = logging.getLogger("rice.replica")
 
 
 class GalleryReplica:
-    def __init__(self, store: Store, namespace: str, dim: int, ann: AnnConfig | None = None, wait_s: float = 2.0) -> None:
-        """`wait_s` bounds how long a write waits to become visible here, and readiness's patience with lag."""
+    def __init__(
+        self, store: Store, namespace: str, dim: int, ann: AnnConfig | None = None, wait_s: float = 2.0, placer: IndexPlacer | None = None
+    ) -> None:
+        """`wait_s` bounds how long a write waits to become visible here, and readiness's patience with lag;
+        `placer` puts the search index on the GPUs (see `index.ann.default_placer`)."""
         self.store = store
         self.namespace = namespace  # the model version: vectors of other models are never searched
         self.dim = dim
         self.ann = ann
         self.wait_s = wait_s
-        self.gallery = Gallery(dim, ann)
+        self.gallery = Gallery(dim, ann, placer=placer)
         self._sync_lock = threading.Lock()
         self._behind_since: float | None = None
         self.follower: Follower | None = None
         if isinstance(store, ChangeLog):  # a store other processes write to: follow its log
-            self.follower = Follower(store, namespace, lambda: Gallery(dim, ann), lambda: self.gallery, self._swap)
+            self.follower = Follower(store, namespace, lambda: Gallery(dim, ann, placer=placer), lambda: self.gallery, self._swap)
 
     def _swap(self, gallery: Gallery) -> None:
         self.gallery = gallery  # a single reference assignment: a search holds one gallery or the other
@@ -136,6 +139,11 @@ class GalleryReplica:
     async def _forget_thumbnails(self, ids: list[str]) -> None:
         if isinstance(self.store, Thumbnails):
             await asyncio.to_thread(self.store.delete_thumbnails, ids)
+
+    async def add_bulk(self, records: list[Record]) -> int:
+        """Store many records under one gallery version, all or nothing (a bulk import), then make
+        them visible here; the local index applies them in chunks, so searches keep running."""
+        return int(await self._write(self.store.upsert, self.namespace, records))
 
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
         result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))

@@ -2,6 +2,10 @@
 
 Writer-preferring: once a writer waits, new readers queue behind it, so a stream of overlapping
 searches cannot starve a gallery write; the writer waits only for the searches already running.
+
+Readers waiting when a writer lets go are let in before the next writer (a hand-off): a bulk import
+applies its rows as many short writes back to back, and without the hand-off the searches queued
+behind it would wait for the whole import instead of one chunk.
 """
 
 from __future__ import annotations
@@ -17,12 +21,19 @@ class RWLock:
         self._readers = 0  # searches holding the lock now
         self._writer = False  # a writer holds the lock
         self._waiting_writers = 0
+        self._waiting_readers = 0
+        self._handoff = 0  # readers still to be let in before the next writer
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
+            self._waiting_readers += 1
+            try:
+                while self._writer or (self._waiting_writers and not self._handoff):
+                    self._cond.wait()
+            finally:
+                self._waiting_readers -= 1
+            self._handoff = max(0, self._handoff - 1)
             self._readers += 1
         try:
             yield
@@ -37,7 +48,7 @@ class RWLock:
         with self._cond:
             self._waiting_writers += 1
             try:
-                while self._writer or self._readers:
+                while self._writer or self._readers or self._handoff:
                     self._cond.wait()
             finally:
                 self._waiting_writers -= 1
@@ -47,4 +58,5 @@ class RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._handoff = self._waiting_readers
                 self._cond.notify_all()

@@ -11,10 +11,8 @@ readers-writer lock lets searches run side by side).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -27,8 +25,11 @@ from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
 from pipeline.errors import Overloaded
+from pipeline.keyframes import decode_keyframes
+from pipeline.search_batcher import SearchBatcher
 
 Kind = Literal["clip", "image", "catalog"]
+Sampling = Literal["uniform", "keyframes"]  # which frames of a clip are decoded (pipeline.keyframes)
 # The decode pool observes decoding (not waiting for a decoder); the batcher observes each encoder batch.
 _OBSERVED_ELSEWHERE = frozenset({"decode", "encode"})
 
@@ -42,6 +43,7 @@ class Query:
     top_k: int = 5
     shop_id: str | None = None
     num_frames: int = 10
+    sampling: Sampling = "uniform"
     min_score: float | None = None  # the request's match threshold; None = the model's
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
     frame_emb: np.ndarray | None = None  # [N, D], after embed
@@ -86,7 +88,8 @@ class Decode:
 
     async def __call__(self, q: Query) -> None:
         if q.kind == "clip":
-            clip = await self.pool.run(decode_clip, q.data, q.num_frames, self.preprocess, self.limits)
+            decode = decode_keyframes if q.sampling == "keyframes" else decode_clip
+            clip = await self.pool.run(decode, q.data, q.num_frames, self.preprocess, self.limits)
             q.frames = clip.frames
         else:  # a catalog image shows the whole product: letterbox it rather than crop
             frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels, q.kind == "catalog")
@@ -112,22 +115,21 @@ class Embed:
 
 
 class Search:
-    """Clip vector -> top-k SKUs of the shop's gallery, on a search thread (never on the event loop)."""
+    """Clip vector -> top-k SKUs of the shop's gallery, on a search thread (never on the event loop);
+    concurrent requests' vectors are searched together (`pipeline.search_batcher`)."""
 
     name = "search"
 
-    def __init__(self, replica: GalleryReplica, threads: int = 2) -> None:
+    def __init__(self, replica: GalleryReplica, threads: int = 2, max_batch: int = 64) -> None:
         self.replica = replica
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
+        self.batcher = SearchBatcher(replica.search, threads, max_batch)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     async def __call__(self, q: Query) -> None:
         assert q.vector is not None
-        loop = asyncio.get_running_loop()
-        hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, q.vector[None], q.top_k, q.shop_id)
-        q.hits = hits[0]
+        q.hits, q.gallery_version = await self.batcher.search(q.vector, q.top_k, q.shop_id)
 
 
 class Pipeline:
@@ -144,6 +146,7 @@ class Pipeline:
         observe_stage: Callable[[str, float], object] = lambda name, seconds: None,
         on_reject: Callable[[str], object] = lambda where: None,
         search_threads: int = 2,
+        search_max_batch: int = 64,
         extra_stages: Sequence[Stage] = (),
         match_threshold: float = 0.0,
     ) -> None:
@@ -153,7 +156,7 @@ class Pipeline:
         self.decode_pool = decode_pool
         self.observe_stage = observe_stage
         self.match_threshold = match_threshold
-        self._search = Search(replica, search_threads)
+        self._search = Search(replica, search_threads, search_max_batch)
         self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
         self.stages: list[Stage] = [*self.embedding, self._search, *extra_stages]
 
@@ -189,9 +192,16 @@ class Pipeline:
         return q.vector, q.frames[0]
 
     async def recognize_clip(
-        self, data: bytes, top_k: int, shop_id: str | None, num_frames: int, min_score: float | None = None
+        self,
+        data: bytes,
+        top_k: int,
+        shop_id: str | None,
+        num_frames: int,
+        min_score: float | None = None,
+        sampling: Sampling = "uniform",
     ) -> Recognition:
-        return self._answer(await self.run(Query("clip", data, top_k, shop_id, num_frames, min_score), self.stages))
+        q = Query("clip", data, top_k, shop_id, num_frames, sampling=sampling, min_score=min_score)
+        return self._answer(await self.run(q, self.stages))
 
     async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None, min_score: float | None = None) -> Recognition:
         return self._answer(await self.run(Query("image", data, top_k, shop_id, min_score=min_score), self.stages))

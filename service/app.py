@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     # Added before the request counter so it sits inside it: a streamed upload going over the
     # limit then raises in the route's own body read and the error table answers 413 (outside the
     # counter's BaseHTTPMiddleware it would surface as an ExceptionGroup, i.e. a 500).
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, per_path={"/v1/gallery/bulk": settings.max_bulk_bytes})
     app.middleware("http")(request_counter(metrics))
     app.add_middleware(CancelOnDisconnect, on_cancel=metrics.cancelled_requests.inc)  # outermost: cancels all below
     app.include_router(recognize.router)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from index.records import ItemNotFound, StoreUnavailable
+from index.records import InvalidBulk, ItemNotFound, StoreUnavailable
 from pipeline.errors import (
     BadRequest,
     Conflict,
@@ -67,6 +67,7 @@ class Forbidden(ServiceError):
 
 ERROR_STATUS: dict[type[Exception], int] = {
     BadRequest: 400,
+    InvalidBulk: 400,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
@@ -105,7 +106,9 @@ def install_error_handlers(
             if on_error is not None:
                 on_error(exc.code)
             return JSONResponse(error_body(exc.code, exc.message), status, headers=exc.headers)
-        code, what = ("not_found", "not found") if status == 404 else ("not_ready", "gallery store unavailable")
+        code, what = {404: ("not_found", "not found"), 400: ("bad_request", "bad request")}.get(
+            status, ("not_ready", "gallery store unavailable")
+        )
         detail = str(exc.args[0]) if exc.args else ""
         return JSONResponse(error_body(code, f"{what}: {detail}" if status == 503 else detail or what), status)
 

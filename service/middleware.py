@@ -86,25 +86,28 @@ class CancelOnDisconnect:
 
 
 class UploadLimit:
-    """Reject bodies over the limit: by Content-Length up front, or while streaming (chunked)."""
+    """Reject bodies over the limit: by Content-Length up front, or while streaming (chunked).
+    `per_path` gives some paths their own limit (the bulk vector import is far larger than a clip)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes + 64 * 1024  # room for multipart headers and form fields
+        max_bytes = self.per_path.get(scope.get("path", ""), self.max_bytes)
+        limit = max_bytes + 64 * 1024  # room for multipart headers and form fields
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_json(send, 413, error_body("payload_too_large", f"upload exceeds {self.max_bytes} bytes"))
+                await _send_json(send, 413, error_body("payload_too_large", f"upload exceeds {max_bytes} bytes"))
                 return
         seen = 0
         too_large = False
         started = False
-        message_413 = f"upload exceeds {self.max_bytes} bytes"
+        message_413 = f"upload exceeds {max_bytes} bytes"
 
         async def limited() -> Message:
             nonlocal seen, too_large

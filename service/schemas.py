@@ -33,6 +33,11 @@ class ItemCreated(BaseModel):
     model_version: str
 
 
+class BulkImported(BaseModel):
+    imported: int
+    gallery_version: int
+
+
 class Deleted(BaseModel):
     deleted: list[str] = Field(description="item ids removed")
     gallery_version: int
@@ -45,6 +50,8 @@ class GalleryStats(BaseModel):
     dim: int
     gallery_version: int
     namespace: str = Field(description="the model version whose vectors are searched")
+    index: str = Field("exact", description="how unfiltered searches run: exact, or ivf (approximate) past RICE_ANN_THRESHOLD")
+    index_building: bool = Field(False, description="an approximate index is being trained in the background")
 
 
 class GalleryItem(BaseModel):

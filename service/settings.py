@@ -55,7 +55,12 @@ class Settings(BaseSettings):
         "process", description="process: decode in isolated workers; thread: in the server (trusted input and benchmarks only)"
     )
     search_threads: int = Field(2, ge=1, le=64, description="threads running gallery searches (off the event loop)")
+    search_max_batch: int = Field(64, ge=1, le=4096, description="most concurrent requests' queries searched as one faiss batch")
+    faiss_threads: int = Field(1, ge=0, le=256, description="OpenMP threads per faiss call; 0 = faiss default (all cores)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest metadata JSON per gallery item")
+    max_bulk_bytes: int = Field(
+        2 * 1024**3, ge=1, description="largest POST /v1/gallery/bulk body (.npy + JSONL; 413); 150k x 1280-d float32 is 768 MB"
+    )
 
     # serving
     dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")

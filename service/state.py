@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from index.ann import AnnConfig
+from index.ann import AnnConfig, default_placer, set_search_threads
 from index.records import Store, StoreUnavailable
 from index.replica import GalleryReplica
 from index.stores import open_store
@@ -60,7 +60,8 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     dtype = str(engine.dtype).removeprefix("torch.")
     metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
     ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
-    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s)
+    set_search_threads(settings.faiss_threads)
+    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
     try:
         warning = replica.namespace_warning()
@@ -107,6 +108,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
         on_reject=lambda where: metrics.rejected.labels(where).inc(),
         search_threads=settings.search_threads,
+        search_max_batch=settings.search_max_batch,
         match_threshold=match_threshold(settings, loaded),
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())

@@ -76,7 +76,8 @@ def clip_of() -> Callable[..., bytes]:
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"gallery_path": str(tmp_path / "gallery.db"), "max_batch_size": 16}
+    # port 0: background_server takes a free port, never 8000, which another process may hold
+    values: dict[str, object] = {"gallery_path": str(tmp_path / "gallery.db"), "max_batch_size": 16, "port": 0}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

@@ -181,7 +181,7 @@ def test_upsert_replaces_existing_item() -> None:
     assert [h.item_id for h in shop1] == ["b"]
     (shop2,), _ = g.search(old, 5, shop_id="shop-2")
     assert [h.sku for h in shop2] == ["sku-new"]
-    assert g.stats() == {"items": 2, "skus": 2, "shops": 2, "dim": dim, "gallery_version": 3}
+    assert g.stats() == {"items": 2, "skus": 2, "shops": 2, "dim": dim, "gallery_version": 3, "index": "exact", "index_building": False}
 
 
 def test_tombstones_remove_items() -> None:
@@ -267,7 +267,15 @@ def test_large_gallery_per_shop_search_matches_oracle() -> None:
     dim, n_items, n_skus, n_shops = 64, 20_000, 5_000, 500
     cat = make_catalog(13, n_items, n_skus, dim, n_shops)
     g = build(cat, dim)
-    assert g.stats() == {"items": n_items, "skus": len(set(cat.skus)), "shops": len(set(cat.shops)), "dim": dim, "gallery_version": 1}
+    assert g.stats() == {
+        "items": n_items,
+        "skus": len(set(cat.skus)),
+        "shops": len(set(cat.shops)),
+        "dim": dim,
+        "gallery_version": 1,
+        "index": "exact",
+        "index_building": False,
+    }
 
     rng = np.random.default_rng(130)
     queries = unit_vectors(rng, 6, dim)

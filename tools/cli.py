@@ -116,6 +116,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from tools.ingest import read_catalog
     from tools.reindex import run_reindex
 
+    if args.embed_only:
+        from tools.gallery_io import embed_to_dir
+
+        summary = embed_to_dir(args.checkpoint, Path(args.catalog), args.shop_id, Path(args.embed_only), args.quiet)
+        print(json.dumps(summary, indent=2))
+        return 1 if summary["failed"] else 0
     settings = Settings()
     items = read_catalog(Path(args.catalog), args.shop_id)
     store = store_for(settings)
@@ -249,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")
     x.add_argument("--api-key", default=None, help="API key with the admin right a, to switch the replicas (or RICE_CLIENT_API_KEY)")
     x.add_argument("--quiet", action="store_true")
+    x.add_argument("--embed-only", metavar="DIR", help="only embed, into DIR in the `rice gallery import` format (no store, no switch)")
     x.set_defaults(func=cmd_reindex)
+
+    from tools.gallery_io import register as register_gallery
+
+    register_gallery(sub)
 
     r = sub.add_parser(
         "recognize",

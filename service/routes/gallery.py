@@ -1,28 +1,29 @@
-"""Gallery ingestion, deletion and stats."""
+"""Gallery ingestion, deletion and stats; bulk vectors in and out."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
+from index.bulk import BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
+from index.records import ID_PATTERN, ID_RULE, Record
 from pipeline.thumbnail import thumbnail_jpeg
 from service.auth import require_read, require_write
-from service.errors import BadRequest
+from service.errors import BadRequest, Conflict
 from service.routes.deps import State, read_upload
-from service.schemas import Deleted, GalleryStats, ItemCreated
+from service.schemas import BulkImported, Deleted, GalleryStats, ItemCreated
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
 
-_ID = re.compile(r"^[\w.:@/+-]{1,256}$")  # printable ids without spaces, at most 256 characters
-
 
 def _valid_id(value: str, what: str) -> str:
-    if not _ID.match(value):
-        raise BadRequest(f"{what} must be 1-256 characters of letters, digits and . _ - : @ / +")
+    if not ID_PATTERN.match(value):
+        raise BadRequest(f"{what} must be {ID_RULE}")
     return value
 
 
@@ -89,3 +90,39 @@ async def delete_sku(
 async def stats(state: State) -> GalleryStats:
     """Size and version of this replica's gallery."""
     return GalleryStats(**await asyncio.to_thread(state.replica.stats))  # takes the gallery's read lock
+
+
+def _read_bulk(vectors: IO[bytes], items: IO[bytes], dim: int, max_metadata_bytes: int) -> list[Record]:
+    """Parse and check a whole import (on a thread: it is O(rows)); InvalidBulk (400) on any bad row."""
+    vectors.seek(0)
+    items.seek(0)
+    return bulk_records(read_vectors(vectors), parse_items(items, max_metadata_bytes), dim)
+
+
+@router.post("/bulk", status_code=201, response_model=BulkImported, dependencies=[Depends(require_write)])
+async def bulk_import(
+    state: State,
+    vectors: Annotated[UploadFile, File(description="a .npy float32 array [n, dim] of embeddings (the served model's)")],
+    items: Annotated[UploadFile, File(description='JSONL, one line per row: {"item_id", "sku", "shop_id"?, "metadata"?}')],
+    model_version: str = Form(..., description="the model that made the vectors; must be the served one (else 409)"),
+) -> BulkImported:
+    """Import precomputed vectors (e.g. from the offline reindex job, or a backup) under one gallery
+    version. Every row is checked before anything is written; the import is all or nothing. Its
+    size limit is RICE_MAX_BULK_BYTES. Visible to searches once answered."""
+    if model_version != state.engine.model_version:
+        raise Conflict(f"the vectors are from model {model_version!r}; this service serves {state.engine.model_version!r}")
+    records = await asyncio.to_thread(_read_bulk, vectors.file, items.file, state.replica.dim, state.settings.max_metadata_bytes)
+    version = await state.replica.add_bulk(records)
+    return BulkImported(imported=len(records), gallery_version=version)
+
+
+@router.get("/export", dependencies=[Depends(require_write)], response_class=StreamingResponse)
+async def export(state: State) -> StreamingResponse:
+    """Every live item of the served model's gallery as a tar stream: manifest.json (model_version,
+    dim, count, gallery_version), items.jsonl, vectors.npy: the format POST /v1/gallery/bulk reads.
+    Needs the write right: it hands out the whole catalog."""
+    version, rows, vectors = await asyncio.to_thread(state.replica.gallery.export)
+    manifest = Manifest(state.engine.model_version, state.replica.dim, len(rows), version)
+    body = export_tar(manifest, [BulkItem(*r) for r in rows], vectors)
+    headers = {"Content-Disposition": f'attachment; filename="gallery-v{version}.tar"'}
+    return StreamingResponse(iterate_in_threadpool(body), media_type="application/x-tar", headers=headers)

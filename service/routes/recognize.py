@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
@@ -28,6 +28,10 @@ _MIN_VERSION_DOC = (
 )
 
 
+_SAMPLING_DOC = (
+    "uniform: num_frames spread over the clip (decodes every frame up to the last kept); "
+    "keyframes: up to num_frames of the clip's keyframes, decoding only those (several times cheaper; frames_used may be lower)"
+)
 _MIN_SCORE_DOC = "top-1 score from which the answer is a match (match: true); default: the served model's calibrated threshold"
 
 
@@ -68,12 +72,13 @@ async def recognize_clip(
     num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
     min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
     min_score: float | None = Query(None, ge=-1.0, le=1.0, description=_MIN_SCORE_DOC),
+    sampling: Literal["uniform", "keyframes"] = Query("uniform", description=_SAMPLING_DOC),
 ) -> RecognizeResponse:
     """Recognise the product shown in a clip: top-k SKUs, best first, and whether the top one is a match."""
     _check(state, top_k, num_frames)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score), "clip")
+    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling), "clip")
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)

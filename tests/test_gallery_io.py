@@ -1,0 +1,66 @@
+"""`rice gallery export/import` and `rice reindex --embed-only` against real servers over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from index.bulk import ITEMS, MANIFEST, VECTORS, read_manifest
+from model.checkpoint import LoadedEncoder
+from service.server import background_server
+from tests.conftest import settings_for
+from tests.test_bulk import bulk_post, items_for, jsonl, npy, unit
+from tools.cli import main
+from tools.democatalog import DemoProduct
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_export_then_import_in_parts_restores_the_gallery(tmp_path: Path, encoder: LoadedEncoder) -> None:
+    out = tmp_path / "backup"
+    with background_server(settings_for(tmp_path / "a"), encoder) as url, httpx.Client(base_url=url) as c:
+        dim = c.get("/v1/gallery/stats").json()["dim"]
+        vectors = unit(50, dim, seed=3)
+        assert bulk_post(c, npy(vectors), jsonl(items_for(50)), encoder.model_version)[0] == 201  # type: ignore[arg-type]
+        c.delete("/v1/gallery/items/b7")
+        assert main(["gallery", "export", str(out), "--url", url]) == 0
+    manifest = read_manifest(out)
+    assert (manifest.model_version, manifest.dim, manifest.count, manifest.gallery_version) == (encoder.model_version, dim, 49, 2)
+    assert sorted(p.name for p in out.iterdir()) == sorted([ITEMS, MANIFEST, VECTORS])
+
+    with background_server(settings_for(tmp_path / "b"), encoder) as url, httpx.Client(base_url=url) as c:
+        assert main(["gallery", "import", str(out), "--url", url, "--rows", "20"]) == 0  # 3 requests
+        stats = c.get("/v1/gallery/stats").json()
+        assert stats["items"] == 49 and stats["gallery_version"] == 3
+        r = c.post("/v1/recognize/image", files={"file": ("x.png", cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))[1].tobytes())})
+        assert r.status_code == 200
+
+        other = tmp_path / "other-model"
+        other.mkdir()
+        for name in (ITEMS, VECTORS):
+            (other / name).write_bytes((out / name).read_bytes())
+        (other / MANIFEST).write_text(json.dumps({**json.loads((out / MANIFEST).read_text()), "model_version": "another"}))
+        assert main(["gallery", "import", str(other), "--url", url]) == 1  # 409: nothing written
+        assert c.get("/v1/gallery/stats").json()["gallery_version"] == 3
+
+
+def test_reindex_embed_only_writes_an_importable_folder(tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct]) -> None:
+    catalog = tmp_path / "catalog"
+    for p in products[:3]:
+        (catalog / p.sku).mkdir(parents=True)
+        cv2.imwrite(str(catalog / p.sku / "front.jpg"), p.image)
+    (catalog / products[0].sku / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "embedded"
+    assert main(["reindex", "--catalog", str(catalog), "--embed-only", str(out), "--quiet"]) == 1  # one bad file reported
+    manifest = read_manifest(out)
+    assert manifest.model_version == encoder.model_version and manifest.count == 3
+    with background_server(settings_for(tmp_path), encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert main(["gallery", "import", str(out), "--url", url]) == 0
+        image = cv2.imencode(".jpg", products[2].image)[1].tobytes()
+        r = c.post("/v1/recognize/image", files={"file": ("p.jpg", image)})
+        assert r.json()["results"][0]["sku"] == products[2].sku

@@ -1,0 +1,173 @@
+"""`rice gallery export DIR`, `rice gallery import DIR` and `rice reindex --embed-only DIR`: a gallery
+as a folder of three files (`index.bulk`: manifest.json, items.jsonl, vectors.npy).
+
+Export and import talk to a running service (GET /v1/gallery/export, POST /v1/gallery/bulk), so they
+work the same on the embedded and the Redis store and every replica sees the import at once. An
+import is all or nothing per request: by default the whole folder is one request; `--rows N` splits
+it into requests of N rows (each all or nothing) for catalogs larger than RICE_MAX_BULK_BYTES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, npy_header, read_manifest, write_dir
+from index.records import InvalidBulk
+
+
+def _client(url: str, api_key: str | None) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"X-API-Key": api_key} if api_key else {}, timeout=httpx.Timeout(30.0, read=3600.0))
+
+
+def export_gallery(url: str, api_key: str | None, folder: Path) -> Manifest:
+    """Stream the served gallery into `folder` (the manifest is written last: its presence means complete)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".export.tar"
+    with _client(url, api_key) as c, c.stream("GET", "/v1/gallery/export") as r:
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"export failed: HTTP {r.status_code} {_message(r)}")
+        with tmp.open("wb") as f:
+            for chunk in r.iter_bytes(1 << 20):
+                f.write(chunk)
+    try:
+        with tarfile.open(tmp) as tar:
+            for name in (VECTORS, ITEMS, MANIFEST):  # only the three known names: nothing else is extracted
+                member = tar.extractfile(name)
+                if member is None:
+                    raise InvalidBulk(f"the export has no {name}")
+                with (folder / name).open("wb") as out:
+                    shutil.copyfileobj(member, out, 1 << 20)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_manifest(folder)
+
+
+@dataclass
+class ImportReport:
+    imported: int
+    requests: int
+    gallery_version: int
+
+
+def _rows_of(folder: Path, manifest: Manifest) -> tuple[np.ndarray, list[bytes]]:
+    vectors = np.load(folder / VECTORS, mmap_mode="r", allow_pickle=False)  # rows are read as they are sent
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (manifest.count, manifest.dim):
+        raise InvalidBulk(
+            f"{VECTORS} is {vectors.dtype} {list(vectors.shape)}; the manifest says float32 [{manifest.count}, {manifest.dim}]"
+        )
+    lines = [line for line in (folder / ITEMS).read_bytes().splitlines() if line.strip()]
+    if len(lines) != manifest.count:
+        raise InvalidBulk(f"{ITEMS} has {len(lines)} lines; the manifest says {manifest.count}")
+    return vectors, lines
+
+
+def _npy_bytes(rows: np.ndarray) -> Iterator[bytes]:
+    yield npy_header(len(rows), rows.shape[1])
+    for s in range(0, len(rows), 4096):
+        yield np.ascontiguousarray(rows[s : s + 4096], dtype="<f4").tobytes()
+
+
+def import_gallery(
+    url: str, api_key: str | None, folder: Path, rows: int = 0, progress: Callable[[int], object] | None = None
+) -> ImportReport:
+    """POST the folder to /v1/gallery/bulk, in requests of `rows` rows (0 = one request: all or nothing)."""
+    manifest = read_manifest(folder)
+    vectors, lines = _rows_of(folder, manifest)
+    step = rows or max(1, manifest.count)
+    report = ImportReport(0, 0, 0)
+    with _client(url, api_key) as c:
+        for start in range(0, manifest.count, step):
+            part = vectors[start : start + step]
+            body = b"".join(_npy_bytes(part))
+            items = b"\n".join(lines[start : start + step]) + b"\n"
+            r = c.post(
+                "/v1/gallery/bulk",
+                files={"vectors": ("vectors.npy", io.BytesIO(body), "application/octet-stream"), "items": ("items.jsonl", items)},
+                data={"model_version": manifest.model_version},
+            )
+            if r.status_code != 201:
+                done = f"{report.imported} rows imported before it" if report.imported else "nothing was imported"
+                raise RuntimeError(f"import of rows {start}-{start + len(part) - 1} failed ({done}): HTTP {r.status_code} {_message(r)}")
+            answer = r.json()
+            report = ImportReport(report.imported + answer["imported"], report.requests + 1, answer["gallery_version"])
+            if progress is not None:
+                progress(len(part))
+    return report
+
+
+def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, folder: Path, quiet: bool = False) -> dict[str, Any]:
+    """`rice reindex --embed-only`: embed a catalog with CHECKPOINT into an import folder (no store, no
+    server); load it later with `rice gallery import` into a service serving that checkpoint."""
+    from tqdm import tqdm
+
+    from model.checkpoint import load_encoder
+    from pipeline.engine import EncoderEngine
+    from service.settings import Settings
+    from tools.ingest import read_catalog
+    from tools.reindex import embed_catalog
+
+    settings = Settings()
+    items = read_catalog(catalog, shop_id)
+    engine = EncoderEngine(load_encoder(checkpoint), settings.device, settings.torch_threads, settings.dtype)
+    with tqdm(total=len(items), unit="img", disable=quiet) as bar:
+        embedded, failed = embed_catalog(items, engine, settings, progress=bar.update)
+    vectors = np.stack([v for _, v in embedded]).astype(np.float32) if embedded else np.zeros((0, engine.dim), np.float32)
+    write_dir(
+        folder,
+        Manifest(engine.model_version, engine.dim, len(embedded)),
+        [BulkItem(it.item_id, it.sku, it.shop_id, {}) for it, _ in embedded],
+        vectors,
+    )
+    return {"model_version": engine.model_version, "embedded": len(embedded), "failed": failed, "out": str(folder)}
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        return str(r.json().get("error", {}).get("message", ""))
+    except ValueError:
+        return r.text[:200]
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    try:
+        if args.gallery_command == "export":
+            manifest = export_gallery(args.url, args.api_key, folder)
+            print(json.dumps({"exported": manifest.count, "gallery_version": manifest.gallery_version, "out": str(folder)}))
+        else:
+            report = import_gallery(args.url, args.api_key, folder, args.rows)
+            print(json.dumps({"imported": report.imported, "requests": report.requests, "gallery_version": report.gallery_version}))
+    except (RuntimeError, InvalidBulk, OSError, httpx.HTTPError) as exc:
+        print(f"rice gallery {args.gallery_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Mount `rice gallery export|import` on the CLI's subcommands."""
+    g = sub.add_parser("gallery", help="back up or restore a gallery's vectors (manifest.json, items.jsonl, vectors.npy)")
+    gs = g.add_subparsers(dest="gallery_command", required=True)
+    for name, help_text in (
+        ("export", "write the served model's gallery into DIR (GET /v1/gallery/export)"),
+        ("import", "load DIR (from export or `rice reindex --embed-only`) into the service (POST /v1/gallery/bulk)"),
+    ):
+        p = gs.add_parser(name, help=help_text)
+        p.add_argument("dir", help="the folder")
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+        p.add_argument("--api-key", default=None, help="API key with write rights (or RICE_CLIENT_API_KEY)")
+        if name == "import":
+            p.add_argument("--rows", type=int, default=0, help="rows per request (each all or nothing); 0 = the whole folder in one")
+        p.set_defaults(func=cmd_gallery)
