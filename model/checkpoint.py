@@ -116,3 +116,16 @@ def load_encoder(path: str | os.PathLike[str] | None) -> LoadedEncoder:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored config: {exc}") from exc
     return LoadedEncoder(backbone, config, str(payload["model_version"]), str(path))
+
+
+def set_checkpoint_fields(path: str | os.PathLike[str], fields: dict[str, Any]) -> None:
+    """Add or replace top-level primitive fields (e.g. a calibrated `match_threshold`) in place,
+    atomically; the weights and so the model version are unchanged."""
+    payload = read_checkpoint(path)
+    reserved = {"format", "encoder_config", "model_version", "encoder"} & set(fields)
+    if reserved:
+        raise CheckpointError(f"refusing to overwrite {sorted(reserved)} in {path}")
+    payload.update(fields)
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

@@ -19,6 +19,8 @@ from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
 from pipeline.engine import EncoderEngine
+from pipeline.quality import QualityPooling
+from pipeline.regions import RegionSearch, region_fusion
 from pipeline.stages import Pipeline
 from service.metrics import Metrics
 from service.settings import Settings
@@ -84,12 +86,15 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
         on_error=metrics.batch_errors.inc,
     )
+    def reject(where: str) -> None:
+        metrics.rejected.labels(where).inc()
+
     limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
     decode_pool = DecodePool(
         settings.decode_threads,
         settings.max_decode_pending,
         on_decoded=metrics.stage_seconds.labels("decode").observe,
-        on_reject=lambda where: metrics.rejected.labels(where).inc(),
+        on_reject=reject,
     )
     pipeline = Pipeline(
         batcher,
@@ -99,9 +104,13 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         settings.max_frame_pixels,
         decode_pool,
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
-        on_reject=lambda where: metrics.rejected.labels(where).inc(),
+        on_reject=reject,
         search_threads=settings.search_threads,
         match_threshold=match_threshold(settings, loaded),
+        pooling_stages=[QualityPooling()] if settings.frame_weighting == "agreement" else [],
+        extra_stages=[RegionSearch(batcher, replica, settings.region_frames, region_fusion(settings.region_fusion), on_reject=reject)]
+        if settings.regions
+        else [],
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
 
