@@ -33,11 +33,26 @@ Fusion = Literal["max", "mean"]
 GRID: tuple[tuple[float, int], ...] = ((0.5, 3), (0.7, 2))
 
 
+def parse_grid(text: str) -> tuple[tuple[float, int], ...]:
+    """ "0.5:3,0.7:2" -> ((0.5, 3), (0.7, 2)): crop side share and crops per row, per scale."""
+    grid = []
+    for part in text.split(","):
+        share, _, per_row = part.strip().partition(":")
+        try:
+            g = (float(share), int(per_row))
+        except ValueError:
+            raise ValueError(f"bad region grid {text!r}: expected e.g. '0.5:3,0.7:2'") from None
+        if not (0 < g[0] <= 1 and 1 <= g[1] <= 8):
+            raise ValueError(f"bad region grid {text!r}: side share in (0, 1], 1-8 crops per row")
+        grid.append(g)
+    return tuple(grid)
+
+
 def region_boxes(size: int, grid: tuple[tuple[float, int], ...] = GRID) -> list[tuple[int, int, int]]:
     """(x, y, side) of every crop of a square frame of `size` pixels, evenly spaced per scale."""
     boxes = []
     for share, per_row in grid:
-        side = int(round(size * share))
+        side = round(size * share)
         starts = np.linspace(0, size - side, per_row).round().astype(int) if per_row > 1 else np.array([(size - side) // 2])
         boxes += [(int(x), int(y), side) for y in starts for x in starts]
     return boxes
@@ -84,8 +99,10 @@ def fuse_hits(whole: list[Hit], regions: list[list[Hit]], top_k: int, fusion: Fu
 
 def region_fusion(name: str) -> Fusion:
     """The fusion a setting names; ValueError for any other."""
-    if name == "max" or name == "mean":
-        return name
+    if name == "max":
+        return "max"
+    if name == "mean":
+        return "mean"
     raise ValueError(f"unknown region fusion {name!r}; expected 'max' or 'mean'")
 
 
@@ -100,11 +117,12 @@ class RegionSearch:
         replica: GalleryReplica,
         frames: int = 3,
         fusion: Fusion = "max",
+        grid: tuple[tuple[float, int], ...] = GRID,
         depth: int = 50,
         on_reject: Callable[[str], object] = lambda where: None,
     ) -> None:
         self.batcher, self.replica, self.frames, self.fusion, self.depth = batcher, replica, frames, fusion, depth
-        self.on_reject = on_reject
+        self.on_reject, self.grid = on_reject, grid
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regions")
 
     def close(self) -> None:
@@ -114,7 +132,7 @@ class RegionSearch:
         if q.kind != "clip" or q.frames is None or q.vector is None or len(q.frames) == 0:
             return
         picks = np.unique(np.linspace(0, len(q.frames) - 1, min(self.frames, len(q.frames))).round().astype(int))
-        boxes = region_boxes(q.frames.shape[1])
+        boxes = region_boxes(q.frames.shape[1], self.grid)
         crops = region_crops(q.frames[picks], boxes)  # [F * R, S, S, 3]
         try:
             emb = await self.batcher.submit(crops)  # [F * R, D]

@@ -20,7 +20,7 @@ from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
 from pipeline.engine import EncoderEngine
 from pipeline.quality import QualityPooling
-from pipeline.regions import RegionSearch, region_fusion
+from pipeline.regions import RegionSearch, parse_grid, region_fusion
 from pipeline.stages import Pipeline
 from service.metrics import Metrics
 from service.settings import Settings
@@ -86,6 +86,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
         on_error=metrics.batch_errors.inc,
     )
+
     def reject(where: str) -> None:
         metrics.rejected.labels(where).inc()
 
@@ -108,7 +109,16 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         search_threads=settings.search_threads,
         match_threshold=match_threshold(settings, loaded),
         pooling_stages=[QualityPooling()] if settings.frame_weighting == "agreement" else [],
-        extra_stages=[RegionSearch(batcher, replica, settings.region_frames, region_fusion(settings.region_fusion), on_reject=reject)]
+        extra_stages=[
+            RegionSearch(
+                batcher,
+                replica,
+                settings.region_frames,
+                region_fusion(settings.region_fusion),
+                parse_grid(settings.region_grid),
+                on_reject=reject,
+            )
+        ]
         if settings.regions
         else [],
     )

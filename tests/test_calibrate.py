@@ -54,7 +54,7 @@ def test_pick_threshold_when_target_is_unreachable() -> None:
 
 
 def test_threshold_stored_in_checkpoint_keeps_the_model(tmp_path: Path) -> None:
-    from model.config import EncoderConfig, EfficientNetConfig
+    from model.config import EfficientNetConfig, EncoderConfig
     from model.encoder import build_backbone
 
     cfg = EncoderConfig(efficientnet=EfficientNetConfig(pretrained=False))

@@ -73,14 +73,24 @@ def build_cases(
     never, absent = split_products(data, heldout_every, absent_half)
     photos = data.photos(split)
     rng = np.random.default_rng(seed)
-    cases = []
+    cases: list[Case] = []
     for i, ph in enumerate(photos[::every]):
         group = "absent" if ph.sku in absent else "never_trained" if ph.sku in never else "trained"
         pool = [str(o.path) for o in photos if o.sku != ph.sku and (group != "absent" or o.sku in absent)]
+        if not pool:
+            raise ValueError(f"no clutter photos for {ph.sku}: an absent clip needs at least two absent products")
         for scale in scales:
-            picks = rng.choice(len(pool), size=1 + int(rng.integers(1, 4)), replace=False)
+            picks = rng.choice(len(pool), size=min(1 + int(rng.integers(1, 4)), len(pool)), replace=False)
             cases.append(
-                Case(str(ph.path), ph.sku, group, scale, pool[picks[0]], tuple(pool[j] for j in picks[1:]), seed * 1_000_003 + i * 10 + len(cases))
+                Case(
+                    str(ph.path),
+                    ph.sku,
+                    group,
+                    scale,
+                    pool[picks[0]],
+                    tuple(pool[j] for j in picks[1:]),
+                    seed * 1_000_003 + i * 10 + len(cases),
+                )
             )
     return cases
 
@@ -187,7 +197,8 @@ def run_livebench(
                 timings[stage] += ms
             ranked = [x["sku"] for x in body["results"]]
             top1 = body["results"][0]["score"] if body["results"] else -1.0
-            rows.append({"sku": case.sku, "group": case.group, "scale": case.scale, "ranked": ranked, "top1": top1})
+            scores = [round(x["score"], 5) for x in body["results"]]
+            rows.append({"sku": case.sku, "group": case.group, "scale": case.scale, "ranked": ranked, "top1": top1, "scores": scores})
             if progress and (n + 1) % 50 == 0:
                 print(f"{n + 1}/{len(cases)} clips", file=sys.stderr)
         operating = body["match_threshold"] if threshold is None else threshold
@@ -209,6 +220,7 @@ def run_livebench(
     if calibrate_precision is not None and present and absent_scores:
         report["calibration"] = asdict(pick_threshold(np.array(present), np.array(absent_scores), calibrate_precision))
     report["open_set_scores"] = {"present": present, "absent": absent_scores}
+    report["rows"] = rows
     return report
 
 
@@ -245,7 +257,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
-    shown = {k: v for k, v in report.items() if k != "open_set_scores"}
+    shown = {k: v for k, v in report.items() if k not in ("open_set_scores", "rows")}
     print(json.dumps(shown, indent=1))
     return report
 

@@ -61,9 +61,9 @@ def _soft_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 def _paste(canvas: np.ndarray, patch: np.ndarray, x: int, y: int, alpha: np.ndarray) -> None:
     """Alpha-blend `patch` [h, w, 3] into `canvas` at (x, y), clipped to the canvas."""
-    H, W = canvas.shape[:2]
+    ch, cw = canvas.shape[:2]
     h, w = patch.shape[:2]
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, cw), min(y + h, ch)
     if x0 >= x1 or y0 >= y1:
         return
     p = patch[y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32)
