@@ -92,3 +92,17 @@ def test_livebench_runs_through_the_app(tmp_path: Path, products: list[DemoProdu
     assert report["frames_per_s"] > 0 and report["ms_per_clip"]["encode"] > 0
     # large close-ups of distinct generated packages: the zero-shot encoder gets most of them
     assert report["recall"]["trained"]["large"]["R@5"] >= 0.5
+
+
+def test_live_training_clips_keep_held_out_products_out_of_the_clutter(tmp_path: Path, products: list[DemoProduct]) -> None:
+    from model.data import read_manifest
+    from tools.grocery_clips import build_grocery_clips, clutter_pool
+
+    data = read_grocery(_grocery_folder(tmp_path / "data", products))
+    held = {products[0].sku, products[4].sku}
+    manifest = build_grocery_clips(data, tmp_path / "out", "train", "live", frames=4, size=96, workers=1, exclude_clutter=held)
+    rows = read_manifest(manifest)
+    assert len(rows) == len(products) and {r.sku for r in rows} == {p.sku for p in products}
+    assert all(Path(r.clip if isinstance(r.clip, str) else r.clip[0]).stat().st_size > 0 for r in rows)
+    pool = clutter_pool(data.photos("train"), products[1].sku, held)
+    assert len(pool) == len(products) - 3 and not any(f"/{sku}/" in path for sku in held | {products[1].sku} for path in pool)
