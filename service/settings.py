@@ -20,9 +20,9 @@ class Settings(BaseSettings):
 
     # recognition stages (measured in docs/RESULTS.md, `rice livebench`)
     regions: bool = Field(False, description="also score multi-scale region crops of a few frames against the gallery")
-    region_frames: int = Field(3, ge=1, le=32, description="frames of a clip whose region crops are scored (cost: 13 crops each)")
+    region_frames: int = Field(5, ge=1, le=32, description="frames of a clip whose region crops are scored (one encode per crop)")
     region_grid: str = Field(
-        "0.5:3,0.7:2", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
+        "0.6:1,0.42:1", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
     )
     region_fusion: str = Field("max", pattern="^(max|mean)$", description="a SKU's score: max of whole-clip and best region, or their mean")
     frame_weighting: str = Field(

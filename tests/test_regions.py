@@ -12,15 +12,20 @@ from fastapi.testclient import TestClient
 from index.gallery import Hit
 from model.checkpoint import LoadedEncoder
 from pipeline.quality import agreement_weights, weighted_clip_vector
-from pipeline.regions import GRID, fuse_hits, region_boxes, region_crops, region_fusion
+from pipeline.regions import GRID, fuse_hits, parse_grid, region_boxes, region_crops, region_fusion
 from service.app import create_app
 from tests.conftest import jpeg, settings_for
 from tools.democatalog import DemoProduct
 
 
-def test_region_boxes_cover_the_frame_in_the_grid() -> None:
-    boxes = region_boxes(224)
-    assert len(boxes) == sum(n * n for _, n in GRID) == 13
+def test_region_boxes_default_centre_crops_and_a_covering_grid() -> None:
+    assert parse_grid("0.6:1,0.42:1") == GRID
+    assert region_boxes(224) == [(45, 45, 134), (65, 65, 94)]  # centred
+    for bad in ("0.5", "0:1", "1.5:2", "0.5:9", "a:b"):
+        with pytest.raises(ValueError):
+            parse_grid(bad)
+    boxes = region_boxes(224, parse_grid("0.5:3,0.7:2"))
+    assert len(boxes) == 13
     assert all(x >= 0 and y >= 0 and x + s <= 224 and y + s <= 224 for x, y, s in boxes)
     covered = np.zeros((224, 224), bool)
     for x, y, s in boxes:
