@@ -176,3 +176,16 @@ def _rice_heads(payload: dict[str, Any], backbone: nn.Module, path: str | os.Pat
     if missing or unexpected:
         raise CheckpointError(f"{path}: RICE heads do not match their stored config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return rice.eval()
+
+
+def set_checkpoint_fields(path: str | os.PathLike[str], fields: dict[str, Any]) -> None:
+    """Add or replace top-level primitive fields (e.g. a calibrated `match_threshold`) in place,
+    atomically; the weights and so the model version are unchanged."""
+    payload = read_checkpoint(path)
+    reserved = {"format", "encoder_config", "model_version", "encoder"} & set(fields)
+    if reserved:
+        raise CheckpointError(f"refusing to overwrite {sorted(reserved)} in {path}")
+    payload.update(fields)
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

@@ -149,6 +149,7 @@ class Pipeline:
         search_max_batch: int = 64,
         extra_stages: Sequence[Stage] = (),
         match_threshold: float = 0.0,
+        pooling_stages: Sequence[Stage] = (),
     ) -> None:
         self.batcher = batcher
         self.replica = replica
@@ -158,11 +159,15 @@ class Pipeline:
         self.match_threshold = match_threshold
         self._search = Search(replica, search_threads, search_max_batch)
         self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
-        self.stages: list[Stage] = [*self.embedding, self._search, *extra_stages]
+        # pooling stages refine the clip vector before search (frame quality); extra stages refine the hits
+        self.stages: list[Stage] = [*self.embedding, *pooling_stages, self._search, *extra_stages]
+        self._closers = [s for s in [*pooling_stages, *extra_stages] if hasattr(s, "close")]
 
     def close(self) -> None:
         self.decode_pool.close()
         self._search.close()
+        for stage in self._closers:
+            stage.close()
 
     @property
     def decode_pending(self) -> int:

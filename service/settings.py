@@ -20,6 +20,17 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for CPU inference; 0 = torch default")
 
+    # recognition stages (measured in docs/RESULTS.md, `rice livebench`)
+    regions: bool = Field(True, description="also score region crops of a few frames against the gallery (about 2x encoder work per clip)")
+    region_frames: int = Field(5, ge=1, le=32, description="frames of a clip whose region crops are scored (one encode per crop)")
+    region_grid: str = Field(
+        "0.6:1,0.42:1", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
+    )
+    region_fusion: str = Field("max", pattern="^(max|mean)$", description="a SKU's score: max of whole-clip and best region, or their mean")
+    frame_weighting: str = Field(
+        "agreement", pattern="^(mean|agreement)$", description="clip vector: plain mean of frames, or weighted by agreement"
+    )
+
     # gallery
     gallery_path: str = Field("data/gallery.db", description="embedded SQLite gallery file (':memory:' for none)")
 

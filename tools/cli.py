@@ -55,6 +55,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if share >= args.min_top1 else 1
 
 
+def cmd_livebench(args: argparse.Namespace) -> int:
+    from tools.livebench import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def cmd_grocery_check(args: argparse.Namespace) -> int:
     from tools.grocery_check import run_grocery_check
 
@@ -206,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-frames", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_grocery_check)
+
+    from tools import livebench
+
+    lb = sub.add_parser(
+        "livebench",
+        help="livestream conditions (scales, hand, clutter, absent products) through the service: R@k and open-set figures",
+        description=livebench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    livebench.add_arguments(lb)
+    lb.set_defaults(func=cmd_livebench)
     # The offline jobs live in model/ (no web code); the CLI only mounts their parsers.
     from model import evaluate as evaluate_job
     from model import train as train_job

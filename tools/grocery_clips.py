@@ -14,20 +14,33 @@ from pathlib import Path
 import numpy as np
 
 from model.data import ClipRow, read_image, write_manifest
-from model.grocery import GroceryData, read_grocery
+from model.grocery import GroceryData, GroceryPhoto, read_grocery
 from tools.clipsynth import camera_motion_clip, write_video
+from tools.livescene import SCALES, livestream_clip
 
 
 def _render(job: tuple[list[str], str, int, int, int]) -> None:
-    """One clip: each photo in turn filmed with a hand-held camera, frames split evenly between them."""
+    """One clip: each photo in turn filmed with a hand-held camera, frames split evenly between them.
+    A first entry "live:SCALE" means a livestream scene instead: photos = product, background, distractors."""
     photos, out, frames, size, seed = job
     rng = np.random.default_rng(seed)
+    if photos[0].startswith("live:"):
+        product, background, *distractors = (read_image(p) for p in photos[1:])
+        scene, _ = livestream_clip(product, background, distractors, photos[0].removeprefix("live:"), rng, frames, size)
+        write_video(scene, out)
+        return
     per = [frames // len(photos) + (i < frames % len(photos)) for i in range(len(photos))]
     clip: list[np.ndarray] = []
     for path, n in zip(photos, per, strict=True):
         img = read_image(path)
         clip += camera_motion_clip(img, rng, num_frames=max(n, 1), out_size=(size, size))
     write_video(clip, out)
+
+
+def clutter_pool(photos: list[GroceryPhoto], sku: str, exclude: set[str]) -> list[str]:
+    """Photos that may appear behind or beside `sku` in a live clip: other products, none of
+    `exclude` (a held-out evaluation's products stay unseen, even as clutter)."""
+    return [str(o.path) for o in photos if o.sku != sku and o.sku not in exclude]
 
 
 def build_grocery_clips(
@@ -41,14 +54,17 @@ def build_grocery_clips(
     photos_per_clip: int = 4,
     seed: int = 0,
     workers: int = 2,
+    exclude_clutter: set[str] | None = None,
 ) -> Path:
     """Write one MP4 per (photo, repeat) under out_dir/split and out_dir/split.jsonl; returns the manifest.
 
     mode "motion": one photo with camera motion, zoom, roll, blur and compression (as a seller
     filming one item); "photos": `photos_per_clip` photos of the same product in a row (several
-    views of one product, like a seller turning it); "mixed": alternate the two.
+    views of one product, like a seller turning it); "mixed": alternate the two; "live": the photo's
+    product composited into a livestream scene (`tools.livescene`: small, medium or large in turn,
+    a hand over it, a shelf of other products' photos behind it, distractors, camera motion).
     """
-    if mode not in ("motion", "photos", "mixed"):
+    if mode not in ("motion", "photos", "mixed", "live"):
         raise ValueError(f"unknown mode {mode!r}")
     out_dir = Path(out_dir)
     photos = data.photos(split)
@@ -62,7 +78,11 @@ def build_grocery_clips(
         for i, ph in enumerate(photos):
             use_photos = mode == "photos" or (mode == "mixed" and (i + rep) % 2 == 1)
             chosen = [str(ph.path)]
-            if use_photos:
+            if mode == "live":
+                others = clutter_pool(photos, ph.sku, exclude_clutter or set())
+                picks = rng.choice(len(others), size=1 + int(rng.integers(1, 4)), replace=False)
+                chosen = [f"live:{list(SCALES)[(i + rep) % len(SCALES)]}", str(ph.path), *(others[j] for j in picks)]
+            elif use_photos:
                 others = [p for p in by_sku[ph.sku] if p != str(ph.path)]
                 chosen += list(rng.choice(others, size=min(photos_per_clip - 1, len(others)), replace=False))
             out = out_dir / split / f"{ph.path.stem}-{rep}.mp4"
@@ -88,7 +108,7 @@ def main() -> None:
     p.add_argument("--root", required=True, help="grocery-layout folder (classes.csv, train.txt, val.txt)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--mode", default="motion", choices=["motion", "photos", "mixed"])
+    p.add_argument("--mode", default="motion", choices=["motion", "photos", "mixed", "live"])
     p.add_argument("--clips-per-photo", type=int, default=1)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=256)
@@ -97,12 +117,21 @@ def main() -> None:
     p.add_argument("--holdout-every", type=int, default=0, help="also write heldout_skus.txt: every k-th product by class id")
     args = p.parse_args()
     data = read_grocery(args.root)
+    held = [p.sku for p in sorted(data.products, key=lambda p: p.class_id)][:: args.holdout_every] if args.holdout_every else []
     manifest = build_grocery_clips(
-        data, args.out, args.split, args.mode, args.clips_per_photo, args.frames, args.size, seed=args.seed, workers=args.workers
+        data,
+        args.out,
+        args.split,
+        args.mode,
+        args.clips_per_photo,
+        args.frames,
+        args.size,
+        seed=args.seed,
+        workers=args.workers,
+        exclude_clutter=set(held),
     )
     write_grocery_gallery(data, Path(args.out) / "gallery.jsonl")
-    if args.holdout_every:
-        held = [p.sku for p in sorted(data.products, key=lambda p: p.class_id)][:: args.holdout_every]
+    if held:
         (Path(args.out) / "heldout_skus.txt").write_text("\n".join(held) + "\n")
     print(manifest)
 
