@@ -9,11 +9,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from model.config import PreprocessConfig
+from model.media import IMAGE_SUFFIXES
 
-# Still-image files that training data readers (frame folders, catalogs, LPR4M downloads) accept.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+__all__ = ["IMAGE_SUFFIXES", "Normalize", "normalize", "prepare_frame", "sample_indices"]
 
 
 def sample_indices(total: int, n: int) -> list[int]:
@@ -81,9 +82,25 @@ def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig, whole: bool = False) -
     return fit_frame(rgb, cfg.resize, cfg.crop, cfg.frame_fit)
 
 
+class Normalize(nn.Module):
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] normalised with the config's mean and std.
+
+    The one normalisation of training, evaluation and serving. The constants are buffers (scaled to
+    0..255, so the uint8 input needs no division), moved with the module: the serving engine keeps it
+    on its device, where a CUDA graph can capture it without host copies."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std  # [B, 3, H, W]
+
+
 def normalize(frames: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] normalised with the config's mean and std."""
-    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """`Normalize` for one call (training and evaluation batches)."""
+    return Normalize(cfg).to(frames.device)(frames)

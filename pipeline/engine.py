@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import LoadedEncoder
+from model.preprocess import Normalize
 
 log = logging.getLogger("rice.engine")
 
@@ -66,9 +67,7 @@ class EncoderEngine:
         self._pinned: torch.Tensor | None = None
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # size -> graph, in, out
-        pre = self.config.preprocess
-        self._mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._normalize = Normalize(self.config.preprocess).to(self.device)
         self.dim = self._probe_dim()
 
     @property
@@ -94,8 +93,7 @@ class EncoderEngine:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] on the device -> float32 [B, D], L2-normalised. Allocates nothing
         on the host, so it can be captured as a CUDA graph."""
-        # model.preprocess.normalize, with its constants kept on the device (no copies while capturing)
-        x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std  # [B, 3, H, W], NHWC-strided
+        x = self._normalize(x)  # [B, 3, H, W], NHWC-strided; constants already on the device
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast, cache_enabled=False):
             emb, _ = self.model(x)
         return F.normalize(emb.float(), dim=-1)

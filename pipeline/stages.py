@@ -21,6 +21,7 @@ import numpy as np
 from index.gallery import Hit
 from index.replica import GalleryReplica
 from model.config import PreprocessConfig
+from model.encoder import pool_clip
 from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
@@ -72,10 +73,8 @@ class Stage(Protocol):
 
 
 def clip_vector(frame_emb: np.ndarray) -> np.ndarray:
-    """Mean of L2-normalised frame embeddings [N, D], L2-normalised again -> [D] (as model.encoder.clip_embedding)."""
-    f = frame_emb / np.maximum(np.linalg.norm(frame_emb, axis=1, keepdims=True), 1e-12)
-    m = f.mean(axis=0)
-    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+    """Frame embeddings [N, D] -> the clip vector [D]: model.encoder.pool_clip, as in training."""
+    return pool_clip(frame_emb)
 
 
 class Decode:

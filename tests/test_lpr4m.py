@@ -18,6 +18,7 @@ import pytest
 
 from model import evaluate, lpr4m, train
 from model.data import read_manifest
+from tools.cli import main as rice_main
 
 TRAIN_LIVE = str(uuid.UUID(int=0xA1))
 LIVE_1, LIVE_2 = str(uuid.UUID(int=0xB1)), str(uuid.UUID(int=0xB2))
@@ -128,7 +129,7 @@ def _convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, 
     ann, images = full_release(tmp_path / "dl")
     out = tmp_path / "lpr4m"
     argv = ["--annotations", str(ann), "--images", *map(str, images), "--out", str(out)]
-    assert lpr4m.main(argv) == 0
+    assert rice_main(["lpr4m", *argv]) == 0  # as users run it: `rice lpr4m ...`
     summary = json.loads(capsys.readouterr().out.split("\n}")[0] + "}")
     return out, summary
 

@@ -239,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="R@1/5/10 of clip queries against product images (global or per-shop galleries), JSON")
     evaluate_job.build_parser(e)
     e.set_defaults(func=evaluate_job.run)
+    from model import lpr4m
+
+    c = sub.add_parser(
+        "lpr4m",
+        help="convert an LPR4M download (img2dataset files or webdataset tars, or the 750K subset) into train/test manifests",
+    )
+    lpr4m.add_arguments(c)
+    c.set_defaults(func=lpr4m.run)
 
     i = sub.add_parser(
         "ingest",

@@ -27,9 +27,9 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
+from model.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES  # constants only: no torch behind this import
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 
 # -- results -------------------------------------------------------------------------------------
