@@ -40,7 +40,7 @@ Isolation = Literal["process", "thread"]
 # Causes of a worker's death, the label values of the deaths counter.
 DEATH_CAUSES = ("crash", "memory", "timeout", "protocol")
 # The main module too: a worker then does not re-import it (spawn semantics) on every start.
-_PRELOAD = ["__main__", "pipeline.decode"]
+_PRELOAD = ["__main__", "pipeline.decode", "pipeline.keyframes"]
 
 
 class _WorkerTimeout(Exception):

@@ -51,11 +51,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 def _send(c: httpx.Client, fz: Case, i: int) -> httpx.Response:
-    """Clips to the clip endpoint, images to image recognition or catalog ingest; every 7th case
-    to the other kind's endpoint (a clip sent as an image and the reverse)."""
+    """Clips to the clip endpoint (uniform or keyframe sampling), images to image recognition or
+    catalog ingest; every 7th case to the other kind's endpoint (a clip sent as an image and the reverse)."""
     as_clip = fz.is_clip != (i % 7 == 6)
-    if as_clip:
-        return c.post("/v1/recognize", params={"num_frames": 4}, files={"file": ("upload", fz.data)})
+    if as_clip:  # every third clip through the keyframe decoder (PyAV) instead of OpenCV's
+        sampling = "keyframes" if i % 3 == 2 else "uniform"
+        return c.post("/v1/recognize", params={"num_frames": 4, "sampling": sampling}, files={"file": ("upload", fz.data)})
     if i % 2:
         return c.post("/v1/gallery/items", files={"image": ("upload", fz.data)}, data={"sku": f"fuzz-{i}"})
     return c.post("/v1/recognize/image", files={"file": ("upload", fz.data)})
