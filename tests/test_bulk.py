@@ -16,7 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
+from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, bulk_records, export_tar, npy_header, parse_items, read_vectors
 from index.gallery import Gallery
 from index.records import InvalidBulk, Record, Store
 from index.redis_store import _COMMIT_STAGED, RedisStore
@@ -101,6 +101,8 @@ def test_bad_item_lines_are_named(line: bytes, message: str) -> None:
         npy(np.zeros((2, 3), np.float64)),
         npy(np.zeros(3, np.float32)),
         npy(np.array([{"a": 1}], dtype=object), pickled=True),
+        npy(np.zeros((2, 3), np.float32))[:-4],  # a row cut short
+        npy_header(387_420_489, 3) + bytes(24),  # a valid header that claims far more rows than follow
     ],
 )
 def test_read_vectors_accepts_only_float32_matrices(data: bytes) -> None:
