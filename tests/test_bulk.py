@@ -285,8 +285,12 @@ def test_http_export_then_bulk_import_elsewhere_finds_the_right_sku(
         assert status == 400 and body["error"]["code"] == "bad_request" and "line 3" in body["error"]["message"]  # type: ignore[index]
         assert b.get("/v1/gallery/stats").json()["items"] == 0  # the first two rows were not written either
 
-        status, body = bulk_post(b, vectors, items, manifest.model_version)
-        assert (status, body) == (201, {"imported": 4, "gallery_version": 1})
+        r = b.post(  # items as a plain form field instead of a file
+            "/v1/gallery/bulk",
+            files={"vectors": ("v.npy", vectors, "application/octet-stream")},
+            data={"model_version": manifest.model_version, "items": items.decode()},
+        )
+        assert (r.status_code, r.json()) == (201, {"imported": 4, "gallery_version": 1})
         status, body = bulk_post(b, npy(unit(2000, dim, seed=5)), jsonl(items_for(2000)), manifest.model_version)
         assert (status, body) == (201, {"imported": 2000, "gallery_version": 2})
         assert b.get("/v1/gallery/stats").json()["items"] == 2004
