@@ -7,7 +7,8 @@ pass its folder as --root or $GROCERY_ROOT): each `val` photo filmed with a hand
 
 1. decode: every clip through `pipeline.decode.decode_clip` (uniform, 10 frames) and
    `pipeline.keyframes.decode_keyframes` (keyframes, up to 10), alternating, in this process on one
-   thread; reports clips/s, frames decoded per second of the source (clip frames / time), ratio;
+   thread, the fastest of --repeats per clip and mode; reports clips/s, source frames covered per
+   second (clip frames / time) and the ratio;
 2. R@1: the catalog images go into an in-process service (POST /v1/gallery/items), then every clip
    is recognised with sampling=uniform and sampling=keyframes (num_frames 10).
 
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--clip-frames", type=int, default=150)
     p.add_argument("--size", type=int, default=384, help="clip width and height")
     p.add_argument("--num-frames", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="decodes per clip and mode; the fastest counts")
     args = p.parse_args()
     if not args.root:
         p.error("give --root or set GROCERY_ROOT")
@@ -63,9 +65,13 @@ def main() -> None:
     used = {"uniform": 0, "keyframes": 0}
     for data_ in clips:  # alternate the modes clip by clip: the machine's load hits both alike
         for mode, fn in (("uniform", decode_clip), ("keyframes", decode_keyframes)):
-            t = time.perf_counter()
-            used[mode] += len(fn(data_, args.num_frames, pre, limits).frames)
-            seconds[mode] += time.perf_counter() - t
+            best = float("inf")
+            for _ in range(args.repeats):  # the fastest of a few: load spikes on a shared machine are noise
+                t = time.perf_counter()
+                frames = len(fn(data_, args.num_frames, pre, limits).frames)
+                best = min(best, time.perf_counter() - t)
+            used[mode] += frames
+            seconds[mode] += best
 
     settings = Settings(gallery_path=":memory:")
     recall: dict[str, float] = {}

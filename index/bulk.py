@@ -67,18 +67,34 @@ class BulkItem:
 
 
 def read_vectors(f: IO[bytes]) -> np.ndarray:
-    """A .npy float32 [n, dim] array from a file object; anything else is InvalidBulk."""
+    """A .npy float32 [n, dim] array from a seekable file object; anything else is InvalidBulk.
+
+    The header is checked against the bytes that follow it before any array is allocated: a header
+    that claims more rows than were sent must not make the reader allocate for them."""
+    start = f.tell()
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, OSError, EOFError) as exc:  # not .npy, or a truncated header
+        raise InvalidBulk(f"vectors is not a readable .npy array: {exc}") from exc
+    if dtype != np.float32:
+        raise InvalidBulk(f"vectors must be float32, got {dtype}")
+    if len(shape) != 2:
+        raise InvalidBulk(f"vectors must be a 2-D array [n, dim], got shape {list(shape)}")
+    data_at = f.tell()
+    f.seek(0, io.SEEK_END)
+    sent = f.tell() - data_at
+    if sent != shape[0] * shape[1] * 4:
+        raise InvalidBulk(f"vectors header says {list(shape)} float32 ({shape[0] * shape[1] * 4} bytes), but {sent} bytes follow it")
+    f.seek(start)
     try:
         arr = np.load(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # not .npy, truncated, or an object array
+    except (ValueError, OSError, EOFError) as exc:
         raise InvalidBulk(f"vectors is not a readable .npy array: {exc}") from exc
-    if not isinstance(arr, np.ndarray):  # an .npz archive
-        raise InvalidBulk("vectors must be one .npy array, not an .npz archive")
-    if arr.dtype != np.float32:
-        raise InvalidBulk(f"vectors must be float32, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise InvalidBulk(f"vectors must be a 2-D array [n, dim], got shape {list(arr.shape)}")
-    return arr
+    return np.asarray(arr, dtype=np.float32).reshape(shape)  # also native byte order
 
 
 def _reject_constant(name: str) -> None:

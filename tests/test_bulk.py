@@ -16,7 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
+from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, bulk_records, export_tar, npy_header, parse_items, read_vectors
 from index.gallery import Gallery
 from index.records import InvalidBulk, Record, Store
 from index.redis_store import _COMMIT_STAGED, RedisStore
@@ -101,6 +101,8 @@ def test_bad_item_lines_are_named(line: bytes, message: str) -> None:
         npy(np.zeros((2, 3), np.float64)),
         npy(np.zeros(3, np.float32)),
         npy(np.array([{"a": 1}], dtype=object), pickled=True),
+        npy(np.zeros((2, 3), np.float32))[:-4],  # a row cut short
+        npy_header(387_420_489, 3) + bytes(24),  # a valid header that claims far more rows than follow
     ],
 )
 def test_read_vectors_accepts_only_float32_matrices(data: bytes) -> None:
@@ -283,8 +285,12 @@ def test_http_export_then_bulk_import_elsewhere_finds_the_right_sku(
         assert status == 400 and body["error"]["code"] == "bad_request" and "line 3" in body["error"]["message"]  # type: ignore[index]
         assert b.get("/v1/gallery/stats").json()["items"] == 0  # the first two rows were not written either
 
-        status, body = bulk_post(b, vectors, items, manifest.model_version)
-        assert (status, body) == (201, {"imported": 4, "gallery_version": 1})
+        r = b.post(  # items as a plain form field instead of a file
+            "/v1/gallery/bulk",
+            files={"vectors": ("v.npy", vectors, "application/octet-stream")},
+            data={"model_version": manifest.model_version, "items": items.decode()},
+        )
+        assert (r.status_code, r.json()) == (201, {"imported": 4, "gallery_version": 1})
         status, body = bulk_post(b, npy(unit(2000, dim, seed=5)), jsonl(items_for(2000)), manifest.model_version)
         assert (status, body) == (201, {"imported": 2000, "gallery_version": 2})
         assert b.get("/v1/gallery/stats").json()["items"] == 2004

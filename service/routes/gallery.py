@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from typing import IO, Annotated, Any
 
@@ -103,7 +104,9 @@ def _read_bulk(vectors: IO[bytes], items: IO[bytes], dim: int, max_metadata_byte
 async def bulk_import(
     state: State,
     vectors: Annotated[UploadFile, File(description="a .npy float32 array [n, dim] of embeddings (the served model's)")],
-    items: Annotated[UploadFile, File(description='JSONL, one line per row: {"item_id", "sku", "shop_id"?, "metadata"?}')],
+    items: Annotated[
+        UploadFile | str, File(description='JSONL, one line per row: {"item_id", "sku", "shop_id"?, "metadata"?} (a file or a text field)')
+    ],
     model_version: str = Form(..., description="the model that made the vectors; must be the served one (else 409)"),
 ) -> BulkImported:
     """Import precomputed vectors (e.g. from the offline reindex job, or a backup) under one gallery
@@ -111,7 +114,8 @@ async def bulk_import(
     size limit is RICE_MAX_BULK_BYTES. Visible to searches once answered."""
     if model_version != state.engine.model_version:
         raise Conflict(f"the vectors are from model {model_version!r}; this service serves {state.engine.model_version!r}")
-    records = await asyncio.to_thread(_read_bulk, vectors.file, items.file, state.replica.dim, state.settings.max_metadata_bytes)
+    lines = io.BytesIO(items.encode()) if isinstance(items, str) else items.file
+    records = await asyncio.to_thread(_read_bulk, vectors.file, lines, state.replica.dim, state.settings.max_metadata_bytes)
     version = await state.replica.add_bulk(records)
     return BulkImported(imported=len(records), gallery_version=version)
 
