@@ -29,6 +29,11 @@ from tools.ingest import read_catalog
 
 pytestmark = pytest.mark.integration
 RICE = [sys.executable, "-m", "tools.cli"]
+# `python -m tools.cli ...` with SIGINT raising KeyboardInterrupt whatever disposition it inherited.
+_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['rice', *sys.argv[1:]]; runpy.run_module('tools.cli', run_name='__main__')"
+)
 
 
 def _catalog(root: Path, products: list[DemoProduct]) -> int:
@@ -70,7 +75,10 @@ def test_ingest_is_resumable_and_reports_bad_files(tmp_path: Path, encoder: Load
         wait_until(lambda: c.get("/readyz").status_code == 200, 120, "readiness")
         cmd = [*RICE, "ingest", str(root), "--url", url, "--workers", "1", "--state", str(state), "--quiet", "--json"]
         # First run: interrupt it (SIGINT, as Ctrl-C) once four files are done; the fifth is held.
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # As in a terminal, Ctrl-C must raise KeyboardInterrupt even when this test runs as a background
+        # job, whose children inherit an ignored SIGINT (then Python installs no handler for it at all).
+        interruptible = [sys.executable, "-c", _WITH_CTRL_C, *cmd[len(RICE) :]]
+        proc = subprocess.Popen(interruptible, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_until(lambda: state.exists() and len(state.read_text().splitlines()) >= 4, 120, "four journalled uploads")
         proc.send_signal(signal.SIGINT)
         release.set()  # the held upload may finish; the client stops before the queued rest
