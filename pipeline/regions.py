@@ -135,7 +135,9 @@ class RegionSearch:
             return
         picks = np.unique(np.linspace(0, len(q.frames) - 1, min(self.frames, len(q.frames))).round().astype(int))
         boxes = region_boxes(q.frames.shape[1], self.grid)
-        crops = region_crops(q.frames[picks], boxes)  # [F * R, S, S, 3]
+        loop = asyncio.get_running_loop()
+        # resizing the crops takes a few milliseconds: off the event loop, like search
+        crops = await loop.run_in_executor(self._pool, region_crops, q.frames[picks], boxes)  # [F * R, S, S, 3]
         try:
             emb = await self.batcher.submit(crops)  # [F * R, D]
         except Overloaded:
@@ -144,6 +146,5 @@ class RegionSearch:
         per_region = emb.reshape(len(picks), len(boxes), -1).transpose(1, 0, 2)  # [R, F, D]
         vectors = np.stack([q.vector, *(clip_vector(r) for r in per_region)])  # [1 + R, D]
         k = max(q.top_k, self.depth)
-        loop = asyncio.get_running_loop()
         hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, vectors, k, q.shop_id)
         q.hits = fuse_hits(hits[0], hits[1:], q.top_k, self.fusion)
