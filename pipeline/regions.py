@@ -30,8 +30,8 @@ Fusion = Literal["max", "mean"]
 
 # (crop side as a share of the frame side, crops per row). The default is two centred crops: a
 # seller holds the product up near the middle of the frame, and on the livestream benchmark two
-# centred crops (0.6 and 0.42 of the side) of 5 frames gave more R@1 than a 3x3 + 2x2 grid of 3
-# frames at under half its cost (docs/RESULTS.md). Off-centre products need a grid ("0.5:3,0.7:2").
+# centred crops (0.6 and 0.42 of the side) gave more R@1 than a 3x3 + 2x2 grid at a fraction of its
+# cost; 3 frames of crops did as well as 5 (docs/RESULTS.md). Off-centre products need a grid ("0.5:3,0.7:2").
 GRID: tuple[tuple[float, int], ...] = ((0.6, 1), (0.42, 1))
 
 
@@ -117,7 +117,7 @@ class RegionSearch:
         self,
         batcher: Batcher,
         replica: GalleryReplica,
-        frames: int = 5,
+        frames: int = 3,
         fusion: Fusion = "max",
         grid: tuple[tuple[float, int], ...] = GRID,
         depth: int = 50,
