@@ -30,8 +30,8 @@ Fusion = Literal["max", "mean"]
 
 # (crop side as a share of the frame side, crops per row). The default is two centred crops: a
 # seller holds the product up near the middle of the frame, and on the livestream benchmark two
-# centred crops (0.6 and 0.42 of the side) of 5 frames gave more R@1 than a 3x3 + 2x2 grid of 3
-# frames at under half its cost (docs/RESULTS.md). Off-centre products need a grid ("0.5:3,0.7:2").
+# centred crops (0.6 and 0.42 of the side) gave more R@1 than a 3x3 + 2x2 grid at a fraction of its
+# cost; 3 frames of crops did as well as 5 (docs/RESULTS.md). Off-centre products need a grid ("0.5:3,0.7:2").
 GRID: tuple[tuple[float, int], ...] = ((0.6, 1), (0.42, 1))
 
 
@@ -117,7 +117,7 @@ class RegionSearch:
         self,
         batcher: Batcher,
         replica: GalleryReplica,
-        frames: int = 5,
+        frames: int = 3,
         fusion: Fusion = "max",
         grid: tuple[tuple[float, int], ...] = GRID,
         depth: int = 50,
@@ -135,7 +135,9 @@ class RegionSearch:
             return
         picks = np.unique(np.linspace(0, len(q.frames) - 1, min(self.frames, len(q.frames))).round().astype(int))
         boxes = region_boxes(q.frames.shape[1], self.grid)
-        crops = region_crops(q.frames[picks], boxes)  # [F * R, S, S, 3]
+        loop = asyncio.get_running_loop()
+        # resizing the crops takes a few milliseconds: off the event loop, like search
+        crops = await loop.run_in_executor(self._pool, region_crops, q.frames[picks], boxes)  # [F * R, S, S, 3]
         try:
             emb = await self.batcher.submit(crops)  # [F * R, D]
         except Overloaded:
@@ -144,6 +146,5 @@ class RegionSearch:
         per_region = emb.reshape(len(picks), len(boxes), -1).transpose(1, 0, 2)  # [R, F, D]
         vectors = np.stack([q.vector, *(clip_vector(r) for r in per_region)])  # [1 + R, D]
         k = max(q.top_k, self.depth)
-        loop = asyncio.get_running_loop()
         hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, vectors, k, q.shop_id)
         q.hits = fuse_hits(hits[0], hits[1:], q.top_k, self.fusion)

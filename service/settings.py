@@ -21,8 +21,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads for CPU inference; 0 = torch default")
 
     # recognition stages (measured in docs/RESULTS.md, `rice livebench`)
-    regions: bool = Field(True, description="also score region crops of a few frames against the gallery (about 2x encoder work per clip)")
-    region_frames: int = Field(5, ge=1, le=32, description="frames of a clip whose region crops are scored (one encode per crop)")
+    regions: bool = Field(
+        True, description="also score region crops of a few frames against the gallery (about 1.5x encoder work per clip)"
+    )
+    region_frames: int = Field(3, ge=1, le=32, description="frames of a clip whose region crops are scored (one encode per crop)")
     region_grid: str = Field(
         "0.6:1,0.42:1", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
     )

@@ -67,3 +67,25 @@ def test_threshold_stored_in_checkpoint_keeps_the_model(tmp_path: Path) -> None:
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in payload["encoder"].items())
     with pytest.raises(CheckpointError):
         set_checkpoint_fields(path, {"model_version": "forged"})
+
+
+def test_calibrate_command_stores_the_threshold_of_a_livebench_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from model import calibrate
+    from model.config import EfficientNetConfig, EncoderConfig
+    from model.encoder import build_backbone
+
+    cfg = EncoderConfig(efficientnet=EfficientNetConfig(pretrained=False))
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, build_backbone(cfg), cfg)
+    report = tmp_path / "live.json"
+    report.write_text(json.dumps({"open_set_scores": {"present": [0.9, 0.8, 0.5], "absent": [0.6, 0.4]}}))
+    monkeypatch.setattr("sys.argv", ["calibrate", "--scores", str(report), "--precision", "0.9", "--checkpoint", str(ckpt)])
+    calibrate.main()
+    printed = json.loads(capsys.readouterr().out)
+    assert 0.6 < printed["threshold"] <= 0.8  # above every absent score, keeping 0.9 and 0.8
+    stored = read_checkpoint(ckpt)
+    assert stored["match_threshold"] == printed["threshold"] and stored["match_calibration"]["present"] == 3

@@ -78,6 +78,8 @@ def test_cases_split_products_and_keep_absent_clips_free_of_catalog_products(tmp
     assert render_case(cases[0], frames=4, size=96) == render_case(cases[0], frames=4, size=96)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_livebench_runs_through_the_app(tmp_path: Path, products: list[DemoProduct]) -> None:
     root = _grocery_folder(tmp_path, products)
     report = run_livebench(root, split="val", heldout_every=2, num_frames=4, calibrate_precision=0.9)

@@ -79,6 +79,7 @@ def test_agreement_weights_discount_outlier_and_dark_frames() -> None:
     assert agreement_weights(frames, usable=np.zeros(10, bool)).min() > 0  # all dark: use them all
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fusion", ["max", "mean"])
 def test_region_stage_through_the_app(
     tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct], clip_of: Callable[..., bytes], fusion: str

@@ -201,7 +201,7 @@ def run_livebench(
             rows.append({"sku": case.sku, "group": case.group, "scale": case.scale, "ranked": ranked, "top1": top1, "scores": scores})
             if progress and (n + 1) % 50 == 0:
                 print(f"{n + 1}/{len(cases)} clips", file=sys.stderr)
-        operating = body["match_threshold"] if threshold is None else threshold
+        operating = info["match_threshold"] if threshold is None else threshold
     report: dict[str, Any] = {
         "data": str(data_root),
         "split": split,
