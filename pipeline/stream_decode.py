@@ -5,7 +5,7 @@ interpreter, `python -m pipeline.stream_decode`), never in the server. The child
 order, skips frames with grab(), retrieve()s and preprocesses only the sampled ones, and writes
 them to its stdout as raw uint8 bytes with their shape; the pipe's small buffer is the back
 pressure, so neither side ever holds more than a few frames whatever the recording's length.
-A child that crashes, stalls or breaks the protocol fails this recording only (InvalidMedia).
+A child that crashes, stalls or breaks the protocol fails this recording only (UndecodableMedia, 422).
 
 Wire format, child -> parent: messages of `kind` (4 bytes) + payload length (uint32 LE) + payload.
   META  JSON {fps, total_frames, width, height, duration_s} (header values; total may be 0)
@@ -32,7 +32,7 @@ from typing import BinaryIO
 import numpy as np
 
 from model.config import PreprocessConfig
-from pipeline.errors import InvalidMedia, UnsupportedMedia
+from pipeline.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 
 _HEAD = struct.Struct("<4sI")
 _FRAME = struct.Struct("<dIII")
@@ -211,12 +211,12 @@ class FrameStream:
 
     def _read_exact(self, n: int) -> bytes:
         """n bytes from the child, waiting at most the stall timeout for each chunk; a child that
-        died or stalled raises InvalidMedia (the recording made the decoder fail, not the server)."""
+        died or stalled raises UndecodableMedia (the recording made the decoder fail, not the server)."""
         while len(self._buf) < n:
             ready, _, _ = select.select([self._fd], [], [], self.limits.stall_timeout_s)
             if not ready:
                 self.close()
-                raise InvalidMedia(f"the decoder produced nothing for {self.limits.stall_timeout_s:g} s on this recording")
+                raise UndecodableMedia(f"the decoder produced nothing for {self.limits.stall_timeout_s:g} s on this recording")
             chunk = os.read(self._fd, max(n - len(self._buf), 1 << 20))
             if not chunk:
                 raise self._died()
@@ -225,12 +225,12 @@ class FrameStream:
         del self._buf[:n]
         return out
 
-    def _died(self) -> InvalidMedia:
+    def _died(self) -> UndecodableMedia:
         code = self._proc.wait()
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            return InvalidMedia(f"the decoder crashed on this recording ({name})")
-        return InvalidMedia(f"the decoder stopped unexpectedly on this recording (exit status {code})")
+            return UndecodableMedia(f"the decoder crashed on this recording ({name})")
+        return UndecodableMedia(f"the decoder stopped unexpectedly on this recording (exit status {code})")
 
     def read(self) -> Iterator[StreamInfo | SampledFrame | StreamEnd]:
         """Messages in order; raises InvalidMedia / UnsupportedMedia for a recording we cannot use."""
@@ -238,14 +238,14 @@ class FrameStream:
             kind, size = _HEAD.unpack(self._read_exact(_HEAD.size))
             if size > _MAX_PAYLOAD:
                 self.close()
-                raise InvalidMedia("the decoder broke its protocol on this recording")
+                raise UndecodableMedia("the decoder broke its protocol on this recording")
             payload = self._read_exact(size)
             if kind == b"FRAM":
                 t, h, w, c = _FRAME.unpack_from(payload)
                 pixels = np.frombuffer(payload, dtype=np.uint8, offset=_FRAME.size)
                 if pixels.size != h * w * c:
                     self.close()
-                    raise InvalidMedia("the decoder broke its protocol on this recording")
+                    raise UndecodableMedia("the decoder broke its protocol on this recording")
                 yield SampledFrame(t, pixels.reshape(h, w, c))
             elif kind == b"META":
                 yield StreamInfo(**json.loads(payload))
@@ -258,7 +258,7 @@ class FrameStream:
                 raise cls(str(err.get("message", "the recording cannot be decoded")))
             else:
                 self.close()
-                raise InvalidMedia("the decoder broke its protocol on this recording")
+                raise UndecodableMedia("the decoder broke its protocol on this recording")
 
 
 def _main() -> int:

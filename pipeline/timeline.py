@@ -6,12 +6,13 @@ for, and `smooth` turns each window's top SKUs into segments.
 
 Smoothing is a Viterbi pass over an HMM whose states are "no product" plus every SKU that ranked
 in any window. A window gains 0 for "no product" and, for a SKU, the smallest of three margins:
-its score above the match threshold; above the window's background (the median score of the
+its score above a floor (`min_score`); above the window's background (the median score of the
 window's other candidates) less `min_contrast`; and above the SKU's own absent level (its median
 score in the windows where another SKU ranks first) less `min_lift`. Every change of state costs
-`switch_cost`. The last two tell an empty room from a product: an uncalibrated encoder scores a
-room that vaguely resembles every product above the threshold, but there no SKU stands out from
-the others, nor from what it scores the rest of the time.
+`switch_cost`. The last two tell an empty room from a product: an encoder scores a room that
+vaguely resembles every product above any fixed floor, but there no SKU stands out from the
+others, nor from what it scores the rest of the time. Each segment then gets the verdict every
+recognition answer gets: `match` when its score clears the match threshold.
 
 The best path is the segmentation: a product is on screen where it clears both margins, and a
 single window that flickers to another SKU (or dips below them) costs more to switch to and back
@@ -135,8 +136,10 @@ def absent_levels(scores: np.ndarray, min_windows: int = 3) -> np.ndarray:
     """Per SKU, its median score [S] over the windows where another SKU ranks first: what it scores
     when it is not on screen. -inf (no such term) with fewer than `min_windows` of them, e.g. for
     the one product of a recording that shows nothing else."""
-    best = scores.argmax(axis=1)  # [W]
     out = np.full(scores.shape[1], -np.inf)
+    if scores.size == 0:  # an empty gallery: no SKU at all
+        return out
+    best = scores.argmax(axis=1)  # [W]
     for s in range(scores.shape[1]):
         other = scores[best != s, s]
         if len(other) >= min_windows:
@@ -152,10 +155,12 @@ def smooth(
     top_k: int,
     min_contrast: float = 0.0,
     min_lift: float | None = None,
+    min_score: float | None = None,
 ) -> list[Segment]:
     """Window hits -> segments covering every cell in order (adjacent windows of one state merged).
 
-    `threshold` is the match threshold (a SKU counts from there); `switch_cost` the price of a
+    `threshold` is the match threshold (each segment's `match` verdict); `min_score` the floor a
+    SKU must clear to be on screen at all (default: the threshold); `switch_cost` the price of a
     change of product, in score units; `min_contrast` how far a SKU must score above the window's
     background; `min_lift` how far above its own absent level (None: no such term); `top_k`
     bounds the SKU plus its alternatives per segment."""
@@ -165,7 +170,8 @@ def smooth(
         return []
     skus, scores = _score_matrix(windows)
     floor = np.array([[b if (b := background(w.hits)) is not None else -np.inf] for w in windows])  # [W, 1]
-    margin = np.minimum(scores - threshold, scores - floor - min_contrast)  # [W, S]
+    lowest = threshold if min_score is None else min_score
+    margin = np.minimum(scores - lowest, scores - floor - min_contrast)  # [W, S]
     if min_lift is not None:
         margin = np.minimum(margin, scores - absent_levels(scores)[None, :] - min_lift)
     gains = np.concatenate([np.zeros((len(windows), 1)), margin], axis=1)  # [W, 1 + S]: 0 = no product

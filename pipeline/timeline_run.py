@@ -37,7 +37,7 @@ class TimelineOptions:
     window_s: float = 2.0
     stride_s: float | None = None  # None = window_s (windows side by side)
     top_k: int = 3
-    min_score: float | None = None  # None = the served model's match threshold
+    min_score: float | None = None  # the match threshold and the floor; None = the model's threshold, RICE_TIMELINE_MIN_SCORE
 
     @property
     def stride(self) -> float:
@@ -71,6 +71,7 @@ class TimelineConfig:
     switch_cost: float = 0.03  # Viterbi price of a change of product, in score units
     min_contrast: float = 0.06  # how far a SKU must stand out from a window's other candidates
     min_lift: float = 0.02  # how far a SKU must score above its level in the rest of the recording
+    min_score: float = 0.5  # below this score a SKU is never on screen (unless a request sets min_score)
     candidates: int = 10  # SKUs kept per window for smoothing (at least top_k)
     chunk_frames: int = 32  # frames per batcher submission
     chunks_in_flight: int = 2  # submissions outstanding, so the batcher always has the next one
@@ -211,9 +212,10 @@ class TimelineRunner:
             hits = list(await asyncio.gather(*searches))[: len(grid)]
             hits = [WindowHits(s, e, h.hits) for (s, e), h in zip(grid, hits, strict=True)]
             threshold = self.pipeline.match_threshold if options.min_score is None else options.min_score
+            lowest = cfg.min_score if options.min_score is None else options.min_score
             t = time.perf_counter()
             cells = cell_bounds(len(grid), options.window_s, options.stride, duration)
-            segments = smooth(hits, cells, threshold, cfg.switch_cost, options.top_k, cfg.min_contrast, cfg.min_lift)
+            segments = smooth(hits, cells, threshold, cfg.switch_cost, options.top_k, cfg.min_contrast, cfg.min_lift, lowest)
             timings["smooth"] = (time.perf_counter() - t) * 1e3
             timings["total"] = (time.perf_counter() - started) * 1e3
             on_progress(1.0)

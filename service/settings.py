@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     timeline_min_contrast: float = Field(
         0.06, ge=0, le=1, description="timeline: how far a SKU must score above a window's other candidates (their median) to count"
     )
+    timeline_min_score: float = Field(
+        0.5, ge=-1, le=1, description="timeline: score below which a SKU is never on screen (a request's min_score replaces it)"
+    )
     timeline_min_lift: float = Field(
         0.02, ge=-1, le=1, description="timeline: how far a SKU must score above its median where other SKUs rank first, to count"
     )

@@ -159,6 +159,7 @@ def timeline_runners(settings: Settings, pipeline: Pipeline) -> tuple[TimelineRu
             settings.timeline_switch_cost,
             settings.timeline_min_contrast,
             settings.timeline_min_lift,
+            settings.timeline_min_score,
             chunk_frames=chunk,
             limits=limits,
         )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.config import PreprocessConfig
-from pipeline.errors import InvalidMedia, UnsupportedMedia
+from pipeline.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 from pipeline.stream_decode import FrameStream, SampledFrame, StreamEnd, StreamInfo, StreamLimits, sample_times
 from pipeline.timeline import Candidate, WindowHits, cell_bounds, smooth, window_grid, windows_of
 from tools.clipsynth import write_video
@@ -130,7 +130,7 @@ def test_a_crashed_decoder_fails_the_recording_not_the_caller(counting_clip: Pat
         messages = stream.read()
         assert isinstance(next(messages), StreamInfo)
         os.kill(stream.pid, signal.SIGSEGV)  # what a crafted file does to FFmpeg
-        with pytest.raises(InvalidMedia, match=r"crashed|stopped"):
+        with pytest.raises(UndecodableMedia, match=r"crashed|stopped"):
             list(messages)
 
 
@@ -151,3 +151,9 @@ def test_the_one_product_of_a_recording_is_kept_by_the_lift_margin() -> None:
     windows, cells = _windows([{"A": 0.7, **_BG}] * 5)  # A everywhere: it has no absent level
     segments = smooth(windows, cells, threshold=0.5, switch_cost=0.03, top_k=1, min_contrast=0.06, min_lift=0.02)
     assert [(s.start_s, s.end_s, s.sku) for s in segments] == [(0.0, 10.0, "A")]
+
+
+def test_an_empty_gallery_gives_one_null_segment() -> None:
+    windows = [WindowHits(0.0, 2.0, []), WindowHits(2.0, 3.0, [])]
+    segments = smooth(windows, cell_bounds(2, 2.0, 2.0, 3.0), threshold=0.5, switch_cost=0.03, top_k=3, min_contrast=0.06, min_lift=0.02)
+    assert [(s.start_s, s.end_s, s.sku, s.alternatives) for s in segments] == [(0.0, 3.0, None, [])]

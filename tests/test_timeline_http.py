@@ -53,7 +53,7 @@ def _check_timeline(body: dict[str, Any], truth: list[TruthSegment], windows: in
     assert all(x["end_s"] == y["start_s"] for x, y in itertools.pairwise(segments))  # in order, no holes
     shown = [s for s in segments if s["sku"] is not None]
     assert [s["sku"] for s in shown] == [t.sku for t in truth if t.sku is not None]  # A, B, C: the gap is no product
-    assert all(s["match"] and s["score"] >= body["match_threshold"] for s in shown)
+    assert all(s["match"] == (s["score"] >= body["match_threshold"]) for s in shown)  # the recognition rule
     for s, t in zip(shown, [t for t in truth if t.sku], strict=True):
         assert abs(s["start_s"] - t.start_s) <= 1.5 and abs(s["end_s"] - t.end_s) <= 1.5, (s, t)
     assert body["frames_used"] == 42 and body["windows"] == windows  # 2 frames a second; 2 s windows
