@@ -51,8 +51,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     RICE_HOST=0.0.0.0 \
     RICE_PORT=8000 \
     RICE_GALLERY_PATH=/data/gallery.db \
-    RICE_ALLOW_OPEN=false
-RUN useradd --create-home --uid 10001 rice && mkdir -p /data /models && chown rice:rice /data
+    RICE_ALLOW_OPEN=false \
+    RICE_JOB_DIR=/jobs
+# /jobs: timeline job uploads; mount one volume there on every replica so any of them can run a job
+RUN useradd --create-home --uid 10001 rice && mkdir -p /data /models /jobs && chown rice:rice /data /jobs
 USER 10001
 WORKDIR /home/rice
 VOLUME ["/data"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from index.jobs import JobStore, SQLiteJobStore
 from index.records import Store
+from index.redis_jobs import RedisJobStore
 from index.redis_store import RedisStore
 from index.sqlite_store import SQLiteStore
 
@@ -12,3 +14,10 @@ def open_store(redis_url: str | None, redis_prefix: str, redis_log_maxlen: int, 
     if redis_url:
         return RedisStore(redis_url, redis_prefix, redis_log_maxlen)
     return SQLiteStore(sqlite_path)
+
+
+def open_job_store(redis_url: str | None, redis_prefix: str, sqlite_path: str) -> JobStore:
+    """Timeline jobs beside the gallery: in the same Redis (many replicas) or the same SQLite file."""
+    if redis_url:
+        return RedisJobStore(redis_url, redis_prefix)
+    return SQLiteJobStore(sqlite_path)

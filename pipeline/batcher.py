@@ -9,6 +9,13 @@ full one is already collated and waiting in the encoder thread's queue; the enco
 for an event-loop round trip between batches under load. A partly filled batch is held back
 while the encoder is busy (it keeps filling instead), so pipelining never shrinks batches.
 
+Priority: a request is interactive (a client waits for it) or background (a timeline job's
+frames). Background frames wait in a queue of their own and only fill the rows of a batch that
+interactive frames leave free, at most `max_background` of them per batch; a batch of background
+frames alone may use all but one of the pipeline slots, so an interactive request never waits
+behind more than one background batch. Where a batch's cost grows with its size (a CPU), a small
+`max_background` keeps that wait and the rows added to clients' batches short.
+
 Each request gets exactly its own rows back; a request whose client went away has its queued
 frames dropped (frames already inside a running batch are computed and discarded); a batch that
 raises is retried request by request so only the input that caused it fails.
@@ -27,12 +34,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from pipeline.errors import NotReady, Overloaded
 
 log = logging.getLogger("rice.batcher")
+
+Priority = Literal["interactive", "background"]
 
 
 @dataclass(eq=False)
@@ -45,6 +55,7 @@ class Job:
     offset: int = 0  # frames already taken into batches
     parts: dict[int, np.ndarray] = field(default_factory=dict)  # job row -> embeddings from there
     done_rows: int = 0
+    background: bool = False  # a timeline job's frames: they fill batches behind interactive ones
 
     @property
     def remaining(self) -> int:
@@ -59,13 +70,13 @@ class Slice:
     job_row: int = 0  # the job's row that batch row `start` holds
 
 
-def collate(jobs: deque[Job], max_batch: int) -> tuple[list[np.ndarray], list[Slice]]:
-    """Take up to `max_batch` frames from the head of `jobs` (splitting a job across batches if
-    needed); drop finished or cancelled jobs. Returns one part per slice, not yet stacked: the
-    encoder thread stacks them, off the event loop. Pure: tested without a server."""
+def collate(jobs: deque[Job], max_batch: int, first_row: int = 0) -> tuple[list[np.ndarray], list[Slice]]:
+    """Take frames from the head of `jobs` into batch rows `first_row`..`max_batch` (splitting a
+    job across batches if needed); drop finished or cancelled jobs. Returns one part per slice,
+    not yet stacked: the encoder thread stacks them, off the event loop. Pure: tested without a server."""
     parts: list[np.ndarray] = []
     slices: list[Slice] = []
-    rows = 0
+    rows = first_row
     while jobs and rows < max_batch:
         job = jobs[0]
         if job.future.done():  # cancelled by its client, or failed
@@ -78,6 +89,21 @@ def collate(jobs: deque[Job], max_batch: int) -> tuple[list[np.ndarray], list[Sl
         rows += take
         if job.remaining == 0:
             jobs.popleft()
+    return parts, slices
+
+
+def collate_by_priority(
+    interactive: deque[Job], background: deque[Job], max_batch: int, max_background: int | None = None
+) -> tuple[list[np.ndarray], list[Slice]]:
+    """One batch: interactive frames first, then at most `max_background` background frames in the
+    rows left over (default: all of them). Pure."""
+    parts, slices = collate(interactive, max_batch)
+    rows = slices[-1].stop if slices else 0
+    stop = min(max_batch, rows + (max_batch if max_background is None else max_background))
+    if rows < stop:
+        more_parts, more_slices = collate(background, stop, rows)
+        parts += more_parts
+        slices += more_slices
     return parts, slices
 
 
@@ -111,9 +137,11 @@ class Batcher:
         on_cancel: Callable[[int], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
         on_error: Callable[[], None] | None = None,
+        max_background: int | None = None,
     ) -> None:
         self._encode = encode
         self.max_batch = max_batch
+        self.max_background = max_batch if max_background is None else max(1, min(max_background, max_batch))
         self.max_wait = max_wait_ms / 1e3
         self.max_queue_frames = max_queue_frames
         self.depth = depth
@@ -122,7 +150,11 @@ class Batcher:
         self._on_queue_wait = on_queue_wait
         self._on_error = on_error
         self._jobs: deque[Job] = deque()
+        self._background: deque[Job] = deque()
         self._queued_frames = 0
+        self._queued_background = 0
+        # Batches of background frames alone leave one slot free for interactive work (if depth > 1).
+        self._background_slots = max(1, depth - 1)
         self._running = 0  # batches handed to the encoder thread and not finished
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(depth)
@@ -135,8 +167,13 @@ class Batcher:
 
     @property
     def queued_frames(self) -> int:
-        """Frames waiting for a batch (not counting those inside running batches)."""
+        """Interactive frames waiting for a batch (not counting those inside running batches)."""
         return self._queued_frames
+
+    @property
+    def queued_background_frames(self) -> int:
+        """Background (timeline job) frames waiting for a batch."""
+        return self._queued_background
 
     @property
     def running_batches(self) -> int:
@@ -148,7 +185,7 @@ class Batcher:
 
     def stalled_for(self) -> float:
         """Seconds the batcher has had work (queued or running) without finishing a batch; 0 when idle."""
-        if self._queued_frames == 0 and self._running == 0:
+        if self._queued_frames == 0 and self._queued_background == 0 and self._running == 0:
             return 0.0
         return time.monotonic() - self.last_progress
 
@@ -160,17 +197,19 @@ class Batcher:
         then fail whatever is left with NotReady (503)."""
         self._closing = True
         deadline = time.monotonic() + drain_timeout_s
-        while (self._queued_frames or self._running) and time.monotonic() < deadline and self.alive:
+        while (self._queued_frames or self._queued_background or self._running) and time.monotonic() < deadline and self.alive:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for job in self._jobs:
+        for job in (*self._jobs, *self._background):
             if not job.future.done():
                 job.future.set_exception(NotReady("the service is shutting down"))
         self._jobs.clear()
+        self._background.clear()
         self._queued_frames = 0
+        self._queued_background = 0
         for task in list(self._inflight):
             task.cancel()
         # A wedged encoder thread must not hang shutdown: don't wait for it.
@@ -181,9 +220,11 @@ class Batcher:
         per_frame = self._s_per_frame or 0.05
         return max(1, int((self._queued_frames + self._running * self.max_batch) * per_frame + 0.999))
 
-    async def submit(self, frames: np.ndarray) -> np.ndarray:
+    async def submit(self, frames: np.ndarray, priority: Priority = "interactive") -> np.ndarray:
         """Embed one request's frames [N, H, W, 3] -> [N, D].
 
+        `priority="background"` (timeline jobs) queues the frames behind every interactive one;
+        each priority has its own queue budget, so jobs never make clients see 429.
         Raises Overloaded (with Retry-After) when the queue is full, NotReady when shutting down.
         Cancelling the caller (its client disconnected) drops its frames that are still queued.
         """
@@ -192,16 +233,18 @@ class Batcher:
             raise ValueError("no frames to encode")
         if self._closing:
             raise NotReady("the service is shutting down")
-        if self._queued_frames + n > self.max_queue_frames:
+        background = priority == "background"
+        queued = self._queued_background if background else self._queued_frames
+        if queued + n > self.max_queue_frames:
             raise Overloaded(
-                f"encoder queue is full ({self._queued_frames} frames waiting); retry later",
+                f"encoder queue is full ({queued} frames waiting); retry later",
                 headers={"Retry-After": str(self.retry_after_s())},
             )
-        if self._queued_frames == 0 and self._running == 0:
+        if self._queued_frames == 0 and self._queued_background == 0 and self._running == 0:
             self.last_progress = time.monotonic()  # idle until now: the stall clock starts here
-        job = Job(frames, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
-        self._queued_frames += n
+        job = Job(frames, asyncio.get_running_loop().create_future(), background=background)
+        self._queue_of(job).append(job)
+        self._count(job, n)
         self._wakeup.set()
         try:
             return await job.future
@@ -210,10 +253,19 @@ class Batcher:
             # the job because its future is done.
             dropped = job.remaining
             job.offset = len(job.frames)
-            self._queued_frames -= dropped
+            self._count(job, -dropped)
             if dropped and self._on_cancel:
                 self._on_cancel(dropped)
             raise
+
+    def _queue_of(self, job: Job) -> deque[Job]:
+        return self._background if job.background else self._jobs
+
+    def _count(self, job: Job, frames: int) -> None:
+        if job.background:
+            self._queued_background += frames
+        else:
+            self._queued_frames += frames
 
     async def _run(self) -> None:
         while True:
@@ -230,14 +282,15 @@ class Batcher:
         await self._slots.acquire()
         try:
             await self._wait_for_batch()
-            parts, slices = collate(self._jobs, self.max_batch)
+            parts, slices = collate_by_priority(self._jobs, self._background, self.max_batch, self.max_background)
         except BaseException:
             self._slots.release()
             raise
         if not slices:
             self._slots.release()
             return
-        self._queued_frames -= sum(len(p) for p in parts)
+        for s, part in zip(slices, parts, strict=True):
+            self._count(s.job, -len(part))
         now = time.perf_counter()
         if self._on_queue_wait:
             for s in slices:
@@ -250,13 +303,19 @@ class Batcher:
 
     async def _wait_for_batch(self) -> None:
         """Return when a batch should be collated: a full one is waiting, or the oldest frame has
-        waited `max_wait` and the encoder is idle (while it is busy, a partial batch keeps filling)."""
+        waited `max_wait` and the encoder is idle (while it is busy, a partial batch keeps filling).
+        A batch of background frames alone waits while the slots it may use are taken."""
         while True:
             timeout: float | None = None
-            if self._queued_frames >= self.max_batch:
+            background_ok = self._running < self._background_slots
+            queued = self._queued_frames + (min(self._queued_background, self.max_background) if background_ok else 0)
+            if queued >= self.max_batch:
                 return
-            if self._queued_frames > 0 and self._running == 0:
-                oldest = next((j for j in self._jobs if not j.future.done()), None)
+            if background_ok and not self._queued_frames and self._queued_background >= self.max_background:
+                return  # as many job frames as a batch may carry: waiting cannot make it larger
+            if queued > 0 and self._running == 0:
+                waiting = (*self._jobs, *self._background) if background_ok else tuple(self._jobs)
+                oldest = next((j for j in waiting if not j.future.done()), None)
                 if oldest is None:  # only cancelled jobs: let collate drop them
                     return
                 timeout = oldest.enqueued + self.max_wait - time.perf_counter()
@@ -326,7 +385,7 @@ class Batcher:
         if not job.future.done():
             job.future.set_exception(exc)
         if job.remaining:  # drop the rest of a failed job's frames
-            self._queued_frames -= job.remaining
+            self._count(job, -job.remaining)
             job.offset = len(job.frames)
         with contextlib.suppress(ValueError):
-            self._jobs.remove(job)
+            self._queue_of(job).remove(job)

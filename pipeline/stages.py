@@ -22,7 +22,7 @@ from index.gallery import Hit
 from index.replica import GalleryReplica
 from model.config import PreprocessConfig
 from model.encoder import pool_clip
-from pipeline.batcher import Batcher
+from pipeline.batcher import Batcher, Priority
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
 from pipeline.errors import Overloaded
@@ -46,6 +46,7 @@ class Query:
     num_frames: int = 10
     sampling: Sampling = "uniform"
     min_score: float | None = None  # the request's match threshold; None = the model's
+    priority: Priority = "interactive"  # timeline jobs embed in the background, behind clients
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
     frame_emb: np.ndarray | None = None  # [N, D], after embed
     vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
@@ -106,7 +107,7 @@ class Embed:
     async def __call__(self, q: Query) -> None:
         assert q.frames is not None
         try:
-            q.frame_emb = await self.batcher.submit(q.frames)
+            q.frame_emb = await self.batcher.submit(q.frames, q.priority)
         except Overloaded:
             self.on_reject("encoder")
             raise
@@ -157,7 +158,9 @@ class Pipeline:
         self.observe_stage = observe_stage
         self.match_threshold = match_threshold
         self._search = Search(replica, search_threads, search_max_batch)
-        self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), Embed(batcher, on_reject)]
+        self.embed_stage = Embed(batcher, on_reject)
+        self.search_stage: Stage = self._search  # timelines embed and search window by window through these
+        self.embedding: list[Stage] = [Decode(decode_pool, preprocess, limits, max_image_pixels), self.embed_stage]
         # pooling stages refine the clip vector before search (frame quality); extra stages refine the hits
         self.stages: list[Stage] = [*self.embedding, *pooling_stages, self._search, *extra_stages]
         self._closers = [s for s in [*pooling_stages, *extra_stages] if hasattr(s, "close")]

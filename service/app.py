@@ -9,13 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from index.records import Store
+from index.stores import open_job_store
 from model.checkpoint import LoadedEncoder, load_encoder
+from pipeline.jobs import JobConfig, JobEvents, JobWorker
 from service.auth import ApiKeys
 from service.docs import install_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
-from service.routes import admin, console, gallery, gallery_browse, health, recognize
+from service.routes import admin, console, gallery, gallery_browse, health, jobs, recognize, timeline
 from service.settings import Settings
 from service.state import build_serving, close_serving, store_for
 
@@ -24,6 +26,16 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     """Build the service. `encoder` and `store` let tests inject prepared components."""
     settings = settings or Settings()
     metrics = Metrics()
+    job_config = JobConfig(settings.job_concurrency, settings.job_lease_s, max_attempts=settings.job_max_attempts)
+
+    def job_started() -> None:
+        metrics.jobs_running.inc()
+
+    def job_finished(status: str) -> None:
+        metrics.jobs_running.dec()
+        metrics.jobs_finished.labels(status).inc()
+
+    job_events = JobEvents(job_started, job_finished, metrics.timeline_seconds.inc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,9 +43,15 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         app.state.rice = build_serving(settings, encoder or load_encoder(settings.checkpoint), gallery_store, metrics)
         app.state.rice.batcher.start()
         app.state.model_switch = asyncio.Lock()
+        job_store = open_job_store(settings.redis_url, settings.redis_jobs_prefix, settings.gallery_path)
+        current = lambda: (app.state.rice.job_timeline, app.state.rice.engine.model_version)  # noqa: E731  # the model serving now
+        app.state.job_worker = JobWorker(job_store, current, job_config, job_events)
+        app.state.job_worker.start()
         try:
             yield
         finally:
+            await app.state.job_worker.stop()  # this replica's running jobs go back to the queue
+            job_store.close()
             # uvicorn has already drained in-flight HTTP requests; finish what is still queued.
             await close_serving(app.state.rice)
             if store is None:
@@ -61,10 +79,14 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     # Added before the request counter so it sits inside it: a streamed upload going over the
     # limit then raises in the route's own body read and the error table answers 413 (outside the
     # counter's BaseHTTPMiddleware it would surface as an ExceptionGroup, i.e. a 500).
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, per_path={"/v1/gallery/bulk": settings.max_bulk_bytes})
+    # Bulk vector uploads and timeline jobs (recordings streamed to disk) have limits of their own.
+    per_path = {"/v1/gallery/bulk": settings.max_bulk_bytes, "/v1/jobs/timeline": settings.max_job_upload_bytes}
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, per_path=per_path)
     app.middleware("http")(request_counter(metrics))
     app.add_middleware(CancelOnDisconnect, on_cancel=metrics.cancelled_requests.inc)  # outermost: cancels all below
     app.include_router(recognize.router)
+    app.include_router(timeline.router)
+    app.include_router(jobs.router)
     app.include_router(gallery.router)
     app.include_router(gallery_browse.router)
     app.include_router(health.router)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from index.jobs import JobNotFound
 from index.records import InvalidBulk, ItemNotFound, StoreUnavailable
 from pipeline.errors import (
     BadRequest,
@@ -72,6 +73,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     Forbidden: 403,
     NotFound: 404,
     ItemNotFound: 404,
+    JobNotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,

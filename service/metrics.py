@@ -84,6 +84,11 @@ class Metrics:
             "Items stored under other models while the served model's gallery is empty (the model-switch trap; 0 otherwise)",
             registry=r,
         )
+        self.jobs_running = Gauge("rice_jobs_running", "Timeline jobs running on this replica", registry=r)
+        self.jobs_finished = Counter("rice_jobs_finished_total", "Timeline jobs this replica ended, by status", ["status"], registry=r)
+        self.timeline_seconds = Counter(
+            "rice_timeline_recording_seconds_total", "Seconds of recording turned into timelines (requests and jobs)", registry=r
+        )
         self.model_info = Info("rice_model", "The served model (version, source, device, dtype)", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see gaps
             self.stage_seconds.labels(stage)

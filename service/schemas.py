@@ -68,3 +68,44 @@ class GalleryPage(BaseModel):
     items: list[GalleryItem] = Field(description="this page, in SKU then item id order")
     gallery_version: int
     namespace: str = Field(description="the model version whose gallery is listed")
+
+
+class Alternative(BaseModel):
+    sku: str
+    score: float = Field(description="the SKU's mean window score over the segment")
+
+
+class TimelineSegment(BaseModel):
+    start_s: float
+    end_s: float
+    sku: str | None = Field(description="the product on screen; null where no product is confidently shown")
+    score: float | None = Field(description="the SKU's mean window score over the segment")
+    item_id: str | None = Field(description="the gallery image that matched best inside the segment")
+    match: bool = Field(description="score >= match_threshold, the same rule as every recognition answer")
+    alternatives: list[Alternative] = Field(description="the next best SKUs over the segment (for a null segment: the best ones)")
+
+
+class TimelineResponse(BaseModel):
+    duration_s: float
+    segments: list[TimelineSegment] = Field(description="in order, covering the whole recording")
+    match_threshold: float
+    gallery_version: int
+    model_version: str
+    frames_used: int = Field(description="frames sampled and embedded")
+    windows: int = Field(description="windows searched before smoothing")
+    timings_ms: dict[str, float]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobResponse(BaseModel):
+    job_id: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    progress: float = Field(description="0..1, the share of the recording processed")
+    result: TimelineResponse | None = Field(None, description="the timeline, once done")
+    error: JobError | None = Field(None, description="why the job failed")
+    created_at: float
+    updated_at: float

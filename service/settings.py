@@ -75,6 +75,33 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="largest POST /v1/gallery/bulk body (.npy + JSONL; 413); 150k x 1280-d float32 is 768 MB"
     )
 
+    # timelines and timeline jobs
+    timeline_sample_fps: float = Field(2.0, gt=0, le=30, description="frames sampled per second of a recording for timelines")
+    timeline_switch_cost: float = Field(
+        0.03, ge=0, le=1, description="timeline smoothing: the score a change of product must gain to be made (Viterbi switching cost)"
+    )
+    timeline_min_contrast: float = Field(
+        0.06, ge=0, le=1, description="timeline: how far a SKU must score above a window's other candidates (their median) to count"
+    )
+    timeline_min_score: float = Field(
+        0.5, ge=-1, le=1, description="timeline: score below which a SKU is never on screen (a request's min_score replaces it)"
+    )
+    timeline_min_lift: float = Field(
+        0.02, ge=-1, le=1, description="timeline: how far a SKU must score above its median where other SKUs rank first, to count"
+    )
+    job_dir: str = Field(
+        "data/jobs", description="where timeline job uploads are stored; with several replicas, a directory all of them share"
+    )
+    max_job_upload_bytes: int = Field(8 * 1024**3, ge=1, description="largest recording a timeline job accepts (413)")
+    max_job_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording a timeline job accepts, in seconds")
+    job_concurrency: int = Field(1, ge=1, le=64, description="timeline jobs running at once on each replica")
+    job_batch_frames: int = Field(
+        0, ge=0, description="most timeline-job frames per encoder batch; 0 = a whole batch on CUDA, an eighth of one on CPU"
+    )
+    job_lease_s: float = Field(30.0, ge=1, description="a replica silent this long is presumed dead and its job is run by another")
+    job_max_attempts: int = Field(3, ge=1, description="times a job may be started before it is failed (it keeps killing its replica)")
+    redis_jobs_prefix: str = Field("rice:{jobs}:", description="prefix of every timeline job key in Redis")
+
     # serving
     dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")
     cuda_graphs: bool = Field(True, description="capture the encoder as CUDA graphs per batch size at warm-up (CUDA only)")

@@ -23,6 +23,8 @@ from pipeline.engine import EncoderEngine
 from pipeline.quality import QualityPooling
 from pipeline.regions import RegionSearch, parse_grid, region_fusion
 from pipeline.stages import Pipeline
+from pipeline.stream_decode import StreamLimits
+from pipeline.timeline_run import TimelineConfig, TimelineRunner
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -37,6 +39,8 @@ class AppState:
     batcher: Batcher
     replica: GalleryReplica
     pipeline: Pipeline
+    timeline: TimelineRunner  # recordings within the request limits (POST /v1/recognize/timeline)
+    job_timeline: TimelineRunner  # recordings of timeline jobs (their own duration limit)
     started_at: float
     active: int = 0  # requests using this state right now (see routes.deps.get_state)
 
@@ -87,6 +91,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         on_cancel=metrics.cancelled.inc,
         on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
         on_error=metrics.batch_errors.inc,
+        max_background=job_batch_frames(settings, engine),
     )
 
     def reject(where: str) -> None:
@@ -130,7 +135,36 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         if settings.regions
         else [],
     )
-    return AppState(settings, metrics, engine, batcher, replica, pipeline, time.time())
+    return AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+
+
+def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
+    """RICE_JOB_BATCH_FRAMES, or by default: a whole batch on CUDA (a batch costs about the same
+    however full, so job frames ride along for free), an eighth of one on a CPU (where each frame
+    adds to the batch's time, and so to the latency of the clients' frames in it)."""
+    if settings.job_batch_frames:
+        return settings.job_batch_frames
+    return settings.max_batch_size if engine.device.type == "cuda" else max(1, settings.max_batch_size // 8)
+
+
+def timeline_runners(settings: Settings, pipeline: Pipeline) -> tuple[TimelineRunner, TimelineRunner]:
+    """The timeline runner of requests (the clip limits) and that of jobs (the job limits)."""
+
+    def config(max_duration_s: float) -> TimelineConfig:
+        # The decode time budget bounds how long the decoder may go without producing a frame.
+        limits = StreamLimits(max_duration_s, settings.max_frame_pixels, settings.decode_timeout_s)
+        chunk = max(settings.max_batch_size, 8)
+        return TimelineConfig(
+            settings.timeline_sample_fps,
+            settings.timeline_switch_cost,
+            settings.timeline_min_contrast,
+            settings.timeline_min_lift,
+            settings.timeline_min_score,
+            chunk_frames=chunk,
+            limits=limits,
+        )
+
+    return TimelineRunner(pipeline, config(settings.max_duration_s)), TimelineRunner(pipeline, config(settings.max_job_duration_s))
 
 
 async def close_serving(state: AppState) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from pipeline.batcher import Batcher, Job, collate, stacked
+from pipeline.batcher import Batcher, Job, collate, collate_by_priority, stacked
 from service.errors import NotReady, Overloaded
 
 
@@ -186,5 +187,110 @@ async def test_retry_after_follows_measured_encode_speed() -> None:
         b._queued_frames = 200  # pretend a backlog: 200 frames x ~20 ms = ~4 s
         assert 3 <= b.retry_after_s() <= 6
         b._queued_frames = 0
+    finally:
+        await b.stop()
+
+
+def test_collate_by_priority_puts_interactive_frames_first_and_background_in_the_rows_left() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        background = deque([Job(_frames(100, 6), loop.create_future(), background=True)])
+        interactive = deque([Job(_frames(0, 3), loop.create_future())])
+        encode = stacked(_encode)
+        parts, slices = collate_by_priority(interactive, background, 4)
+        assert list(encode(parts)[:, 0]) == [0, 1, 2, 100]
+        assert [(s.start, s.stop, s.job_row) for s in slices] == [(0, 3, 0), (3, 4, 0)]
+        parts, slices = collate_by_priority(interactive, background, 4)
+        assert list(encode(parts)[:, 0]) == [101, 102, 103, 104] and slices[0].job_row == 1
+        assert not interactive and len(background) == 1
+    finally:
+        loop.close()
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.anyio
+async def test_interactive_frames_overtake_queued_background_frames() -> None:
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(10)
+        out = _encode(batch)
+        batches.append([int(x) for x in out[:, 0]])
+        return out
+
+    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, depth=2)
+    b.start()
+    try:
+        job = asyncio.create_task(b.submit(_frames(100, 12), priority="background"))
+        # Background alone takes one slot and leaves the other to interactive work.
+        await _until(lambda: b.running_batches == 1 and b.queued_background_frames == 8)
+        client = asyncio.create_task(b.submit(_frames(0, 2)))
+        await _until(lambda: b.queued_frames == 2)
+        assert b.running_batches == 1  # a partial interactive batch keeps filling; bg waits for a slot
+        gate.set()
+        assert list((await client)[:, 0]) == [0, 1]
+        assert list((await job)[:, 0]) == list(range(100, 112))
+        assert batches[0] == [100, 101, 102, 103] and batches[1][:2] == [0, 1]  # client ahead of bg 104..
+        assert sorted(x for batch in batches for x in batch) == [0, 1, *range(100, 112)]
+    finally:
+        gate.set()
+        await b.stop()
+
+
+@pytest.mark.anyio
+async def test_background_frames_have_their_own_queue_budget() -> None:
+    gate = threading.Event()
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(10)
+        return _encode(batch)
+
+    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, max_queue_frames=12, depth=1)
+    b.start()
+    try:
+        job = asyncio.create_task(b.submit(_frames(100, 12), priority="background"))
+        await _until(lambda: b.running_batches == 1)
+        with pytest.raises(Overloaded):
+            await b.submit(_frames(200, 8), priority="background")  # 8 still queued + 8 > 12
+        client = asyncio.create_task(b.submit(_frames(0, 8)))  # the interactive budget is untouched
+        await _until(lambda: b.queued_frames == 8)
+        job.cancel()  # a cancelled job gives its queued frames back
+        await _until(lambda: b.queued_background_frames == 0)
+        gate.set()
+        assert list((await client)[:, 0]) == list(range(8))
+    finally:
+        gate.set()
+        await b.stop()
+
+
+def test_collate_by_priority_caps_the_background_rows_of_a_batch() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        background = deque([Job(_frames(100, 6), loop.create_future(), background=True)])
+        interactive = deque([Job(_frames(0, 2), loop.create_future())])
+        encode = stacked(_encode)
+        parts, _ = collate_by_priority(interactive, background, 8, max_background=3)
+        assert list(encode(parts)[:, 0]) == [0, 1, 100, 101, 102]  # 2 interactive + at most 3 background
+        parts, _ = collate_by_priority(interactive, background, 8, max_background=3)
+        assert list(encode(parts)[:, 0]) == [103, 104, 105]
+    finally:
+        loop.close()
+
+
+@pytest.mark.anyio
+async def test_capped_background_batches_go_without_waiting_to_fill() -> None:
+    sizes: list[int] = []
+    b = Batcher(stacked(_encode), max_batch=8, max_wait_ms=10_000, max_background=2, on_batch=lambda n, _s: sizes.append(n))
+    b.start()
+    try:
+        out = await asyncio.wait_for(b.submit(_frames(0, 6), priority="background"), 10)  # a long max_wait is never waited out
+        assert list(out[:, 0]) == [0, 1, 2, 3, 4, 5] and sizes == [2, 2, 2]
     finally:
         await b.stop()

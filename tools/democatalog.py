@@ -20,7 +20,7 @@ import numpy as np
 
 from tools.clipsynth import write_video
 
-__all__ = ["DemoProduct", "make_products", "render_clip", "write_demo_catalog"]
+__all__ = ["DemoProduct", "make_products", "render_clip", "render_room_clip", "write_demo_catalog"]
 
 _IMG_H, _IMG_W = 320, 240  # portrait catalog photo
 _BOX = (24, 20, 216, 300)  # x0, y0, x1, y1 of the package inside the photo
@@ -421,6 +421,35 @@ def render_clip(
         frame = frame * (1 - al) + warped[..., :3].astype(np.float32) * al
         nx, ny = rng.integers(0, 16, 2)
         frame = frame * gain + noise[ny : ny + h, nx : nx + w]
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return frames
+
+
+def render_room_clip(
+    rng: np.random.Generator,
+    num_frames: int = 24,
+    size: tuple[int, int] = (320, 240),
+    distractors: int = 3,
+) -> list[np.ndarray]:
+    """The same kind of cluttered room as ``render_clip``, slowly panning, with no product held
+    up: what a livestream shows between products.
+
+    Returns:
+        ``num_frames`` BGR uint8 frames of shape (height, width, 3).
+    """
+    if num_frames < 1:
+        raise ValueError("num_frames must be >= 1")
+    w, h = int(size[0]), int(size[1])
+    margin_x, margin_y = int(w * 0.15), int(h * 0.15)
+    bg = _background(rng, w + 2 * margin_x, h + 2 * margin_y, distractors)
+    pan0 = rng.uniform(0, 1, 2) * (2 * margin_x, 2 * margin_y)
+    pan1 = rng.uniform(0, 1, 2) * (2 * margin_x, 2 * margin_y)
+    noise = rng.normal(0, rng.uniform(2.0, 5.0), (h + 16, w + 16, 3)).astype(np.float32)
+    frames: list[np.ndarray] = []
+    for t in np.linspace(0.0, 1.0, num_frames):
+        ox, oy = (pan0 + (pan1 - pan0) * t).astype(int)
+        nx, ny = rng.integers(0, 16, 2)
+        frame = bg[oy : oy + h, ox : ox + w].astype(np.float32) + noise[ny : ny + h, nx : nx + w]
         frames.append(np.clip(frame, 0, 255).astype(np.uint8))
     return frames
 

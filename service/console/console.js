@@ -218,14 +218,17 @@ function renderTimeline(answer) {
   list.replaceChildren();
   const duration = answer.duration_s || Math.max(0, ...answer.segments.map((s) => s.end_s)) || 1;
   for (const s of answer.segments) {
-    const matched = s.match && s.sku;
-    const label = matched ? s.sku : "no match";
+    // A segment names its product whenever the timeline found one; below the match threshold it
+    // is drawn faded ("weak"), like a recognition answer whose verdict is no match.
+    const weak = s.sku && !s.match;
+    const label = s.sku ? s.sku : "no match";
     const seg = el("div", {
-      class: matched ? "seg" : "seg no-match",
+      class: s.sku ? (weak ? "seg weak" : "seg") : "seg no-match",
       "data-sku": s.sku || "",
-      title: `${s.start_s.toFixed(1)}–${s.end_s.toFixed(1)} s: ${label}${s.score != null ? ` (${s.score.toFixed(3)})` : ""}`,
+      title: `${s.start_s.toFixed(1)}–${s.end_s.toFixed(1)} s: ${label}${s.score != null ? ` (${s.score.toFixed(3)})` : ""}` +
+        (weak ? ", below the match threshold" : ""),
       style: `left: ${(100 * s.start_s) / duration}%; width: ${(100 * (s.end_s - s.start_s)) / duration}%;` +
-        (matched ? ` background: ${colour(s.sku)};` : ""),
+        (s.sku ? ` background: ${colour(s.sku)};` : ""),
       text: label,
     });
     strip.append(seg);
