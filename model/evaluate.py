@@ -25,7 +25,8 @@ from torch import nn
 from model.config import PreprocessConfig
 from model.data import ClipDataset, ClipRow, gallery_of, read_image, read_manifest, worker_init
 from model.encoder import clip_embedding
-from model.preprocess import normalize, prepare_frame
+from model.normalize import normalize
+from model.preprocess import prepare_frame
 from model.recall import recall_at_k
 
 

@@ -1,20 +1,18 @@
 """Frame preprocessing shared by training, evaluation and serving.
 
-Split in two so the expensive part runs where it is cheap: `resize_center_crop` on decode
-threads (uint8, small), `normalize` on the encoder's device.
+Split in two so the expensive part runs where it is cheap: `prepare_frame` in the decode workers
+(uint8, small; OpenCV and numpy only, no torch), `model.normalize` on the encoder's device.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-from torch import nn
 
 from model.config import PreprocessConfig
 from model.media import IMAGE_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "Normalize", "normalize", "prepare_frame", "sample_indices"]
+__all__ = ["IMAGE_SUFFIXES", "prepare_frame", "sample_indices"]
 
 
 def sample_indices(total: int, n: int) -> list[int]:
@@ -80,27 +78,3 @@ def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig, whole: bool = False) -
     if whole:
         rgb = pad_to_square(rgb)
     return fit_frame(rgb, cfg.resize, cfg.crop, cfg.frame_fit)
-
-
-class Normalize(nn.Module):
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] normalised with the config's mean and std.
-
-    The one normalisation of training, evaluation and serving. The constants are buffers (scaled to
-    0..255, so the uint8 input needs no division), moved with the module: the serving engine keeps it
-    on its device, where a CUDA graph can capture it without host copies."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, cfg: PreprocessConfig) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0, persistent=False)
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std  # [B, 3, H, W]
-
-
-def normalize(frames: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """`Normalize` for one call (training and evaluation batches)."""
-    return Normalize(cfg).to(frames.device)(frames)

@@ -39,7 +39,7 @@ from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import FRAME_FITS, EncoderConfig, PreprocessConfig
 from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, worker_init
 from model.evaluate import evaluate_rows, read_sku_file
-from model.preprocess import normalize
+from model.normalize import normalize
 from model.rice import RICE, RICEConfig, world_info
 
 

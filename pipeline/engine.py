@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import LoadedEncoder
-from model.preprocess import Normalize
+from model.normalize import Normalize
 
 log = logging.getLogger("rice.engine")
 

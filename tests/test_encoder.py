@@ -14,7 +14,8 @@ from model.checkpoint import CheckpointError, LoadedEncoder, load_encoder, save_
 from model.config import EfficientNetConfig, EncoderConfig
 from model.efficientnet import convert_lite0_state_dict, packaged_weights_path
 from model.encoder import build_backbone, clip_embedding
-from model.preprocess import normalize, prepare_frame
+from model.normalize import normalize
+from model.preprocess import prepare_frame
 from tools.democatalog import DemoProduct
 
 

@@ -114,3 +114,16 @@ def test_the_image_ships_what_serves_and_not_the_tools() -> None:
     assert "COPY tools" not in dockerfile
     assert 'CMD ["python3", "-m", "service"]' in dockerfile
     assert (ROOT / "service" / "__main__.py").exists()
+
+
+def test_decoders_do_not_load_torch() -> None:
+    """Decode workers and the recording decoder are separate processes, one per core: torch would
+    add hundreds of MB to each for nothing (they prepare uint8 frames; the engine normalises)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import pipeline.decode, pipeline.decode_worker, pipeline.keyframes, pipeline.stream_decode; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
