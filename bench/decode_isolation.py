@@ -28,6 +28,7 @@ import numpy as np
 
 from service.server import free_port
 from tools.clipsynth import encode_video
+from tools.service_process import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,19 +70,6 @@ def start(isolation: str, args: argparse.Namespace) -> tuple[subprocess.Popen[by
     return subprocess.Popen(cmd, cwd=ROOT, env=env), f"http://127.0.0.1:{port}"
 
 
-def wait_ready(server: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("service did not become ready")
-        time.sleep(0.2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=6)
@@ -99,7 +87,7 @@ def main() -> None:
     servers = {kind: start(kind, args) for kind in ("process", "thread")}
     try:
         for server, url in servers.values():
-            wait_ready(server, url)
+            wait_ready(url, server)
         for _, url in servers.values():  # warm both paths (worker caches, encoder)
             asyncio.run(closed_loop(url, clips, args.clients, args.num_frames, 2.0))
         rates: dict[str, list[float]] = {"process": [], "thread": []}

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from service.server import free_port
 from tools.mediafuzz import Case, cases, source
+from tools.service_process import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,26 +51,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250, help="a valid clip must work after every this many cases")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    workdir = tempfile.mkdtemp(prefix="rice-fuzz-")
-    env = {**os.environ, "RICE_PORT": str(port), "RICE_GALLERY_PATH": f"{workdir}/gallery.db", "RICE_LOG_LEVEL": "error"}
-    server = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     by_source: dict[str, Counter[str]] = defaultdict(Counter)
     server_errors: list[str] = []
     crashers: list[str] = []
     valid_after_batch: list[bool] = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.5)
+    workdir = tempfile.mkdtemp(prefix="rice-fuzz-")
+    with serve({"RICE_GALLERY_PATH": f"{workdir}/gallery.db"}, log_level="error", quiet=True) as (url, server):
         all_cases = list(cases(args.cases, args.seed))
         started = time.perf_counter()
         with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(args.concurrency) as pool:
@@ -91,9 +75,6 @@ def main() -> None:
         seconds = time.perf_counter() - started
         deaths = _deaths(url)
         alive = server.poll() is None
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     print(
         json.dumps(
             {

@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -32,8 +29,8 @@ from index.records import Record
 from index.sqlite_store import SQLiteStore
 from model.checkpoint import default_encoder
 from pipeline.engine import EncoderEngine
-from service.server import free_port
 from tools.clipsynth import encode_video
+from tools.service_process import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,38 +109,6 @@ async def load(
         "livez_probes": len(livez_lat),
         **({"right_sku_first": sum(right) / len(right)} if right else {}),
     }
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process now, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@contextmanager
-def serve(env: dict[str, str], ready_timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`rice serve` in its own process with these RICE_* variables (plus a free port); yields (url, process) once ready."""
-    port = free_port()
-    full = {**os.environ, **env, "RICE_PORT": str(port), "RICE_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], env=full)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("service did not become ready")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def run_size(n: int, args: argparse.Namespace, namespace: str, dim: int, clips: list[bytes], tmp: Path) -> dict[str, float]:

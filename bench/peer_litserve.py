@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from starlette.requests import Request
 
-from bench.livez_under_load import serve
 from model.checkpoint import default_encoder
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.engine import EncoderEngine
@@ -48,6 +47,7 @@ from pipeline.stages import clip_vector
 from service.server import free_port
 from tools.clipsynth import encode_video
 from tools.democatalog import make_products, render_clip
+from tools.service_process import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_FRAMES = 10

@@ -32,9 +32,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.livez_under_load import load, rss_mb, serve
+from bench.livez_under_load import load
 from tools.clipsynth import encode_video
 from tools.democatalog import DemoProduct, make_products, render_clip
+from tools.service_process import rss_mb, serve
 
 
 def jpeg(image: np.ndarray) -> bytes:

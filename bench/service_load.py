@@ -31,6 +31,7 @@ from model.checkpoint import default_encoder
 from pipeline.engine import EncoderEngine
 from service.server import free_port
 from tools.clipsynth import encode_video
+from tools.service_process import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,16 +149,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         clips = [make_clip(30, s) for s in range(4)]
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("service did not become ready")
-            time.sleep(0.2)
+        wait_ready(url, server, 180)
         raw_encoder = RawEncoder(args.batch, args.threads)
         asyncio.run(closed_loop(url, clips, args.clients, args.num_frames, 2.0))  # warm the path
         # Interleave short rounds of raw and end-to-end so drift in machine load hits both alike.

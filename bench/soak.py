@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,20 +26,11 @@ import cv2
 import httpx
 import numpy as np
 
-from service.server import free_port
 from tools.clipsynth import encode_video
 from tools.mediafuzz import SOURCES, case
+from tools.service_process import rss_mb, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE / 2**20
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
 
 
 def pss_mib(pid: int) -> float:
@@ -151,23 +139,9 @@ def main() -> None:
     ap.add_argument("--out", help="also write every sample as JSON lines here")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    workdir = tempfile.mkdtemp(prefix="rice-soak-")
-    env = {**os.environ, "RICE_PORT": str(port), "RICE_GALLERY_PATH": f"{workdir}/gallery.db", "RICE_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], cwd=ROOT, env=env)
     samples: list[dict[str, float]] = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.5)
+    workdir = tempfile.mkdtemp(prefix="rice-soak-")
+    with serve({"RICE_GALLERY_PATH": f"{workdir}/gallery.db"}, log_level="warning", quiet=False) as (url, server):
         traffic = Traffic(url, args.seed)
         stop = threading.Event()
 
@@ -192,7 +166,7 @@ def main() -> None:
                 requests = sum(traffic.kinds.values())
             s = {
                 "t_s": round(elapsed, 1),
-                "server_rss_mib": round(rss_mib(server.pid), 1),
+                "server_rss_mib": round(rss_mb(server.pid), 1),
                 "workers_pss_mib": round(sum(pss_mib(p) for p in workers), 1),
                 "workers": len(workers),
                 "requests": requests,
@@ -211,15 +185,12 @@ def main() -> None:
             out.close()
         deaths = _metric_lines(url, "rice_decode_worker_deaths_total")
         alive = server.poll() is None
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
-    t = np.array([s["t_s"] for s in samples])
+    ts = np.array([s["t_s"] for s in samples])
     rss = np.array([s["server_rss_mib"] for s in samples])
-    half = t >= t[-1] / 2
-    slope = float(np.polyfit(t[half] / 60, rss[half], 1)[0]) if half.sum() >= 2 else float("nan")
-    after = rss[t >= args.warmup]
+    half = ts >= ts[-1] / 2
+    slope = float(np.polyfit(ts[half] / 60, rss[half], 1)[0]) if half.sum() >= 2 else float("nan")
+    after = rss[ts >= args.warmup]
     summary = {
         "minutes": args.minutes,
         "clients": args.clients,
