@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from index.ann import AnnConfig, default_placer, set_search_threads
@@ -21,8 +22,9 @@ from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
 from pipeline.engine import EncoderEngine
 from pipeline.quality import QualityPooling
-from pipeline.regions import RegionSearch, parse_grid, region_fusion
-from pipeline.stages import Pipeline
+from pipeline.regions import RegionConfig, RegionSearch, parse_grid, region_fusion
+from pipeline.search_batcher import SearchBatcher
+from pipeline.stages import Decode, Embed, Pipeline, PipelineConfig, Search, Stage
 from pipeline.stream_decode import StreamLimits
 from pipeline.timeline_run import TimelineConfig, TimelineRunner
 from service.metrics import Metrics
@@ -109,33 +111,59 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         # The worker stops itself at decode_timeout_s (a clean 422); this is for a decoder stuck in native code.
         time_budget_s=settings.decode_timeout_s + DECODE_KILL_GRACE_S,
     )
+    search = SearchBatcher(replica.search, settings.search_threads, settings.search_max_batch, on_batch=metrics.search_batch_size.observe)
+    parts = StageParts(settings, engine, batcher, search, decode_pool, limits, reject)
+    stages = [stage for make in STAGES if (stage := make(parts)) is not None]
     pipeline = Pipeline(
-        batcher,
-        replica,
-        engine.config.preprocess,
-        limits,
-        settings.max_frame_pixels,
-        decode_pool,
+        stages,
+        PipelineConfig(match_threshold(settings, loaded), engine.config.preprocess),
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
-        on_reject=reject,
-        search_threads=settings.search_threads,
-        search_max_batch=settings.search_max_batch,
-        match_threshold=match_threshold(settings, loaded),
-        pooling_stages=[QualityPooling()] if settings.frame_weighting == "agreement" else [],
-        extra_stages=[
-            RegionSearch(
-                batcher,
-                replica,
-                settings.region_frames,
-                region_fusion(settings.region_fusion),
-                parse_grid(settings.region_grid),
-                on_reject=reject,
-            )
-        ]
-        if settings.regions
-        else [],
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+
+
+@dataclass(frozen=True)
+class StageParts:
+    """What the stage factories build their stages from."""
+
+    settings: Settings
+    engine: EncoderEngine
+    batcher: Batcher
+    search: SearchBatcher
+    decode_pool: DecodePool
+    limits: DecodeLimits
+    reject: Callable[[str], object]
+
+
+def decode_stage(p: StageParts) -> Stage:
+    return Decode(p.decode_pool, p.engine.config.preprocess, p.limits, p.settings.max_frame_pixels)
+
+
+def embed_stage(p: StageParts) -> Stage:
+    return Embed(p.batcher, p.reject)
+
+
+def quality_stage(p: StageParts) -> Stage | None:
+    return QualityPooling() if p.settings.frame_weighting == "agreement" else None
+
+
+def search_stage(p: StageParts) -> Stage:
+    return Search(p.search)
+
+
+def region_stage(p: StageParts) -> Stage | None:
+    s = p.settings
+    if not s.regions:
+        return None
+    return RegionSearch(
+        p.batcher, p.search, RegionConfig(s.region_frames, region_fusion(s.region_fusion), parse_grid(s.region_grid)), p.reject
+    )
+
+
+# The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the
+# stages that declare its kind; a factory returns None when its setting switches the stage off.
+# Adding a stage: one module with the stage class, one factory line here.
+STAGES: tuple[Callable[[StageParts], Stage | None], ...] = (decode_stage, embed_stage, quality_stage, search_stage, region_stage)
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
