@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.errors import NotReady, Overloaded
+from index.errors import NotReady, Overloaded
 
 log = logging.getLogger("rice.batcher")
 
@@ -238,7 +238,7 @@ class Batcher:
         if queued + n > self.max_queue_frames:
             raise Overloaded(
                 f"encoder queue is full ({queued} frames waiting); retry later",
-                headers={"Retry-After": str(self.retry_after_s())},
+                retry_after_s=self.retry_after_s(),
             )
         if self._queued_frames == 0 and self._queued_background == 0 and self._running == 0:
             self.last_progress = time.monotonic()  # idle until now: the stall clock starts here

@@ -22,9 +22,9 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from index.errors import Overloaded
 from index.gallery import Hit
 from pipeline.batcher import Batcher
-from pipeline.errors import Overloaded
 from pipeline.search_batcher import SearchBatcher
 from pipeline.stages import Kind, Query, clip_vector
 

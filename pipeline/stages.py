@@ -20,13 +20,13 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
+from index.errors import Overloaded
 from index.gallery import Hit
 from model.config import PreprocessConfig
 from model.encoder import pool_clip
 from pipeline.batcher import Batcher, Priority
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
-from pipeline.errors import Overloaded
 from pipeline.keyframes import decode_keyframes
 from pipeline.search_batcher import SearchBatcher
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import BadRequest, InvalidMedia
 from pipeline.batcher import Priority
-from pipeline.errors import BadRequest, InvalidMedia
 from pipeline.stages import Pipeline, Query, clip_vector
 from pipeline.stream_decode import FrameStream, SampledFrame, StreamEnd, StreamInfo, StreamLimits
 from pipeline.timeline import Candidate, Segment, WindowHits, cell_bounds, smooth, window_grid, windows_of

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from index.ann import AnnConfig, default_placer, set_search_threads
-from index.records import Store, StoreUnavailable
+from index.errors import StoreUnavailable
+from index.records import Store
 from index.replica import GalleryReplica
 from index.stores import open_store
 from model.checkpoint import LoadedEncoder

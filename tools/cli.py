@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (no connection, refused key, bad file, bad request) is one line
     on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
-    from index.records import StoreUnavailable
+    from index.errors import StoreUnavailable
     from model.checkpoint import CheckpointError
     from tools.client import RiceError
     from tools.ingest import CatalogError

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, npy_header, read_manifest, write_dir
-from index.records import InvalidBulk
+from index.errors import InvalidBulk
 
 
 def _client(url: str, api_key: str | None) -> httpx.Client:

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from index.records import StoreUnavailable
+from index.errors import StoreUnavailable
 from model.checkpoint import CheckpointError, load_encoder
 from service.auth import require_admin
 from service.errors import BadRequest, Conflict, NotReady
