@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from index.records import Store
 from index.stores import open_job_store
 from model.checkpoint import LoadedEncoder, load_encoder
-from pipeline.jobs import JobConfig, JobEvents, JobWorker
+from pipeline.jobs import JobEvents, JobWorker
 from service.auth import ApiKeys
 from service.docs import install_offline_docs
 from service.errors import install_error_handlers
@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     """Build the service. `encoder` and `store` let tests inject prepared components."""
     settings = settings or Settings()
     metrics = Metrics()
-    job_config = JobConfig(settings.job_concurrency, settings.job_lease_s, max_attempts=settings.job_max_attempts)
+    job_config = settings.job_config()
 
     def job_started() -> None:
         metrics.jobs_running.inc()

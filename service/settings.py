@@ -8,6 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.ann import AnnConfig
+from pipeline.batcher import BatcherConfig
+from pipeline.decode import DecodeLimits
+from pipeline.jobs import JobConfig
+from pipeline.regions import RegionConfig, parse_grid, region_fusion
+from pipeline.stream_decode import StreamLimits
+from pipeline.timeline_run import TimelineConfig
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RICE_", env_file=None, frozen=True)
@@ -122,3 +130,38 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    # Settings groups: the config objects the components take, built from the RICE_* fields above
+    # (one flat environment namespace, so every documented name stays as it is). A component's own
+    # defaults equal what these build from default settings (tests/test_settings_groups.py).
+
+    def batcher_config(self, max_background: int | None = None) -> BatcherConfig:
+        return BatcherConfig(self.max_batch_size, self.max_wait_ms, self.max_queue_frames, self.pipeline_depth, max_background)
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_duration_s, self.max_frame_pixels, self.max_decoded_frames, self.decode_timeout_s)
+
+    def ann_config(self) -> AnnConfig:
+        return AnnConfig(threshold=self.ann_threshold, nprobe=self.ann_nprobe)
+
+    def region_config(self) -> RegionConfig:
+        return RegionConfig(self.region_frames, region_fusion(self.region_fusion), parse_grid(self.region_grid))
+
+    def job_config(self) -> JobConfig:
+        return JobConfig(self.job_concurrency, self.job_lease_s, max_attempts=self.job_max_attempts)
+
+    def timeline_config(self, max_duration_s: float | None = None) -> TimelineConfig:
+        """Timelines of requests (the clip duration limit) or, given `max_duration_s`, of jobs."""
+        # The decode time budget bounds how long the decoder may go without producing a frame.
+        limits = StreamLimits(
+            self.max_duration_s if max_duration_s is None else max_duration_s, self.max_frame_pixels, self.decode_timeout_s
+        )
+        return TimelineConfig(
+            self.timeline_sample_fps,
+            self.timeline_switch_cost,
+            self.timeline_min_contrast,
+            self.timeline_min_lift,
+            self.timeline_min_score,
+            chunk_frames=max(self.max_batch_size, 8),
+            limits=limits,
+        )
