@@ -8,15 +8,25 @@ from typing import Annotated
 from fastapi import Depends, Request, UploadFile
 
 from service.errors import BadRequest, NotReady, PayloadTooLarge
+from service.serving import Serving
 from service.state import AppState
+
+
+def get_serving(request: Request) -> Serving:
+    """The app's serving holder (`service.serving`): the current model state and its swap."""
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise NotReady("the service is starting")
+    assert isinstance(serving, Serving)  # app.state is untyped: this is its one typed reader
+    return serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
 def current_state(request: Request) -> AppState:
     """The serving state right now, uncounted (for checks that do not use the model)."""
-    state = getattr(request.app.state, "rice", None)
-    if state is None:
-        raise NotReady("the service is starting")
-    return state
+    return get_serving(request).current
 
 
 async def get_state(request: Request) -> AsyncIterator[AppState]:
