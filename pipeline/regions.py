@@ -127,9 +127,15 @@ class RegionSearch:
     kinds: frozenset[Kind] = frozenset({"clip", "window"})
 
     def __init__(
-        self, batcher: Batcher, search: SearchBatcher, config: RegionConfig, on_reject: Callable[[str], object] = lambda where: None
+        self,
+        batcher: Batcher,
+        search: SearchBatcher,
+        config: RegionConfig,
+        on_reject: Callable[[str], object] = lambda where: None,
+        kinds: frozenset[Kind] = kinds,
     ) -> None:
         self.batcher, self.search, self.config, self.on_reject = batcher, search, config, on_reject
+        self.kinds = kinds
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regions")
 
     def close(self) -> None:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     region_grid: str = Field(
         "0.6:1,0.42:1", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
     )
+    timeline_regions: bool = Field(
+        True, description="timeline windows run region search too, as clips do (more accurate segments; about 2.5x encoder work per window)"
+    )
     region_fusion: str = Field("max", pattern="^(max|mean)$", description="a SKU's score: max of whole-clip and best region, or their mean")
     frame_weighting: str = Field(
         "agreement", pattern="^(mean|agreement)$", description="clip vector: plain mean of frames, or weighted by agreement"

@@ -25,9 +25,9 @@ from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
 from pipeline.engine import EncoderEngine
 from pipeline.quality import QualityPooling
-from pipeline.regions import RegionConfig, RegionSearch, parse_grid, region_fusion
+from pipeline.regions import RegionSearch
 from pipeline.search_batcher import SearchBatcher
-from pipeline.stages import Decode, Embed, Pipeline, PipelineConfig, Search, Stage
+from pipeline.stages import Decode, Embed, Kind, Pipeline, PipelineConfig, Search, Stage
 from pipeline.timeline_run import TimelineRunner
 from service.metrics import Metrics
 from service.settings import Settings
@@ -153,9 +153,8 @@ def region_stage(p: StageParts) -> Stage | None:
     s = p.settings
     if not s.regions:
         return None
-    return RegionSearch(
-        p.batcher, p.search, RegionConfig(s.region_frames, region_fusion(s.region_fusion), parse_grid(s.region_grid)), p.reject
-    )
+    kinds: frozenset[Kind] = frozenset({"clip", "window"} if s.timeline_regions else {"clip"})
+    return RegionSearch(p.batcher, p.search, s.region_config(), p.reject, kinds)
 
 
 # The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the

@@ -62,6 +62,7 @@ def test_a_stage_added_to_the_list_runs_for_clips_images_and_timeline_windows(
     for r in (clip, image, timeline):
         assert r.status_code == 200, r.text
         assert r.json()["timings_ms"]["toy_rerank"] >= 0
+    assert {"quality", "search", "regions"} <= timeline.json()["timings_ms"].keys()  # windows run what clips run
     assert set(toy.seen) == {"clip", "image", "window"} and toy.seen.count("window") == 2  # two 2-s windows
     scores = [h["score"] for h in image.json()["results"]]
     assert scores == sorted(scores)  # the toy stage's order reached the answer
@@ -124,3 +125,15 @@ def test_a_timeline_names_what_the_clip_endpoint_names_for_each_piece(
         assert clip_says in (t.sku, None)  # and neither names a wrong product
         right += clip_says == t.sku
     assert right >= 3  # most pieces named right (the empty room as none)
+
+
+def test_timeline_regions_can_be_switched_off_for_windows_only(tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct]) -> None:
+    rec = tmp_path / "rec.mp4"
+    write_recording([Part(products[0].sku, 2)], products, rec, seed=1, fps=8)
+    app = create_app(settings_for(tmp_path, job_dir=str(tmp_path / "jobs"), timeline_regions=False), encoder=encoder)
+    with TestClient(app) as client:
+        _add(client, products[:2])
+        timeline = client.post("/v1/recognize/timeline", content=rec.read_bytes())
+        clip = client.post("/v1/recognize", content=rec.read_bytes())
+    assert "regions" not in timeline.json()["timings_ms"] and "quality" in timeline.json()["timings_ms"]
+    assert "regions" in clip.json()["timings_ms"]
