@@ -318,9 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (no connection, refused key, bad file, bad request) is one line
     on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
+    import httpx
+
     from index.records import StoreUnavailable
     from model.checkpoint import CheckpointError
-    from tools.client import RiceError
+    from tools.client import RiceError, check_url
     from tools.ingest import CatalogError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -330,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "api_key", None) is None and "api_key" in args:
         args.api_key = os.environ.get("RICE_CLIENT_API_KEY")
     try:
+        if isinstance(getattr(args, "url", None), str):  # every command that talks to a service: one check, one message
+            args.url = check_url(args.url)
+        elif isinstance(getattr(args, "url", None), list):
+            args.url = [check_url(u) for u in args.url]
         return int(args.func(args))
     except RiceError as exc:
         print(f"rice {args.command}: {exc.message}", file=sys.stderr)
@@ -337,12 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogError, CheckpointError) as exc:  # a catalog or checkpoint file the user named is unusable
         print(f"rice {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except json.JSONDecodeError as exc:  # a manifest or annotations file that is not JSON (lines)
+        print(f"rice {args.command}: a file given is not the JSON (lines) expected: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreUnavailable as exc:  # reindex: the gallery store named by RICE_REDIS_URL / RICE_GALLERY_PATH
         print(f"rice {args.command}: cannot use the gallery store ({exc})", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except httpx.TransportError as exc:  # the commands that use httpx directly (gallery, timeline)
+        where = getattr(args, "url", "the service")
+        print(f"rice {args.command}: cannot connect to {where} ({type(exc).__name__}: {exc}); is the service running?", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except OSError as exc:  # a local file the user named: missing, a folder, unreadable
-        if exc.filename is None:
+        if exc.filename is None and not isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
             raise
+        if exc.filename is None:  # the message names the file
+            print(f"rice {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"rice {args.command}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

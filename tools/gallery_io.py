@@ -25,6 +25,7 @@ import numpy as np
 
 from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, npy_header, read_manifest, write_dir
 from index.records import InvalidBulk
+from tools.client import api_error
 
 
 def _client(url: str, api_key: str | None) -> httpx.Client:
@@ -38,7 +39,7 @@ def export_gallery(url: str, api_key: str | None, folder: Path) -> Manifest:
     with _client(url, api_key) as c, c.stream("GET", "/v1/gallery/export") as r:
         if r.status_code != 200:
             r.read()
-            raise RuntimeError(f"export failed: HTTP {r.status_code} {_message(r)}")
+            raise api_error(r)  # the CLI's exit status by kind: refused key 4, rejected 5, server 6
         with tmp.open("wb") as f:
             for chunk in r.iter_bytes(1 << 20):
                 f.write(chunk)
@@ -100,7 +101,9 @@ def import_gallery(
             )
             if r.status_code != 201:
                 done = f"{report.imported} rows imported before it" if report.imported else "nothing was imported"
-                raise RuntimeError(f"import of rows {start}-{start + len(part) - 1} failed ({done}): HTTP {r.status_code} {_message(r)}")
+                error = api_error(r)
+                error.message = f"import of rows {start}-{start + len(part) - 1} failed ({done}): {error.message}"
+                raise error
             answer = r.json()
             report = ImportReport(report.imported + answer["imported"], report.requests + 1, answer["gallery_version"])
             if progress is not None:
@@ -134,13 +137,6 @@ def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, fol
     return {"model_version": engine.model_version, "embedded": len(embedded), "failed": failed, "out": str(folder)}
 
 
-def _message(r: httpx.Response) -> str:
-    try:
-        return str(r.json().get("error", {}).get("message", ""))
-    except ValueError:
-        return r.text[:200]
-
-
 def cmd_gallery(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     try:
@@ -150,9 +146,9 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         else:
             report = import_gallery(args.url, args.api_key, folder, args.rows)
             print(json.dumps({"imported": report.imported, "requests": report.requests, "gallery_version": report.gallery_version}))
-    except (RuntimeError, InvalidBulk, OSError, httpx.HTTPError) as exc:
+    except (InvalidBulk, OSError) as exc:  # the folder: missing, not an export, unreadable (a usage error)
         print(f"rice gallery {args.gallery_command}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
