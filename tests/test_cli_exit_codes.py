@@ -70,7 +70,9 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str], tmp: Path) -> tuple
     return code, out, lines[-1] if lines else err.strip()
 
 
-def test_ingest_a_flat_folder_and_one_image(served: str, files: dict[str, Path], products: list[DemoProduct], capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_ingest_a_flat_folder_and_one_image(
+    served: str, files: dict[str, Path], products: list[DemoProduct], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     key = ["--url", served, "--api-key", "writer-key-1", "--quiet"]
     code, out, _ = run(["ingest", str(files["flat"]), *key], capsys, tmp_path)
     assert code == EXIT_OK and out.startswith("3 ingested"), out
@@ -81,7 +83,9 @@ def test_ingest_a_flat_folder_and_one_image(served: str, files: dict[str, Path],
     assert {p.sku for p in products[:3]} | {"one"} <= skus  # SKU = the file name stem
 
 
-def test_every_documented_status_is_produced(served: str, files: dict[str, Path], capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_every_documented_status_is_produced(
+    served: str, files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     reader = ["--url", served, "--api-key", "reader-key-1"]
     writer = ["--url", served, "--api-key", "writer-key-1"]
     broken = tmp_path / "broken.mp4"
@@ -151,7 +155,8 @@ def test_each_command_meets_user_errors_in_one_line(
 
 def test_the_real_entry_point_prints_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RICE_GALLERY_PATH": ":memory:"}
-    for args, status in ((["serve", "--checkpoint", "nosuch.pt"], EXIT_USAGE), (["recognize", "x.jpg", "--url", "localhost:8000"], EXIT_USAGE)):
+    cases = ((["serve", "--checkpoint", "nosuch.pt"], EXIT_USAGE), (["recognize", "x.jpg", "--url", "localhost:8000"], EXIT_USAGE))
+    for args, status in cases:
         out = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == status, out.stderr[-2000:]
         lines = [line for line in out.stderr.splitlines() if not re.match(r"^\d{4}-\d\d-\d\d ", line)]  # log lines aside
