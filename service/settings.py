@@ -35,6 +35,11 @@ class Settings(BaseSettings):
 
     # gallery
     gallery_path: str = Field("data/gallery.db", description="embedded SQLite gallery file (':memory:' for none)")
+    blob_dir: str | None = Field(
+        None,
+        description="where each item's original image is kept (for `rice reindex`); unset = originals/ beside the gallery file; "
+        "with several replicas, a directory all of them share",
+    )
 
     # gallery sync
     redis_url: str | None = Field(None, description="shared Redis gallery for many replicas (redis://host:port/db); unset = SQLite")

@@ -136,9 +136,13 @@ def test_reindex_user_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     catalog = tmp_path / "catalog"
     catalog.mkdir()
     monkeypatch.setenv("RICE_GALLERY_PATH", str(tmp_path / "g.db"))
-    assert main(["reindex", "--checkpoint", str(tmp_path / "missing.pt"), "--catalog", str(catalog), "--quiet"]) == EXIT_USAGE
+    assert main(["reindex", "--checkpoint", str(tmp_path / "missing.pt"), "--quiet"]) == EXIT_USAGE
     assert capsys.readouterr().err.strip() == f"rice reindex: checkpoint not found: {tmp_path / 'missing.pt'}"
+    assert main(["reindex", "--quiet"]) == EXIT_USAGE  # an empty gallery and no --catalog: nothing to do
+    assert capsys.readouterr().err.strip() == "rice reindex: nothing to reindex: the gallery has no items and no --catalog was given"
+    assert main(["reindex", "--catalog", str(catalog), "--quiet"]) == EXIT_USAGE
+    assert "no images" in capsys.readouterr().err
     monkeypatch.setenv("RICE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # no Redis there
-    assert main(["reindex", "--catalog", str(catalog), "--quiet"]) == EXIT_UNREACHABLE
+    assert main(["reindex", "--quiet"]) == EXIT_UNREACHABLE
     err = capsys.readouterr().err.strip()
     assert err.startswith("rice reindex: cannot use the gallery store (redis:") and "\n" not in err

@@ -119,25 +119,53 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from index.blobs import open_originals
     from service.state import store_for
     from tools.ingest import read_catalog
-    from tools.reindex import run_reindex
+    from tools.reindex import ReindexReport, run_reindex
 
     if args.embed_only:
         from tools.gallery_io import embed_to_dir
 
+        if not args.catalog:
+            print("rice reindex: --embed-only needs --catalog (it embeds a folder, not the gallery)", file=sys.stderr)
+            return EXIT_USAGE
         summary = embed_to_dir(args.checkpoint, Path(args.catalog), args.shop_id, Path(args.embed_only), args.quiet)
         print(json.dumps(summary, indent=2))
         return 1 if summary["failed"] else 0
     settings = Settings()
-    items = read_catalog(Path(args.catalog), args.shop_id)
+    items = read_catalog(Path(args.catalog), args.shop_id) if args.catalog else []
     store = store_for(settings)
+
+    def counts(report: ReindexReport) -> None:  # before any replica switches: what the new namespace holds
+        print(f"rice reindex: {report.counts()}", file=sys.stderr, flush=True)
+
     try:
-        with tqdm(total=len(items), unit="img", disable=args.quiet) as bar:
-            report = run_reindex(args.checkpoint, items, store, settings, args.url, args.api_key, args.server_checkpoint, bar.update)
+        with tqdm(unit="img", disable=args.quiet) as bar:
+
+            def total(n: int) -> None:
+                bar.total = n
+                bar.refresh()
+
+            report = run_reindex(
+                args.checkpoint,
+                items,
+                store,
+                settings,
+                args.url,
+                args.api_key,
+                args.server_checkpoint,
+                bar.update,
+                originals=open_originals(settings.blob_dir, settings.gallery_path),
+                on_counts=counts,
+                allow_missing=args.allow_missing,
+                on_total=total,
+            )
     finally:
         store.close()
     print(json.dumps(asdict(report), indent=2))
+    if report.not_switched:
+        print(f"rice reindex: not switched: {report.not_switched}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -269,13 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "reindex",
-        help="re-embed a catalog with a new checkpoint into its own namespace, then switch the replicas to it",
-        description="Embeds the catalog (same layout as `rice ingest`) with CHECKPOINT into the gallery store named by the "
-        "RICE_* settings (RICE_REDIS_URL or RICE_GALLERY_PATH), under the new model's version, keeping item ids and metadata; "
-        "then asks each --url replica to swap model and gallery together (no downtime, no mixed-version answers).",
+        help="re-embed the gallery with a new checkpoint into its own namespace, then switch the replicas to it",
+        description="Re-embeds every item of the gallery named by the RICE_* settings (RICE_REDIS_URL or RICE_GALLERY_PATH) "
+        "from its kept original image (RICE_BLOB_DIR) with CHECKPOINT, under the new model's version, keeping item ids, SKUs, "
+        "shops, metadata and thumbnails; no local folder is needed. Prints the counts, then asks each --url replica to swap "
+        "model and gallery together (no downtime, no mixed-version answers); it does not switch when a gallery item could "
+        "not be embedded, unless --allow-missing.",
     )
     x.add_argument("--checkpoint", help="the new RICE checkpoint (omit for the built-in ImageNet encoder)")
-    x.add_argument("--catalog", required=True, help="catalog folder (sub-folder name = SKU) or CSV, as given to `rice ingest`")
+    x.add_argument(
+        "--catalog",
+        help="optional extra source: a catalog as given to `rice ingest`; its images are embedded too (and replace the "
+        "gallery's copy of the same item)",
+    )
+    x.add_argument("--allow-missing", action="store_true", help="switch even if some gallery items could not be embedded")
     x.add_argument("--url", action="append", default=[], help="a replica to switch (repeat for each); none = only embed")
     x.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
     x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")

@@ -38,6 +38,13 @@ class CatalogImage:
     item_id: str
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # returned with search results
 
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def data(self) -> bytes:
+        return self.path.read_bytes()
+
 
 @dataclass
 class IngestReport:

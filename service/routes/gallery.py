@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -17,6 +18,7 @@ from pipeline.thumbnail import thumbnail_jpeg
 from service.auth import require_read, require_write
 from service.errors import BadRequest, Conflict
 from service.routes.deps import State, read_upload
+from service.routes.originals import forget_originals, keep_original
 from service.schemas import BulkImported, Deleted, GalleryStats, ItemCreated
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
@@ -67,23 +69,27 @@ async def add_item(
     data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
     vector, frame = await state.pipeline.embed_catalog(data)
     thumbnail = await asyncio.to_thread(thumbnail_jpeg, frame)
+    item_id = item_id or uuid.uuid4().hex
+    await keep_original(request, item_id, data)  # before the item: a findable item always has its original
     new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 
 @router.delete("/items/{item_id}", response_model=Deleted, dependencies=[Depends(require_write)])
-async def delete_item(item_id: str, state: State) -> Deleted:
+async def delete_item(item_id: str, state: State, request: Request) -> Deleted:
     """Remove one gallery image (404 if there is no such item)."""
     version, ids = await state.replica.delete_item(item_id)
+    await forget_originals(request, ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
 @router.delete("/skus/{sku}", response_model=Deleted, dependencies=[Depends(require_write)])
 async def delete_sku(
-    sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
+    sku: str, state: State, request: Request, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
 ) -> Deleted:
     """Remove every image of a SKU (404 if it has none)."""
     version, ids = await state.replica.delete_sku(sku, shop_id)
+    await forget_originals(request, ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
