@@ -1,17 +1,20 @@
 """A model switch keeps every item: `rice reindex --checkpoint new.pt` with no folder re-embeds the
-gallery itself from each item's kept original, with its shop, metadata and thumbnail."""
+gallery itself from each item's kept original, with its shop, metadata and thumbnail; a backup and
+an offline embedding carry items' images too."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from index.blobs import DirBlobs, originals_dir
+from index.blobs import DirBlobs, image_tar, originals_dir
 from model.checkpoint import LoadedEncoder, save_checkpoint
 from model.config import EfficientNetConfig, EncoderConfig
 from model.encoder import build_backbone
@@ -71,3 +74,45 @@ def test_reindex_without_a_folder_keeps_every_item_shop_metadata_and_thumbnail(
         for p, a in zip(products[:6], added, strict=True):  # per-shop recognition finds each item in its shop
             answer = client.recognize(jpeg(p.image), top_k=1, shop_id=a.shop_id, image=True)
             assert answer.model_version == new_version and answer.top is not None and answer.top.item_id == a.item_id
+
+
+def test_export_and_import_carry_thumbnails_and_originals(
+    tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backup, embedded = tmp_path / "backup", tmp_path / "embedded"
+    with background_server(settings_for(tmp_path / "a"), encoder) as url, RiceClient(url) as client:
+        ids = [client.add_item(jpeg(p.image), p.sku, "shop-a", item_id=f"shop-a:{p.sku}@front").item_id for p in products[:3]]
+        thumbs = {i: client.thumbnail(i) for i in ids}
+        originals = {i: client.http.get(f"/v1/gallery/items/{quote(i, safe='')}/original").content for i in ids}
+        assert main(["gallery", "export", str(backup), "--url", url, "--originals"]) == 0
+    assert sorted(p.name for p in (backup / "thumbnails").iterdir()) == sorted(f"{quote(i, safe='')}.jpg" for i in ids)
+
+    catalog = tmp_path / "catalog"  # a flat folder, embedded offline: its import gets thumbnails too
+    catalog.mkdir()
+    cv2.imwrite(str(catalog / f"{products[4].sku}.png"), products[4].image)
+    monkeypatch.setenv("RICE_GALLERY_PATH", str(tmp_path / "unused.db"))
+    assert main(["reindex", "--catalog", str(catalog), "--embed-only", str(embedded), "--quiet"]) == 0
+
+    with background_server(settings_for(tmp_path / "b"), encoder) as url, RiceClient(url) as client:
+        assert main(["gallery", "import", str(backup), "--url", url, "--originals"]) == 0
+        assert {i: client.thumbnail(i) for i in ids} == thumbs  # the console shows the same pictures
+        assert {i: client.http.get(f"/v1/gallery/items/{quote(i, safe='')}/original").content for i in ids} == originals
+        assert main(["gallery", "import", str(embedded), "--url", url]) == 0
+        (item,) = client.list_items(sku=products[4].sku).items
+        assert client.thumbnail(item.item_id).startswith(b"\xff\xd8\xff")
+        # a bad images part is refused whole: nothing of that import is written
+        bad = image_tar([("thumbnails/x.jpg", b"not a jpeg")])
+        npy = np.ones((1, client.stats()["dim"]), np.float32)
+        buf = io.BytesIO()
+        np.save(buf, npy)
+        r = client.http.post(
+            "/v1/gallery/bulk",
+            files={
+                "vectors": ("v.npy", buf.getvalue()),
+                "items": ("i.jsonl", b'{"item_id": "x", "sku": "BAD-IMPORT"}\n'),
+                "images": ("i.tar", bad),
+            },
+            data={"model_version": client.info()["model_version"]},
+        )
+        assert r.status_code == 400 and "not a JPEG" in r.json()["error"]["message"]
+        assert client.list_items(sku="BAD-IMPORT").total == 0
