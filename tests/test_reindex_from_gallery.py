@@ -40,6 +40,7 @@ def test_reindex_without_a_folder_keeps_every_item_shop_metadata_and_thumbnail(
     products: list[DemoProduct],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = settings_for(tmp_path)
     monkeypatch.setenv("RICE_GALLERY_PATH", settings.gallery_path)  # what `rice reindex` opens (originals beside it)
@@ -57,6 +58,8 @@ def test_reindex_without_a_folder_keeps_every_item_shop_metadata_and_thumbnail(
         assert kept is not None and max(cv2.imdecode(np.frombuffer(kept, np.uint8), cv2.IMREAD_COLOR).shape[:2]) == 1024
         blobs.delete([added[5].item_id])  # an item from before originals were kept: embedded from its thumbnail
         before = {i.item_id: i for i in client.list_items(limit=100).items}
+        builtin = client.info()  # the fallback threshold was measured for the built-in encoder: no warning
+        assert builtin["match_threshold_calibrated"] is True and builtin["calibration_warning"] is None
         thumbs = {item_id: client.thumbnail(item_id) for item_id in before}
 
         assert main(["reindex", "--checkpoint", str(tmp_path / "new.pt"), "--url", url, "--quiet"]) == 0
@@ -67,6 +70,9 @@ def test_reindex_without_a_folder_keeps_every_item_shop_metadata_and_thumbnail(
 
         info = client.info()
         assert info["model_version"] == new_version and info["gallery"]["items"] == 6
+        # a checkpoint without its own calibration says so, in /v1/info and in the log
+        assert info["match_threshold_calibrated"] is False and "no calibrated match threshold" in info["calibration_warning"]
+        assert any("no calibrated match threshold" in r.getMessage() for r in caplog.records if r.name == "rice.state")
         after = {i.item_id: i for i in client.list_items(limit=100).items}
         assert after == before  # every id, SKU, shop and metadata
         assert gone.item_id not in after
