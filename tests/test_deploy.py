@@ -191,10 +191,14 @@ def test_the_service_starts_with_the_compose_environment(tmp_path: Path, redis_s
 
 
 def test_the_stack_publishes_only_the_api_beyond_localhost() -> None:
-    """Prometheus and Grafana (anonymous viewing) listen on 127.0.0.1 unless the operator opens them."""
+    """Prometheus and Grafana (anonymous viewing) listen on 127.0.0.1 unless the operator opens them;
+    the replicas share one originals volume (what `rice reindex` re-embeds from)."""
     services = _compose_config("docker-compose.yml")["services"]
     for name in ("prometheus", "grafana", "redis"):
         assert all(p.get("host_ip") == "127.0.0.1" for p in services[name]["ports"]), services[name]["ports"]
+    for name in ("api-1", "api-2"):
+        blob_dir = services[name]["environment"]["RICE_BLOB_DIR"]
+        assert any(v["target"] == blob_dir and v["type"] == "volume" for v in services[name]["volumes"])
 
 
 def test_the_image_matches_the_makefile_and_carries_the_cli() -> None:

@@ -1,5 +1,6 @@
 """Small things a new user meets in the first hour: one validation language over HTTP, a client that
-does not duplicate items when a snippet is run twice, and a generator whose --help answers."""
+does not duplicate items when a snippet is run twice, a generator whose --help answers, and a
+command that turns the user's own catalog and clips into a training manifest."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+from model.data import read_manifest
 from tests.conftest import jpeg
+from tools.cli import main
 from tools.client import RiceClient
 from tools.democatalog import DemoProduct
 
@@ -39,3 +43,30 @@ def test_longclip_help_prints_usage() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "tools.longclip", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: python -m tools.longclip" in out.stdout and "--seconds" in out.stdout
+
+
+def test_a_users_catalog_and_clips_become_a_training_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    catalog, clips = tmp_path / "catalog", tmp_path / "clips"
+    (catalog / "COLA_330").mkdir(parents=True)
+    (catalog / "COLA_330" / "front.jpg").write_bytes(b"jpeg")
+    (catalog / "COLA_330" / "back.jpg").write_bytes(b"jpeg")
+    (catalog / "COLA").mkdir()
+    (catalog / "COLA" / "front.jpg").write_bytes(b"jpeg")
+    (catalog / "TEA.jpg").write_bytes(b"jpeg")
+    (clips / "TEA").mkdir(parents=True)
+    (clips / "TEA" / "live-1.mp4").write_bytes(b"mp4")  # in the SKU's sub-folder
+    (clips / "COLA_330_live-2.mp4").write_bytes(b"mp4")  # the longest SKU its name starts with
+    (clips / "COLA.mp4").write_bytes(b"mp4")
+    (clips / "unknown-3.mp4").write_bytes(b"mp4")
+    out = tmp_path / "train.jsonl"
+    assert main(["manifest", "--catalog", str(catalog), "--clips", str(clips), "--out", str(out), "--shop-id", "shop-1"]) == 1
+    assert "unknown-3.mp4: no catalog SKU matches" in capsys.readouterr().err
+    rows = read_manifest(out)
+    got = sorted((Path(str(r.clip)).name, Path(r.image).parent.name + "/" + Path(r.image).name, r.sku, r.shop) for r in rows)
+    assert got == [
+        ("COLA.mp4", "COLA/front.jpg", "COLA", "shop-1"),
+        ("COLA_330_live-2.mp4", "COLA_330/back.jpg", "COLA_330", "shop-1"),
+        ("COLA_330_live-2.mp4", "COLA_330/front.jpg", "COLA_330", "shop-1"),
+        ("live-1.mp4", "catalog/TEA.jpg", "TEA", "shop-1"),
+    ]
+    assert main(["manifest", "--catalog", str(catalog), "--clips", str(tmp_path / "none"), "--out", str(out)]) == 2
