@@ -1,5 +1,5 @@
 """The README's `rice` command blocks, run as written against a fresh service: every command that
-needs no dataset (ingest, recognize, timeline, gallery export/import, reindex) exits 0, in the order
+needs no dataset (ingest, recognize, timeline, gallery export/import, manifest, reindex) exits 0, in the order
 a new user would meet them, ending with a model switch that keeps every item."""
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def readme_commands() -> list[str]:
 def _user_files(cwd: Path, products: list[DemoProduct], clip_of: Callable[..., bytes]) -> None:
     """What the commands name, as a user would have it: clips, stills, catalogs, a recording, a checkpoint."""
     (cwd / "clips").mkdir()
-    for i, p in enumerate(products[:2]):
-        (cwd / "clips" / f"seller-{i}.mp4").write_bytes(clip_of(p, seed=20 + i, frames=12))
+    for i, p in enumerate(products[4:6]):  # named by SKU, of products in ./catalog: `rice manifest` pairs them
+        (cwd / "clips" / f"{p.sku}_seller-{i}.mp4").write_bytes(clip_of(p, seed=20 + i, frames=12))
     cv2.imwrite(str(cwd / "shelf.jpg"), products[2].image)
     cv2.imwrite(str(cwd / "cola-330ml.jpg"), products[3].image)
     (cwd / "img").mkdir()
@@ -76,7 +76,7 @@ def test_the_readme_command_blocks_run_against_a_fresh_service(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     commands = readme_commands()
-    assert {shlex.split(c)[1] for c in commands} >= {"ingest", "recognize", "gallery", "reindex", "timeline"}
+    assert {shlex.split(c)[1] for c in commands} >= {"ingest", "recognize", "gallery", "reindex", "timeline", "manifest"}
     cwd = tmp_path / "user"
     cwd.mkdir()
     _user_files(cwd, products, clip_of)
@@ -111,4 +111,5 @@ def test_the_readme_command_blocks_run_against_a_fresh_service(
             assert client.info()["embedding_dim"] == 256  # switched to the new checkpoint
     assert after == before and len(after) >= 8  # every item, SKU, shop and metadata kept
     assert (cwd / "answers.csv").read_text().startswith("path,status,match,sku")
+    assert len((cwd / "data" / "train.jsonl").read_text().splitlines()) == 2
     assert (cwd / "timeline.csv").is_file() and (cwd / "backup" / "manifest.json").is_file()
