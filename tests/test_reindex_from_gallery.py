@@ -122,3 +122,29 @@ def test_export_and_import_carry_thumbnails_and_originals(
         )
         assert r.status_code == 400 and "not a JPEG" in r.json()["error"]["message"]
         assert client.list_items(sku="BAD-IMPORT").total == 0
+
+
+def test_reindex_does_not_switch_when_an_item_would_be_lost(
+    tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(tmp_path)
+    monkeypatch.setenv("RICE_GALLERY_PATH", settings.gallery_path)
+    new_version = _new_checkpoint(tmp_path / "new.pt")
+    with background_server(settings, encoder) as url, RiceClient(url) as client:
+        client.add_item(jpeg(products[0].image), products[0].sku, "shop-a")
+        buf = io.BytesIO()  # an item imported as a bare vector: no original, no thumbnail to re-embed from
+        np.save(buf, np.ones((1, client.stats()["dim"]), np.float32))
+        r = client.http.post(
+            "/v1/gallery/bulk",
+            files={"vectors": ("v.npy", buf.getvalue()), "items": ("i.jsonl", b'{"item_id": "bare", "sku": "BARE"}\n')},
+            data={"model_version": encoder.model_version},
+        )
+        assert r.status_code == 201
+        args = ["reindex", "--checkpoint", str(tmp_path / "new.pt"), "--url", url, "--quiet"]
+        assert main(args) == 1  # the item is reported, and the replica stays on the old model
+        out, err = capsys.readouterr()
+        assert json.loads(out)["missing"] == ["bare"] and "not switched: 1 gallery items could not be embedded" in err
+        assert client.info()["model_version"] == encoder.model_version
+        assert main([*args, "--allow-missing"]) == 1  # switched on purpose; the loss is still reported
+        assert json.loads(capsys.readouterr().out)["switched"][0]["switched"] is True
+        assert client.info()["model_version"] == new_version and client.info()["gallery"]["items"] == 1
