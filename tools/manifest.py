@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if unmatched else 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `rice manifest` on the CLI's subparsers."""
     m = sub.add_parser(
         "manifest",

@@ -67,6 +67,26 @@ class ReindexReport:
         )
 
 
+class GalleryImage:
+    """Reads a gallery item's image when it is embedded (never the whole gallery's images at once):
+    its kept original, else its thumbnail; `used` says which."""
+
+    def __init__(self, store: Store, originals: Blobs | None, item_id: str) -> None:
+        self.store, self.originals, self.item_id = store, originals, item_id
+        self.used = ""  # "original" or "thumbnail" once read
+
+    def __call__(self) -> bytes:
+        data = self.originals.get(self.item_id) if self.originals is not None else None
+        if data is not None:
+            self.used = "original"
+            return data
+        data = self.store.thumbnail(self.item_id) if isinstance(self.store, Thumbnails) else None
+        if data is None:
+            raise FileNotFoundError(2, "no original image or thumbnail kept for this item")
+        self.used = "thumbnail"
+        return data
+
+
 @dataclass(frozen=True)
 class Source:
     """One image to embed: a gallery item's kept original (or thumbnail), or a catalog file."""
@@ -79,6 +99,10 @@ class Source:
 
     def data(self) -> bytes:
         return self.read()
+
+    @property
+    def from_thumbnail(self) -> bool:
+        return isinstance(self.read, GalleryImage) and self.read.used == "thumbnail"
 
 
 class Embeddable(Protocol):
@@ -103,9 +127,11 @@ def embed_catalog(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     thumbnails: dict[str, bytes] | None = None,
+    on_image: Callable[[E, bytes, bytes], None] | None = None,
 ) -> tuple[list[tuple[E, np.ndarray]], dict[str, str]]:
     """Decode (letterboxed, as ingestion does) and embed every image; bad ones are reported.
-    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame."""
+    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame;
+    `on_image(item, image bytes, thumbnail)` is called for each decoded image (nothing is kept)."""
     pre = engine.config.preprocess
     done: list[tuple[E, np.ndarray]] = []
     failed: dict[str, str] = {}
@@ -113,10 +139,15 @@ def embed_catalog(
         chunk, frames = [], []
         for it in items[start : start + batch_size]:
             try:
-                frames.append(decode_image(it.data(), pre, settings.max_frame_pixels, whole=True))
+                data = it.data()
+                frames.append(decode_image(data, pre, settings.max_frame_pixels, whole=True))
                 chunk.append(it)
-                if thumbnails is not None:
-                    thumbnails[it.item_id] = thumbnail_jpeg(frames[-1])
+                if thumbnails is not None or on_image is not None:
+                    thumb = thumbnail_jpeg(frames[-1])
+                    if thumbnails is not None:
+                        thumbnails[it.item_id] = thumb
+                    if on_image is not None:
+                        on_image(it, data, thumb)
             except (OSError, ServiceError) as exc:
                 failed[it.label] = str(getattr(exc, "message", exc))
         if frames:
@@ -161,7 +192,7 @@ def source_namespace(store: Store, serving: str, new: str) -> str:
 
 
 def gallery_sources(store: Store, namespace: str, originals: Blobs | None) -> list[Source]:
-    """Every live item of `namespace`, with where its image comes from: its kept original, else its
+    """Every live item of `namespace`; its image is read when embedded: its kept original, else its
     thumbnail (an item with neither fails to embed, and is reported missing)."""
     live: dict[str, Record] = {}
     for r in store.changes_since(namespace, 0):  # in version order: the last record of an id wins
@@ -169,23 +200,7 @@ def gallery_sources(store: Store, namespace: str, originals: Blobs | None) -> li
             live.pop(r.item_id, None)
         else:
             live[r.item_id] = r
-    sources: list[Source] = []
-    for item_id, rec in live.items():
-        if originals is not None and (data := originals.get(item_id)) is not None:
-            sources.append(Source(item_id, f"item {item_id}", _bytes_or_missing(data), rec))
-            continue
-        thumb = store.thumbnail(item_id) if isinstance(store, Thumbnails) else None
-        sources.append(Source(item_id, f"item {item_id} (thumbnail)" if thumb else f"item {item_id}", _bytes_or_missing(thumb), rec))
-    return sources
-
-
-def _bytes_or_missing(data: bytes | None) -> Callable[[], bytes]:
-    def read() -> bytes:
-        if data is None:
-            raise FileNotFoundError(2, "no original image or thumbnail kept for this item")
-        return data
-
-    return read
+    return [Source(item_id, f"item {item_id}", GalleryImage(store, originals, item_id), rec) for item_id, rec in live.items()]
 
 
 def switch_replicas(urls: list[str], checkpoint: str | None, api_key: str | None, min_items: int) -> list[dict[str, Any]]:
@@ -232,15 +247,14 @@ def run_reindex(
         raise CatalogError("nothing to reindex: the gallery has no items and no --catalog was given")
     if on_total is not None:
         on_total(len(sources))
-    thumbnails: dict[str, bytes] = {}
-    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, thumbnails=thumbnails)
+    # before the items are written: an item any replica can find has its images
+    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=_image_keeper(store, originals))
     report.embedded = len(embedded)
     report.from_catalog = sum(s.catalog is not None for s, _ in embedded)
-    report.from_thumbnails = sum(s.catalog is None and s.label.endswith("(thumbnail)") for s, _ in embedded)
+    report.from_thumbnails = sum(s.from_thumbnail for s, _ in embedded)
     report.from_originals = report.embedded - report.from_catalog - report.from_thumbnails
     done = {s.item_id for s, _ in embedded}
     report.missing = sorted(s.item_id for s in from_gallery if s.item_id not in done)
-    _keep_images(store, originals, embedded, thumbnails)
     if embedded:
         write_namespace(store, engine.model_version, [new_record(s, v) for s, v in embedded])
     if on_counts is not None:
@@ -254,14 +268,17 @@ def run_reindex(
     return report
 
 
-def _keep_images(store: Store, originals: Blobs | None, embedded: list[tuple[Source, np.ndarray]], thumbnails: dict[str, bytes]) -> None:
-    """Before the items (an item any replica can find has its images): a catalog image's thumbnail
-    and original; a thumbnail for a gallery item that had none (a bulk import's)."""
-    for s, _ in embedded:
+def _image_keeper(store: Store, originals: Blobs | None) -> Callable[[Source, bytes, bytes], None]:
+    """What each embedded image leaves behind: a catalog image its thumbnail and original; a gallery
+    item that had no thumbnail (a bulk import's) the one made from its original."""
+
+    def keep(s: Source, data: bytes, thumbnail: bytes) -> None:
         if s.catalog is not None:
-            if originals is not None and (jpeg := original_jpeg(s.data())) is not None:
+            if originals is not None and (jpeg := original_jpeg(data)) is not None:
                 originals.put(s.item_id, jpeg)
             if isinstance(store, Thumbnails):
-                store.put_thumbnail(s.item_id, thumbnails[s.item_id])
-        elif isinstance(store, Thumbnails) and not s.label.endswith("(thumbnail)") and store.thumbnail(s.item_id) is None:
-            store.put_thumbnail(s.item_id, thumbnails[s.item_id])
+                store.put_thumbnail(s.item_id, thumbnail)
+        elif isinstance(store, Thumbnails) and not s.from_thumbnail and store.thumbnail(s.item_id) is None:
+            store.put_thumbnail(s.item_id, thumbnail)
+
+    return keep
