@@ -70,3 +70,10 @@ def test_a_users_catalog_and_clips_become_a_training_manifest(tmp_path: Path, ca
         ("live-1.mp4", "catalog/TEA.jpg", "TEA", "shop-1"),
     ]
     assert main(["manifest", "--catalog", str(catalog), "--clips", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_an_item_id_with_a_slash_has_its_thumbnail_and_can_be_deleted(client: TestClient, products: list[DemoProduct]) -> None:
+    rice = RiceClient(http=client)
+    item = rice.add_item(jpeg(products[0].image), "SKU-A", "shop-1", item_id="shop-1/SKU-A/front")  # ids may hold "/"
+    assert rice.thumbnail(item.item_id).startswith(b"\xff\xd8\xff")
+    assert rice.delete_item(item.item_id).deleted == ["shop-1/SKU-A/front"]

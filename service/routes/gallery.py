@@ -75,7 +75,7 @@ async def add_item(
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 
-@router.delete("/items/{item_id}", response_model=Deleted, dependencies=[Depends(require_write)])
+@router.delete("/items/{item_id:path}", response_model=Deleted, dependencies=[Depends(require_write)])
 async def delete_item(item_id: str, state: State, request: Request) -> Deleted:
     """Remove one gallery image (404 if there is no such item)."""
     version, ids = await state.replica.delete_item(item_id)
