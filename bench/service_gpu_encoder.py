@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.checkpoint import LoadedEncoder
 from model.config import EncoderConfig, PreprocessConfig, ViTConfig
 from model.encoder import build_backbone
-from pipeline.batcher import Batcher
+from pipeline.batcher import Batcher, BatcherConfig
 from pipeline.engine import EncoderEngine
 
 
@@ -67,7 +67,11 @@ def _raw_loop(engine: EncoderEngine, frames: np.ndarray, seconds: float) -> floa
 
 async def batched_fps(engine: EncoderEngine, batch: int, clip: np.ndarray, submitters: int, seconds: float) -> tuple[float, float]:
     sizes: list[int] = []
-    b = Batcher(engine.encode, batch, max_wait_ms=2.0, max_queue_frames=1 << 20, depth=2, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(
+        engine.encode,
+        BatcherConfig(max_batch=batch, max_wait_ms=2.0, max_queue_frames=1 << 20, depth=2),
+        on_batch=lambda n, _s: sizes.append(n),
+    )
     b.start()
     done = 0
     deadline = time.perf_counter() + seconds

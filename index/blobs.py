@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
-from index.records import ID_PATTERN, InvalidBulk
+from index.errors import InvalidBulk
+from index.records import ID_PATTERN
 
 
 @runtime_checkable

@@ -24,7 +24,8 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from index.records import ID_PATTERN, ID_RULE, InvalidBulk, Record, metadata_to_json
+from index.errors import InvalidBulk
+from index.records import ID_PATTERN, ID_RULE, Record, metadata_to_json
 
 FORMAT = "rice-gallery/1"
 VECTORS, ITEMS, MANIFEST = "vectors.npy", "items.jsonl", "manifest.json"

@@ -24,8 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from index.errors import StoreUnavailable
 from index.gallery import Gallery
-from index.records import ChangeLog, StoreUnavailable
+from index.records import ChangeLog
 
 log = logging.getLogger("rice.follower")
 

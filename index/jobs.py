@@ -20,14 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from index.records import StoreUnavailable
+from index.errors import JobNotFound, StoreUnavailable
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-
-
-class JobNotFound(LookupError):
-    """No job with that id."""
 
 
 @dataclass(frozen=True)

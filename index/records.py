@@ -44,14 +44,6 @@ ID_PATTERN = re.compile(r"^[\w.:@/+-]{1,256}$")
 ID_RULE = "1-256 characters of letters, digits and . _ - : @ / +"
 
 
-class ItemNotFound(LookupError):
-    """No live item (or SKU) with that id."""
-
-
-class InvalidBulk(ValueError):
-    """A bulk import (or its files) that cannot be applied as sent; nothing was written."""
-
-
 @runtime_checkable
 class Store(Protocol):
     """Durable, versioned gallery state, namespaced by model version.
@@ -110,10 +102,6 @@ class Namespaces(Protocol):
     def namespace_counts(self) -> dict[str, int]:
         """Live items per namespace (namespaces without live items may be missing)."""
         ...
-
-
-class StoreUnavailable(ConnectionError):
-    """The store's server cannot be reached (or did not answer in time); nothing was acknowledged."""
 
 
 @dataclass(frozen=True)

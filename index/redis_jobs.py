@@ -19,8 +19,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from index.jobs import JobNotFound, JobRecord, JobStatus
-from index.records import StoreUnavailable
+from index.errors import JobNotFound, StoreUnavailable
+from index.jobs import JobRecord, JobStatus
 
 DEFAULT_JOBS_PREFIX = "rice:{jobs}:"
 

@@ -37,15 +37,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from index.records import (
-    ItemNotFound,
-    LogEntry,
-    Record,
-    Snapshot,
-    StoreUnavailable,
-    metadata_to_json,
-    vector_to_bytes,
-)
+from index.errors import ItemNotFound, StoreUnavailable
+from index.records import LogEntry, Record, Snapshot, metadata_to_json, vector_to_bytes
 
 DEFAULT_PREFIX = "rice:{gallery}:"
 _CHUNK = 1000  # items per round trip when reading the state

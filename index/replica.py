@@ -23,9 +23,10 @@ from typing import Any, cast
 import numpy as np
 
 from index.ann import AnnConfig, IndexPlacer
+from index.errors import StoreUnavailable
 from index.follower import Follower
 from index.gallery import Gallery, Hit
-from index.records import ChangeLog, Namespaces, Record, Store, StoreUnavailable, Thumbnails
+from index.records import ChangeLog, Namespaces, Record, Store, Thumbnails
 
 log = logging.getLogger("rice.replica")
 

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from index.records import ItemNotFound, Record, StoreUnavailable, metadata_to_json, vector_from_bytes, vector_to_bytes
+from index.errors import ItemNotFound, StoreUnavailable
+from index.records import Record, metadata_to_json, vector_from_bytes, vector_to_bytes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (

@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.errors import NotReady, Overloaded
+from index.errors import NotReady, Overloaded
 
 log = logging.getLogger("rice.batcher")
 
@@ -122,6 +122,18 @@ def _timed(encode: Encode, parts: list[np.ndarray]) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - t
 
 
+@dataclass(frozen=True)
+class BatcherConfig:
+    """The batcher's settings (RICE_MAX_BATCH_SIZE, RICE_MAX_WAIT_MS, RICE_MAX_QUEUE_FRAMES,
+    RICE_PIPELINE_DEPTH; max_background from RICE_JOB_BATCH_FRAMES and the device)."""
+
+    max_batch: int = 32  # frames per encoder batch
+    max_wait_ms: float = 5.0  # how long a batch waits to fill
+    max_queue_frames: int = 2048  # queued frames beyond which a request is Overloaded
+    depth: int = 2  # batches in flight
+    max_background: int | None = None  # background frames per batch; None = max_batch
+
+
 class Batcher:
     """Owns the bounded frame queue and the encoder thread. Create, `start()` on the event loop,
     `submit()` from request handlers, `stop()` on shutdown."""
@@ -129,21 +141,20 @@ class Batcher:
     def __init__(
         self,
         encode: Encode,
-        max_batch: int = 32,
-        max_wait_ms: float = 5.0,
-        max_queue_frames: int = 2048,
-        depth: int = 2,
+        config: BatcherConfig = BatcherConfig(),  # frozen: one shared default is safe
+        *,
         on_batch: Callable[[int, float], None] | None = None,
         on_cancel: Callable[[int], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
         on_error: Callable[[], None] | None = None,
-        max_background: int | None = None,
     ) -> None:
         self._encode = encode
+        self.config = config
+        max_batch, depth = config.max_batch, config.depth
         self.max_batch = max_batch
-        self.max_background = max_batch if max_background is None else max(1, min(max_background, max_batch))
-        self.max_wait = max_wait_ms / 1e3
-        self.max_queue_frames = max_queue_frames
+        self.max_background = max_batch if config.max_background is None else max(1, min(config.max_background, max_batch))
+        self.max_wait = config.max_wait_ms / 1e3
+        self.max_queue_frames = config.max_queue_frames
         self.depth = depth
         self._on_batch = on_batch
         self._on_cancel = on_cancel
@@ -238,7 +249,7 @@ class Batcher:
         if queued + n > self.max_queue_frames:
             raise Overloaded(
                 f"encoder queue is full ({queued} frames waiting); retry later",
-                headers={"Retry-After": str(self.retry_after_s())},
+                retry_after_s=self.retry_after_s(),
             )
         if self._queued_frames == 0 and self._queued_background == 0 and self._running == 0:
             self.last_progress = time.monotonic()  # idle until now: the stall clock starts here

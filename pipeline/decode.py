@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from index.errors import InvalidMedia, UnsupportedMedia
 from model.config import PreprocessConfig
 from model.preprocess import prepare_frame, sample_indices
-from pipeline.errors import InvalidMedia, UnsupportedMedia
 
 # Leading bytes of still-image formats: such uploads are images, not clips.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")

@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
+from index.errors import Overloaded, UndecodableMedia
 from pipeline.decode_worker import DecoderRaised, WorkerFailed, receive_result, send_call, worker_main
-from pipeline.errors import Overloaded, UndecodableMedia
 
 log = logging.getLogger("rice.decode")
 
@@ -132,7 +132,7 @@ class DecodePool:
             self.on_reject("decode")
             # Each decode takes well under a second on typical clips; one round of the pool per second.
             wait = max(1, self.pending // max(self.workers, 1))
-            raise Overloaded(f"{self.pending} uploads are waiting to be decoded; retry later", headers={"Retry-After": str(wait)})
+            raise Overloaded(f"{self.pending} uploads are waiting to be decoded; retry later", retry_after_s=wait)
         self.pending += 1
         try:
             call = self._in_process if self.isolation == "process" else self._in_thread

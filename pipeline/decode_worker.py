@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import errors
+from index import errors
 
 # Result classes the parent may rebuild: only dataclasses from our own packages.
 _TRUSTED_MODULES = ("pipeline.", "model.")

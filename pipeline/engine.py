@@ -49,8 +49,8 @@ class EncoderEngine:
     def __init__(
         self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto", cuda_graphs: bool = True
     ) -> None:
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
+        # torch_threads: process-wide for torch, so the assembly (service.state.set_process_threads) sets it
+        self.torch_threads = torch_threads
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model = loaded.backbone.to(self.device).eval()

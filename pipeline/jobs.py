@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.errors import ServiceError, StoreUnavailable
 from index.jobs import TERMINAL, JobRecord, JobStatus, JobStore
-from index.records import StoreUnavailable
-from pipeline.errors import ServiceError
 from pipeline.timeline_run import TimelineOptions, TimelineRunner, timeline_answer
 
 log = logging.getLogger("rice.jobs")

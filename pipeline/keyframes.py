@@ -22,10 +22,10 @@ import time
 import av
 import numpy as np
 
+from index.errors import InvalidMedia, UnsupportedMedia
 from model.config import PreprocessConfig
 from model.preprocess import prepare_frame, sample_indices
 from pipeline.decode import _AUDIO_MAGIC, _IMAGE_MAGIC, DecodedClip, DecodeLimits, _looks_like_container, decode_clip
-from pipeline.errors import InvalidMedia, UnsupportedMedia
 
 
 def _open(data: bytes) -> av.container.InputContainer:

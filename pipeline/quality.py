@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.stages import Query
+from pipeline.stages import Kind, Query
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -37,15 +37,16 @@ def weighted_clip_vector(frame_emb: np.ndarray, weights: np.ndarray) -> np.ndarr
 
 
 class QualityPooling:
-    """Replaces the clip vector by the agreement-weighted one (clips only; a still has one frame)."""
+    """Replaces the clip vector by the agreement-weighted one (clips and timeline windows; a still has one frame)."""
 
     name = "quality"
+    kinds: frozenset[Kind] = frozenset({"clip", "window"})
 
     def __init__(self, temperature: float = 0.05, dark_luma: float = 20.0) -> None:
         self.temperature, self.dark_luma = temperature, dark_luma
 
     async def __call__(self, q: Query) -> None:
-        if q.kind != "clip" or q.frame_emb is None or q.frames is None or len(q.frame_emb) < 3:
+        if q.frame_emb is None or q.frames is None or len(q.frame_emb) < 3:
             return
         # [N] mean of every 8th pixel's RGB: brightness, cheap enough for the event loop
         luma = q.frames[:, ::8, ::8].reshape(len(q.frames), -1).mean(axis=1)

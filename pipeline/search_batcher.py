@@ -6,7 +6,8 @@ request and every other waiting one with the same shop filter (up to `max_batch`
 one [Q, D] query matrix with the largest top_k asked, and hands each request its own top_k. So an
 idle service searches at once (no added wait), and a busy one answers many queries per pass over
 the gallery (on a GPU, one kernel launch instead of many; on the CPU, the IVF lists and BLAS blocks
-are read once per batch). A request cancelled while it waits is dropped from its batch.
+are read once per batch). A request cancelled while it waits is dropped from its batch. A request
+may bring several vectors (region search: the whole clip and each region); its rows stay together.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ SearchFn = Callable[[np.ndarray, int, str | None], tuple[list[list[Hit]], int]]
 
 @dataclass
 class _Waiting:
-    vector: np.ndarray  # [D]
+    vectors: np.ndarray  # [M, D]: one row per query vector of this request
     k: int
     shop_id: str | None
-    future: asyncio.Future[tuple[list[Hit], int]]
+    future: asyncio.Future[tuple[list[list[Hit]], int]]
 
 
 def take_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
@@ -67,9 +68,14 @@ class SearchBatcher:
 
     async def search(self, vector: np.ndarray, k: int, shop_id: str | None) -> tuple[list[Hit], int]:
         """Top-k SKUs for one clip vector [D], and the gallery version the search saw."""
+        hits, version = await self.search_many(np.asarray(vector, np.float32).reshape(1, -1), k, shop_id)
+        return hits[0], version
+
+    async def search_many(self, vectors: np.ndarray, k: int, shop_id: str | None) -> tuple[list[list[Hit]], int]:
+        """Top-k SKUs for each of one request's vectors [M, D], searched in one batch, and the gallery version."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[list[Hit], int]] = loop.create_future()
-        self._waiting.append(_Waiting(np.asarray(vector, np.float32).reshape(-1), k, shop_id, future))
+        future: asyncio.Future[tuple[list[list[Hit]], int]] = loop.create_future()
+        self._waiting.append(_Waiting(np.asarray(vectors, np.float32).reshape(len(vectors), -1), k, shop_id, future))
         self._dispatch(loop)
         return await future
 
@@ -79,12 +85,12 @@ class SearchBatcher:
             if not batch:
                 return
             self._running += 1
-            queries = np.stack([w.vector for w in batch])  # [Q, D]
+            queries = np.concatenate([w.vectors for w in batch])  # [sum of M, D]
             k = max(w.k for w in batch)
             done = self._pool.submit(self._search, queries, k, batch[0].shop_id)
             done.add_done_callback(lambda f, b=batch: _call_on(loop, self._finish, loop, b, f))  # type: ignore[misc]
             if self.on_batch is not None:
-                self.on_batch(len(batch))
+                self.on_batch(len(queries))
 
     def _finish(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], done: Future[tuple[list[list[Hit]], int]]) -> None:
         """On the event loop: hand each request its rows (or the batch's error), then start the next batch."""
@@ -100,9 +106,11 @@ class SearchBatcher:
                 if not w.future.done():
                     w.future.set_exception(exc)
         else:
-            for w, row in zip(batch, hits, strict=True):
+            start = 0
+            for w in batch:
+                rows, start = hits[start : start + len(w.vectors)], start + len(w.vectors)
                 if not w.future.done():
-                    w.future.set_result((row[: w.k], version))
+                    w.future.set_result(([row[: w.k] for row in rows], version))
         self._dispatch(loop)
 
 

@@ -31,8 +31,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from index.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 from model.config import PreprocessConfig
-from pipeline.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 
 _HEAD = struct.Struct("<4sI")
 _FRAME = struct.Struct("<dIII")

@@ -1,11 +1,12 @@
 """Running a recording through the pipeline window by window, as its frames stream in.
 
 The decoder child (`pipeline.stream_decode`) sends sampled frames in time order; they are embedded
-in chunks through the Pipeline's own Embed stage (the shared batcher, with the caller's priority),
-each window's frames are pooled into one clip vector the moment the window is complete, and the
-window is searched by the Pipeline's own Search stage. Only the windows' top SKUs are kept, so
-memory stays flat whatever the recording's length; `pipeline.timeline.smooth` turns them into
-segments at the end.
+in chunks through the Pipeline's own Embed stage (the shared batcher, with the caller's priority).
+The moment a window is complete, its frames and embeddings run the Pipeline's stage list as a
+"window" query: the same stages a clip runs after embedding (frame weighting, search, region
+search, and whatever else declares the window kind), so a window is recognised as the same piece
+uploaded as a clip would be. Only the windows' top SKUs are kept, so memory stays flat whatever the
+recording's length; `pipeline.timeline.smooth` turns them into segments at the end.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import BadRequest, InvalidMedia
 from pipeline.batcher import Priority
-from pipeline.errors import BadRequest, InvalidMedia
 from pipeline.stages import Pipeline, Query, clip_vector
 from pipeline.stream_decode import FrameStream, SampledFrame, StreamEnd, StreamInfo, StreamLimits
 from pipeline.timeline import Candidate, Segment, WindowHits, cell_bounds, smooth, window_grid, windows_of
@@ -78,26 +79,30 @@ class TimelineConfig:
     limits: StreamLimits = field(default_factory=StreamLimits)
 
 
+# A complete window: its frames [N, S, S, 3] and their embeddings [N, D], or None when no frame fell in it.
+WindowFrames = tuple[np.ndarray, np.ndarray] | None
+
+
 class _Windows:
-    """Frame embeddings gathered per window until the window is complete."""
+    """Frames and their embeddings gathered per window until the window is complete."""
 
     def __init__(self, window_s: float, stride_s: float) -> None:
         self.window_s, self.stride_s = window_s, stride_s
-        self.open: dict[int, list[np.ndarray]] = {}
+        self.open: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.next_index = 0  # windows before it are complete and handed out
 
-    def add(self, t: float, emb: np.ndarray) -> None:
+    def add(self, t: float, frame: np.ndarray, emb: np.ndarray) -> None:
         for k in windows_of(t, self.window_s, self.stride_s, 1 << 40):
-            self.open.setdefault(k, []).append(emb)
+            self.open.setdefault(k, []).append((frame, emb))
 
-    def complete_before(self, t: float) -> list[tuple[int, np.ndarray | None]]:
+    def complete_before(self, t: float) -> list[tuple[int, WindowFrames]]:
         """Windows that end at or before `t` (no later frame can join them), with their clip vector."""
         out = []
         while self.next_index * self.stride_s + self.window_s <= t:
             out.append(self._pop(self.next_index))
         return out
 
-    def rest(self, n_windows: int) -> list[tuple[int, np.ndarray | None]]:
+    def rest(self, n_windows: int) -> list[tuple[int, WindowFrames]]:
         """Every window up to `n_windows` not handed out yet (the stream ended); frames past the
         last window (a header that understated the length) join the last one."""
         for k in [k for k in self.open if k >= n_windows]:
@@ -107,14 +112,16 @@ class _Windows:
             out.append(self._pop(self.next_index))
         return out
 
-    def _pop(self, k: int) -> tuple[int, np.ndarray | None]:
+    def _pop(self, k: int) -> tuple[int, WindowFrames]:
         self.next_index = k + 1
-        embs = self.open.pop(k, None)
-        return k, clip_vector(np.stack(embs)) if embs else None
+        got = self.open.pop(k, None)
+        if not got:
+            return k, None
+        return k, (np.stack([f for f, _ in got]), np.stack([e for _, e in got]))
 
 
 class TimelineRunner:
-    """Turns a recording on disk into a Timeline through one Pipeline's Embed and Search stages."""
+    """Turns a recording on disk into a Timeline through one Pipeline's stage list."""
 
     def __init__(self, pipeline: Pipeline, config: TimelineConfig) -> None:
         self.pipeline = pipeline
@@ -132,7 +139,7 @@ class TimelineRunner:
         options.check()
         cfg = self.config
         started = time.perf_counter()
-        timings = {"decode": 0.0, "encode": 0.0, "search": 0.0}
+        timings = {"decode": 0.0, "encode": 0.0}  # + every window stage's time, summed over windows
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timeline-decode")
         stream: FrameStream | None = None
@@ -150,25 +157,27 @@ class TimelineRunner:
             gallery_version = 0
             k_search = max(options.top_k, cfg.candidates)
 
-            async def search(k: int, vector: np.ndarray | None) -> WindowHits:
+            async def search(k: int, window: WindowFrames) -> WindowHits:
                 start, stop = k * options.stride, k * options.stride + options.window_s
-                if vector is None:  # no frame fell in this window
+                if window is None:  # no frame fell in this window
                     return WindowHits(start, stop, [])
-                q = Query("clip", b"", k_search, options.shop_id, vector=vector)
-                t = time.perf_counter()
-                await self.pipeline.search_stage(q)
-                timings["search"] += (time.perf_counter() - t) * 1e3
+                frames, emb = window
+                q = Query(
+                    "window", b"", k_search, options.shop_id, priority=priority, frames=frames, frame_emb=emb, vector=clip_vector(emb)
+                )
+                await self.pipeline.run(q)
+                for name, ms in q.timings_ms.items():
+                    if name != "total":
+                        timings[name] = timings.get(name, 0.0) + ms
                 nonlocal gallery_version
                 gallery_version = max(gallery_version, q.gallery_version)
                 return WindowHits(start, stop, [Candidate(h.sku, h.score, h.item_id) for h in q.hits])
 
             async def embed(frames: np.ndarray) -> np.ndarray:
-                q = Query("clip", b"", frames=frames, priority=priority)
                 t = time.perf_counter()
-                await self.pipeline.embed_stage(q)
+                emb = await self.pipeline.embedder.embed(frames, priority)
                 timings["encode"] += (time.perf_counter() - t) * 1e3
-                assert q.frame_emb is not None
-                return q.frame_emb
+                return emb
 
             async def collect_oldest() -> None:
                 """Wait for the oldest chunk; file its frames into windows; search finished windows."""
@@ -176,10 +185,10 @@ class TimelineRunner:
                 emb = await chunks.pop(0)
                 frames = submitted.pop(0)
                 for f, e in zip(frames, emb, strict=True):
-                    windows.add(f.t, e)
+                    windows.add(f.t, f.frame, e)
                 frames_used += len(frames)
-                for k, vector in windows.complete_before(frames[-1].t):
-                    searches.append(asyncio.create_task(search(k, vector)))
+                for k, window in windows.complete_before(frames[-1].t):
+                    searches.append(asyncio.create_task(search(k, window)))
 
             def submit(batch: list[SampledFrame]) -> None:
                 chunks.append(asyncio.create_task(embed(np.stack([f.frame for f in batch]))))
@@ -207,8 +216,8 @@ class TimelineRunner:
             if frames_used == 0:
                 raise InvalidMedia("no decodable video frames in the recording")
             grid = window_grid(duration, options.window_s, options.stride)
-            for k, vector in windows.rest(len(grid)):
-                searches.append(asyncio.create_task(search(k, vector)))
+            for k, window in windows.rest(len(grid)):
+                searches.append(asyncio.create_task(search(k, window)))
             hits = list(await asyncio.gather(*searches))[: len(grid)]
             hits = [WindowHits(s, e, h.hits) for (s, e), h in zip(grid, hits, strict=True)]
             threshold = self.pipeline.match_threshold if options.min_score is None else options.min_score

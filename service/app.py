@@ -12,22 +12,23 @@ from index.blobs import open_originals
 from index.records import Store
 from index.stores import open_job_store
 from model.checkpoint import LoadedEncoder, load_encoder
-from pipeline.jobs import JobConfig, JobEvents, JobWorker
+from pipeline.jobs import JobEvents, JobWorker
 from service.auth import ApiKeys
 from service.docs import install_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
 from service.routes import admin, console, gallery, gallery_browse, health, jobs, originals, recognize, timeline
+from service.serving import Serving
 from service.settings import Settings
-from service.state import build_serving, close_serving, store_for
+from service.state import store_for
 
 
 def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None = None, store: Store | None = None) -> FastAPI:
     """Build the service. `encoder` and `store` let tests inject prepared components."""
     settings = settings or Settings()
     metrics = Metrics()
-    job_config = JobConfig(settings.job_concurrency, settings.job_lease_s, max_attempts=settings.job_max_attempts)
+    job_config = settings.job_config()
 
     def job_started() -> None:
         metrics.jobs_running.inc()
@@ -41,11 +42,11 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gallery_store = store or store_for(settings)
-        app.state.rice = build_serving(settings, encoder or load_encoder(settings.checkpoint), gallery_store, metrics)
-        app.state.rice.batcher.start()
-        app.state.model_switch = asyncio.Lock()
+        serving = Serving(settings, metrics, gallery_store)
+        await serving.start(encoder if encoder is not None else await asyncio.to_thread(load_encoder, settings.checkpoint))
+        app.state.serving = serving
         job_store = open_job_store(settings.redis_url, settings.redis_jobs_prefix, settings.gallery_path)
-        current = lambda: (app.state.rice.job_timeline, app.state.rice.engine.model_version)  # noqa: E731  # the model serving now
+        current = lambda: (serving.current.job_timeline, serving.current.engine.model_version)  # noqa: E731  # the model serving now
         app.state.job_worker = JobWorker(job_store, current, job_config, job_events)
         app.state.job_worker.start()
         try:
@@ -53,8 +54,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         finally:
             await app.state.job_worker.stop()  # this replica's running jobs go back to the queue
             job_store.close()
-            # uvicorn has already drained in-flight HTTP requests; finish what is still queued.
-            await close_serving(app.state.rice)
+            await serving.close()
             if store is None:
                 gallery_store.close()
 

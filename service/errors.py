@@ -1,7 +1,11 @@
 """The one table that maps domain errors to HTTP answers.
 
-Every error body is {"error": {"code": ..., "message": ...}}. Anything not in the table is a
-generic 500 whose details go to the log and a counter, never to the client.
+Every domain error is a `index.errors.ServiceError` subclass with a `code`; this module gives every
+such class, exactly, its status: a class missing from `ERROR_STATUS` fails a test
+(tests/test_errors.py), and at run time it would be answered as an unexpected 500, never guessed.
+Every error body is {"error": {"code": ..., "message": ...}}; `retry_after_s` becomes Retry-After.
+Anything that is not a domain error is a generic 500 whose details go to the log and a counter,
+never to the client.
 
 The web stack is imported only inside `install_error_handlers`.
 """
@@ -9,29 +13,34 @@ The web stack is imported only inside `install_error_handlers`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from index.jobs import JobNotFound
-from index.records import InvalidBulk, ItemNotFound, StoreUnavailable
-from pipeline.errors import (
+from index.errors import (
     BadRequest,
     Conflict,
+    InvalidBulk,
     InvalidMedia,
+    ItemNotFound,
+    JobNotFound,
     NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
+    StoreUnavailable,
     UndecodableMedia,
     UnsupportedMedia,
 )
+from pipeline.jobs import UploadMissing
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
 __all__ = [
+    "ERROR_STATUS",
     "BadRequest",
     "Conflict",
     "Forbidden",
@@ -56,9 +65,6 @@ class Unauthorized(ServiceError):
 
     code = "unauthorized"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="rice"'})
-
 
 class Forbidden(ServiceError):
     """A valid API key without the right this endpoint needs (403: authenticating again won't help)."""
@@ -66,7 +72,8 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
-ERROR_STATUS: dict[type[Exception], int] = {
+# Exact classes, not isinstance: a new error class must be given its status here.
+ERROR_STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     InvalidBulk: 400,
     Unauthorized: 401,
@@ -80,14 +87,23 @@ ERROR_STATUS: dict[type[Exception], int] = {
     InvalidMedia: 422,
     UndecodableMedia: 422,
     Overloaded: 429,
+    UploadMissing: 500,
     NotReady: 503,
     StoreUnavailable: 503,
 }
+_EXTRA_HEADERS: dict[type[ServiceError], dict[str, str]] = {Unauthorized: {"WWW-Authenticate": 'Bearer realm="rice"'}}
 
 
 def status_of(exc: Exception) -> int:
-    """The HTTP status the table gives `exc` (500 when it is not a known error)."""
-    return next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
+    """The HTTP status the table gives `exc` (500 when its class is not in the table)."""
+    return ERROR_STATUS.get(type(exc), 500) if isinstance(exc, ServiceError) else 500
+
+
+def headers_of(exc: ServiceError) -> dict[str, str]:
+    headers = dict(_EXTRA_HEADERS.get(type(exc), {}))
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return headers
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -102,17 +118,13 @@ def install_error_handlers(
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    async def service_error(_: Request, exc: Exception) -> JSONResponse:
-        status = status_of(exc)
-        if isinstance(exc, ServiceError):
-            if on_error is not None:
-                on_error(exc.code)
-            return JSONResponse(error_body(exc.code, exc.message), status, headers=exc.headers)
-        code, what = {404: ("not_found", "not found"), 400: ("bad_request", "bad request")}.get(
-            status, ("not_ready", "gallery store unavailable")
-        )
-        detail = str(exc.args[0]) if exc.args else ""
-        return JSONResponse(error_body(code, f"{what}: {detail}" if status == 503 else detail or what), status)
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        if type(exc) not in ERROR_STATUS:  # a class without a status: a bug, answered as one
+            return await unexpected(request, exc)
+        if on_error is not None:
+            on_error(exc.code)
+        return JSONResponse(error_body(exc.code, exc.message), status_of(exc), headers=headers_of(exc))
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -134,8 +146,7 @@ def install_error_handlers(
             on_unexpected()
         return JSONResponse(error_body("internal", "internal server error"), 500)
 
-    for cls in ERROR_STATUS:
-        app.add_exception_handler(cls, service_error)
+    app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

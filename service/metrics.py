@@ -34,6 +34,9 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram("rice_batch_size", "Frames per encoder batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.search_batch_size = Histogram(
+            "rice_search_batch_size", "Query vectors per gallery search batch", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.encoded_frames = Counter("rice_encoded_frames_total", "Frames the encoder has embedded", registry=r)
         self.queue_depth = Gauge("rice_queue_frames", "Frames waiting for the encoder", registry=r)
         self.decode_pending = Gauge("rice_decode_pending", "Uploads waiting for or in decoding", registry=r)

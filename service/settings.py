@@ -8,6 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.ann import AnnConfig
+from pipeline.batcher import BatcherConfig
+from pipeline.decode import DecodeLimits
+from pipeline.jobs import JobConfig
+from pipeline.regions import RegionConfig, parse_grid, region_fusion
+from pipeline.stream_decode import StreamLimits
+from pipeline.timeline_run import TimelineConfig
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RICE_", env_file=None, frozen=True)
@@ -27,6 +35,9 @@ class Settings(BaseSettings):
     region_frames: int = Field(3, ge=1, le=32, description="frames of a clip whose region crops are scored (one encode per crop)")
     region_grid: str = Field(
         "0.6:1,0.42:1", pattern=r"^\d?\.?\d+:\d(,\d?\.?\d+:\d)*$", description="region crops: side share:crops per row, per scale"
+    )
+    timeline_regions: bool = Field(
+        True, description="timeline windows run region search too, as clips do (more accurate segments; about 2.5x encoder work per window)"
     )
     region_fusion: str = Field("max", pattern="^(max|mean)$", description="a SKU's score: max of whole-clip and best region, or their mean")
     frame_weighting: str = Field(
@@ -137,3 +148,38 @@ class Settings(BaseSettings):
         if value == "" and field is not None and field.default is None:
             return None
         return value
+
+    # Settings groups: the config objects the components take, built from the RICE_* fields above
+    # (one flat environment namespace, so every documented name stays as it is). A component's own
+    # defaults equal what these build from default settings (tests/test_settings_groups.py).
+
+    def batcher_config(self, max_background: int | None = None) -> BatcherConfig:
+        return BatcherConfig(self.max_batch_size, self.max_wait_ms, self.max_queue_frames, self.pipeline_depth, max_background)
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_duration_s, self.max_frame_pixels, self.max_decoded_frames, self.decode_timeout_s)
+
+    def ann_config(self) -> AnnConfig:
+        return AnnConfig(threshold=self.ann_threshold, nprobe=self.ann_nprobe)
+
+    def region_config(self) -> RegionConfig:
+        return RegionConfig(self.region_frames, region_fusion(self.region_fusion), parse_grid(self.region_grid))
+
+    def job_config(self) -> JobConfig:
+        return JobConfig(self.job_concurrency, self.job_lease_s, max_attempts=self.job_max_attempts)
+
+    def timeline_config(self, max_duration_s: float | None = None) -> TimelineConfig:
+        """Timelines of requests (the clip duration limit) or, given `max_duration_s`, of jobs."""
+        # The decode time budget bounds how long the decoder may go without producing a frame.
+        limits = StreamLimits(
+            self.max_duration_s if max_duration_s is None else max_duration_s, self.max_frame_pixels, self.decode_timeout_s
+        )
+        return TimelineConfig(
+            self.timeline_sample_fps,
+            self.timeline_switch_cost,
+            self.timeline_min_contrast,
+            self.timeline_min_lift,
+            self.timeline_min_score,
+            chunk_frames=max(self.max_batch_size, 8),
+            limits=limits,
+        )

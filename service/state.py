@@ -9,10 +9,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from index.ann import AnnConfig, default_placer, set_search_threads
-from index.records import Store, StoreUnavailable
+import torch
+
+from index.ann import default_placer, set_search_threads
+from index.errors import StoreUnavailable
+from index.records import Store
 from index.replica import GalleryReplica
 from index.stores import open_store
 from model.checkpoint import BUILTIN_SOURCE, LoadedEncoder
@@ -21,10 +25,10 @@ from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
 from pipeline.engine import EncoderEngine
 from pipeline.quality import QualityPooling
-from pipeline.regions import RegionSearch, parse_grid, region_fusion
-from pipeline.stages import Pipeline
-from pipeline.stream_decode import StreamLimits
-from pipeline.timeline_run import TimelineConfig, TimelineRunner
+from pipeline.regions import RegionSearch
+from pipeline.search_batcher import SearchBatcher
+from pipeline.stages import Decode, Embed, Kind, Pipeline, PipelineConfig, Search, Stage
+from pipeline.timeline_run import TimelineRunner
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -60,14 +64,14 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     namespace, batcher and pipeline. A model switch builds a second set and swaps it in whole, so a
     request never mixes one model's embeddings with another model's gallery. Blocking (model load,
     warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
+    set_process_threads(settings)
     engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype, settings.cuda_graphs)
     log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
     warm = engine.warm_up(settings.max_batch_size)
     log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
     dtype = str(engine.dtype).removeprefix("torch.")
     metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
-    ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
-    set_search_threads(settings.faiss_threads)
+    ann = settings.ann_config()
     replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
     try:
@@ -84,21 +88,17 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
 
     batcher = Batcher(
         engine.encode,
-        settings.max_batch_size,
-        settings.max_wait_ms,
-        settings.max_queue_frames,
-        depth=settings.pipeline_depth,
+        settings.batcher_config(max_background=job_batch_frames(settings, engine)),
         on_batch=on_batch,
         on_cancel=metrics.cancelled.inc,
         on_queue_wait=metrics.stage_seconds.labels("queue_wait").observe,
         on_error=metrics.batch_errors.inc,
-        max_background=job_batch_frames(settings, engine),
     )
 
     def reject(where: str) -> None:
         metrics.rejected.labels(where).inc()
 
-    limits = DecodeLimits(settings.max_duration_s, settings.max_frame_pixels, settings.max_decoded_frames, settings.decode_timeout_s)
+    limits = settings.decode_limits()
     decode_pool = DecodePool(
         settings.decode_workers or settings.decode_threads or len(os.sched_getaffinity(0)),
         settings.max_decode_pending,
@@ -110,37 +110,69 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         # The worker stops itself at decode_timeout_s (a clean 422); this is for a decoder stuck in native code.
         time_budget_s=settings.decode_timeout_s + DECODE_KILL_GRACE_S,
     )
+    search = SearchBatcher(replica.search, settings.search_threads, settings.search_max_batch, on_batch=metrics.search_batch_size.observe)
+    parts = StageParts(settings, engine, batcher, search, decode_pool, limits, reject)
+    stages = [stage for make in STAGES if (stage := make(parts)) is not None]
     pipeline = Pipeline(
-        batcher,
-        replica,
-        engine.config.preprocess,
-        limits,
-        settings.max_frame_pixels,
-        decode_pool,
+        stages,
+        PipelineConfig(match_threshold(settings, loaded), engine.config.preprocess),
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
-        on_reject=reject,
-        search_threads=settings.search_threads,
-        search_max_batch=settings.search_max_batch,
-        match_threshold=match_threshold(settings, loaded),
-        pooling_stages=[QualityPooling()] if settings.frame_weighting == "agreement" else [],
-        extra_stages=[
-            RegionSearch(
-                batcher,
-                replica,
-                settings.region_frames,
-                region_fusion(settings.region_fusion),
-                parse_grid(settings.region_grid),
-                on_reject=reject,
-            )
-        ]
-        if settings.regions
-        else [],
     )
     state = AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
     state.calibration_warning = calibration_warning(settings, loaded)
     if state.calibration_warning:
         log.warning("%s", state.calibration_warning)
     return state
+
+
+@dataclass(frozen=True)
+class StageParts:
+    """What the stage factories build their stages from."""
+
+    settings: Settings
+    engine: EncoderEngine
+    batcher: Batcher
+    search: SearchBatcher
+    decode_pool: DecodePool
+    limits: DecodeLimits
+    reject: Callable[[str], object]
+
+
+def decode_stage(p: StageParts) -> Stage:
+    return Decode(p.decode_pool, p.engine.config.preprocess, p.limits, p.settings.max_frame_pixels)
+
+
+def embed_stage(p: StageParts) -> Stage:
+    return Embed(p.batcher, p.reject)
+
+
+def quality_stage(p: StageParts) -> Stage | None:
+    return QualityPooling() if p.settings.frame_weighting == "agreement" else None
+
+
+def search_stage(p: StageParts) -> Stage:
+    return Search(p.search)
+
+
+def region_stage(p: StageParts) -> Stage | None:
+    s = p.settings
+    if not s.regions:
+        return None
+    kinds: frozenset[Kind] = frozenset({"clip", "window"} if s.timeline_regions else {"clip"})
+    return RegionSearch(p.batcher, p.search, s.region_config(), p.reject, kinds)
+
+
+# The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the
+# stages that declare its kind; a factory returns None when its setting switches the stage off.
+# Adding a stage: one module with the stage class, one factory line here.
+STAGES: tuple[Callable[[StageParts], Stage | None], ...] = (decode_stage, embed_stage, quality_stage, search_stage, region_stage)
+
+
+def set_process_threads(settings: Settings) -> None:
+    """The only place that changes process-wide thread counts: torch's intra-op pool and faiss's OpenMP team."""
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    set_search_threads(settings.faiss_threads)
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
@@ -154,22 +186,8 @@ def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
 
 def timeline_runners(settings: Settings, pipeline: Pipeline) -> tuple[TimelineRunner, TimelineRunner]:
     """The timeline runner of requests (the clip limits) and that of jobs (the job limits)."""
-
-    def config(max_duration_s: float) -> TimelineConfig:
-        # The decode time budget bounds how long the decoder may go without producing a frame.
-        limits = StreamLimits(max_duration_s, settings.max_frame_pixels, settings.decode_timeout_s)
-        chunk = max(settings.max_batch_size, 8)
-        return TimelineConfig(
-            settings.timeline_sample_fps,
-            settings.timeline_switch_cost,
-            settings.timeline_min_contrast,
-            settings.timeline_min_lift,
-            settings.timeline_min_score,
-            chunk_frames=chunk,
-            limits=limits,
-        )
-
-    return TimelineRunner(pipeline, config(settings.max_duration_s)), TimelineRunner(pipeline, config(settings.max_job_duration_s))
+    jobs = settings.timeline_config(settings.max_job_duration_s)
+    return TimelineRunner(pipeline, settings.timeline_config()), TimelineRunner(pipeline, jobs)
 
 
 async def close_serving(state: AppState) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from pipeline.batcher import Batcher, Job, collate, collate_by_priority, stacked
+from pipeline.batcher import Batcher, BatcherConfig, Job, collate, collate_by_priority, stacked
 from service.errors import NotReady, Overloaded
 
 
@@ -44,7 +44,7 @@ def test_collate_splits_jobs_across_batches_and_skips_cancelled() -> None:
 @pytest.mark.anyio
 async def test_concurrent_requests_share_batches_and_get_their_own_rows() -> None:
     sizes: list[int] = []
-    b = Batcher(stacked(_encode), max_batch=16, max_wait_ms=20, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(stacked(_encode), BatcherConfig(max_batch=16, max_wait_ms=20), on_batch=lambda n, _s: sizes.append(n))
     b.start()
     try:
         inputs = [_frames(20 * i, 10) for i in range(8)]
@@ -63,7 +63,7 @@ async def test_a_failing_input_fails_only_its_own_request() -> None:
             raise ValueError("poisoned frame")
         return _encode(batch)
 
-    b = Batcher(stacked(encode), max_batch=32, max_wait_ms=20)
+    b = Batcher(stacked(encode), BatcherConfig(max_batch=32, max_wait_ms=20))
     b.start()
     try:
         good = [_frames(0, 4), _frames(10, 4)]
@@ -86,7 +86,7 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
 
     cancelled: list[int] = []
     # depth=1: no pipelined second batch, so the waiting request's frames all stay queued.
-    b = Batcher(stacked(slow), max_batch=4, max_wait_ms=0, max_queue_frames=10, depth=1, on_cancel=cancelled.append)
+    b = Batcher(stacked(slow), BatcherConfig(max_batch=4, max_wait_ms=0, max_queue_frames=10, depth=1), on_cancel=cancelled.append)
     b.start()
     try:
         first = asyncio.create_task(b.submit(_frames(0, 4)))  # taken into the (blocked) batch
@@ -96,7 +96,7 @@ async def test_full_queue_rejects_with_retry_after_and_cancel_frees_the_budget()
         with pytest.raises(Overloaded) as exc:
             await b.submit(_frames(30, 4))
         # Retry-After: the queue's drain time at the measured speed, whole seconds, at least 1
-        assert exc.value.headers["Retry-After"] == str(b.retry_after_s()) and b.retry_after_s() >= 1
+        assert exc.value.retry_after_s == b.retry_after_s() >= 1
         waiting.cancel()  # its client went away
         await asyncio.sleep(0.01)
         assert cancelled == [8] and b.queued_frames == 0
@@ -117,7 +117,7 @@ async def test_pipelining_queues_the_next_full_batch_but_lets_a_partial_one_keep
         gate.wait(5)
         return _encode(batch)
 
-    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, depth=2, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(stacked(gated), BatcherConfig(max_batch=4, max_wait_ms=0, depth=2), on_batch=lambda n, _s: sizes.append(n))
     b.start()
     try:
         first = asyncio.create_task(b.submit(_frames(0, 4)))
@@ -145,7 +145,7 @@ async def test_stop_drains_queued_work_then_refuses_new_work() -> None:
         time.sleep(0.05)
         return _encode(batch)
 
-    b = Batcher(stacked(slow), max_batch=2, max_wait_ms=0)
+    b = Batcher(stacked(slow), BatcherConfig(max_batch=2, max_wait_ms=0))
     b.start()
     pending = [asyncio.create_task(b.submit(_frames(10 * i, 2))) for i in range(4)]
     await asyncio.sleep(0.01)
@@ -163,7 +163,7 @@ async def test_stop_without_drain_fails_queued_requests_with_not_ready() -> None
         gate.wait(5)
         return _encode(batch)
 
-    b = Batcher(stacked(gated), max_batch=1, max_wait_ms=0, depth=1)
+    b = Batcher(stacked(gated), BatcherConfig(max_batch=1, max_wait_ms=0, depth=1))
     b.start()
     running = asyncio.create_task(b.submit(_frames(0, 1)))
     queued = asyncio.create_task(b.submit(_frames(1, 1)))
@@ -180,7 +180,7 @@ async def test_retry_after_follows_measured_encode_speed() -> None:
         time.sleep(0.02 * len(batch))  # 20 ms per frame
         return _encode(batch)
 
-    b = Batcher(stacked(slow), max_batch=4, max_wait_ms=0, max_queue_frames=400)
+    b = Batcher(stacked(slow), BatcherConfig(max_batch=4, max_wait_ms=0, max_queue_frames=400))
     b.start()
     try:
         await b.submit(_frames(0, 4))
@@ -225,7 +225,7 @@ async def test_interactive_frames_overtake_queued_background_frames() -> None:
         batches.append([int(x) for x in out[:, 0]])
         return out
 
-    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, depth=2)
+    b = Batcher(stacked(gated), BatcherConfig(max_batch=4, max_wait_ms=0, depth=2))
     b.start()
     try:
         job = asyncio.create_task(b.submit(_frames(100, 12), priority="background"))
@@ -252,7 +252,7 @@ async def test_background_frames_have_their_own_queue_budget() -> None:
         gate.wait(10)
         return _encode(batch)
 
-    b = Batcher(stacked(gated), max_batch=4, max_wait_ms=0, max_queue_frames=12, depth=1)
+    b = Batcher(stacked(gated), BatcherConfig(max_batch=4, max_wait_ms=0, max_queue_frames=12, depth=1))
     b.start()
     try:
         job = asyncio.create_task(b.submit(_frames(100, 12), priority="background"))
@@ -287,7 +287,7 @@ def test_collate_by_priority_caps_the_background_rows_of_a_batch() -> None:
 @pytest.mark.anyio
 async def test_capped_background_batches_go_without_waiting_to_fill() -> None:
     sizes: list[int] = []
-    b = Batcher(stacked(_encode), max_batch=8, max_wait_ms=10_000, max_background=2, on_batch=lambda n, _s: sizes.append(n))
+    b = Batcher(stacked(_encode), BatcherConfig(max_batch=8, max_wait_ms=10_000, max_background=2), on_batch=lambda n, _s: sizes.append(n))
     b.start()
     try:
         out = await asyncio.wait_for(b.submit(_frames(0, 6), priority="background"), 10)  # a long max_wait is never waited out

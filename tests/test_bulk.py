@@ -17,8 +17,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, bulk_records, export_tar, npy_header, parse_items, read_vectors
+from index.errors import InvalidBulk
 from index.gallery import Gallery
-from index.records import InvalidBulk, Record, Store
+from index.records import Record, Store
 from index.redis_store import _COMMIT_STAGED, RedisStore
 from index.rwlock import RWLock
 from index.sqlite_store import SQLiteStore

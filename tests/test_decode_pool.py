@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
+from index.errors import InvalidMedia, Overloaded, UndecodableMedia, UnsupportedMedia
 from model.config import PreprocessConfig
 from pipeline.decode import DecodeLimits, decode_clip, decode_image
 from pipeline.decode_pool import DecodePool
-from pipeline.errors import InvalidMedia, Overloaded, UndecodableMedia, UnsupportedMedia
 from tools.clipsynth import encode_video
 from tools.mediafuzz import source
 
@@ -143,7 +143,7 @@ def test_too_many_pending_uploads_get_429_before_reaching_a_worker(clip: bytes) 
         p.pending = 1  # one upload already holds the only place
         with pytest.raises(Overloaded) as e:
             _run(p.run(decode_clip, clip, 4, PRE, LIMITS))
-        assert e.value.headers == {"Retry-After": "1"}
+        assert e.value.retry_after_s == 1
     finally:
         p.close()
 

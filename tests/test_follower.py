@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from index.records import Record, Snapshot, StoreUnavailable
+from index.errors import StoreUnavailable
+from index.records import Record, Snapshot
 from index.redis_store import RedisStore
 from index.replica import GalleryReplica
 from index.sqlite_store import SQLiteStore

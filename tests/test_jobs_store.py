@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from index.jobs import JobNotFound, JobStore, SQLiteJobStore
+from index.errors import JobNotFound
+from index.jobs import JobStore, SQLiteJobStore
 from index.redis_jobs import RedisJobStore
 from tests.conftest import RedisServer
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from index.errors import InvalidMedia, UnsupportedMedia
 from model.config import PreprocessConfig
 from model.preprocess import sample_indices
 from pipeline.decode import DecodeLimits, decode_clip
-from pipeline.errors import InvalidMedia, UnsupportedMedia
 from pipeline.keyframes import decode_keyframes
 from tests.conftest import jpeg
 from tests.test_decode import _frame_ids, _numbered_clip

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import redis
 
+from index.errors import StoreUnavailable
 from index.gallery import Gallery, Hit
-from index.records import StoreUnavailable
 from index.redis_store import RedisStore
 from tests.conftest import RedisServer
 from tests.test_sqlite_store import (  # the same behaviour contract, collected again here

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.errors import ItemNotFound, StoreUnavailable
 from index.gallery import Gallery
-from index.records import ItemNotFound, Record
+from index.records import Record
 from index.sqlite_store import SQLiteStore
 
 DIM = 8
@@ -281,8 +282,6 @@ def test_store_protocols_are_checked_at_runtime(store: SQLiteStore) -> None:
 
 
 def test_sqlite_failures_raise_the_same_error_as_an_unreachable_redis(tmp_path: Path) -> None:
-    from index.records import StoreUnavailable
-
     s = SQLiteStore(tmp_path / "g.db")
     s.close()
     with pytest.raises(StoreUnavailable, match="sqlite"):

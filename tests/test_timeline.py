@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 from model.config import PreprocessConfig
-from pipeline.errors import InvalidMedia, UndecodableMedia, UnsupportedMedia
 from pipeline.stream_decode import FrameStream, SampledFrame, StreamEnd, StreamInfo, StreamLimits, sample_times
 from pipeline.timeline import Candidate, WindowHits, cell_bounds, smooth, window_grid, windows_of
 from tools.clipsynth import write_video

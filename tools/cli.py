@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
     import httpx
 
-    from index.records import StoreUnavailable
+    from index.errors import StoreUnavailable
     from model.checkpoint import CheckpointError
     from tools.client import RiceError, check_url
     from tools.ingest import CatalogError

@@ -25,7 +25,7 @@ import numpy as np
 
 from index.blobs import image_member, image_tar, parse_image_member
 from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, npy_header, read_manifest, write_dir
-from index.records import InvalidBulk
+from index.errors import InvalidBulk
 from tools.client import api_error
 
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
 from service.errors import BadRequest, NotReady, PayloadTooLarge
+from service.serving import Serving
 from service.state import AppState
 
 
@@ -19,13 +20,21 @@ def check_at_most(name: str, value: int, maximum: int) -> None:
         err = {"type": "less_than_equal", "loc": ("query", name), "msg": f"Input should be less than or equal to {maximum}", "input": value}
         raise RequestValidationError([err])
 
+def get_serving(request: Request) -> Serving:
+    """The app's serving holder (`service.serving`): the current model state and its swap."""
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise NotReady("the service is starting")
+    assert isinstance(serving, Serving)  # app.state is untyped: this is its one typed reader
+    return serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
 
 def current_state(request: Request) -> AppState:
     """The serving state right now, uncounted (for checks that do not use the model)."""
-    state = getattr(request.app.state, "rice", None)
-    if state is None:
-        raise NotReady("the service is starting")
-    return state
+    return get_serving(request).current
 
 
 async def get_state(request: Request) -> AsyncIterator[AppState]:

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.routes.deps import State
+from index.errors import NotReady
+from service.routes.deps import State, current_state
 
 router = APIRouter(tags=["health"])
 
@@ -42,8 +43,9 @@ def readiness(state: State) -> list[str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Ready to serve: model warmed, batcher making progress, gallery in sync. 503 with reasons otherwise."""
-    state = getattr(request.app.state, "rice", None)
-    if state is None:
+    try:
+        state = current_state(request)
+    except NotReady:
         return JSONResponse({"ready": False, "reasons": ["starting"]}, 503)
     reasons = await asyncio.to_thread(readiness, state)  # the store check may do I/O
     state.metrics.ready.set(0 if reasons else 1)

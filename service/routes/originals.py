@@ -11,7 +11,8 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request, Response, UploadFile
 
 from index.blobs import Blobs, image_member, read_image_tar
-from index.records import InvalidBulk, Thumbnails
+from index.errors import InvalidBulk
+from index.records import Thumbnails
 from pipeline.originals import original_jpeg
 from service.auth import require_write
 from service.errors import NotFound

@@ -40,7 +40,7 @@ async def _wait_for_gallery(state: State, version: int) -> None:
         raise NotReady(
             f"gallery_behind: this replica has gallery version {have}, the request needs {version} "
             f"(not reached within {state.settings.sync_wait_s:g} s); retry",
-            headers={"Retry-After": "1"},
+            retry_after_s=1,
         )
 
 
