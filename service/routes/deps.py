@@ -20,6 +20,7 @@ def check_at_most(name: str, value: int, maximum: int) -> None:
         err = {"type": "less_than_equal", "loc": ("query", name), "msg": f"Input should be less than or equal to {maximum}", "input": value}
         raise RequestValidationError([err])
 
+
 def get_serving(request: Request) -> Serving:
     """The app's serving holder (`service.serving`): the current model state and its swap."""
     serving = getattr(request.app.state, "serving", None)
