@@ -30,8 +30,9 @@ ARG TORCH_INDEX
 ARG FAISS
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from the index matching the variant, so the package's own torch>= pin is satisfied
-ARG TORCH_VERSION=2.11.0
+# torch first, from the index matching the variant, so the package's own torch>= pin is satisfied;
+# the same version as the Makefile's TORCH_SPEC (tests/test_deploy.py checks they agree)
+ARG TORCH_VERSION=2.13.0
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -39,7 +40,9 @@ COPY model ./model
 COPY index ./index
 COPY pipeline ./pipeline
 COPY service ./service
-# Only what serves: the operator tools (tools/, the `rice` CLI) run from a pip install elsewhere.
+# the operator tools: `docker compose run --rm api-1 rice reindex ...` runs beside the replicas,
+# on the same Redis and originals volume
+COPY tools ./tools
 # the project itself (its dependency ranges live in pyproject.toml)
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir . \
@@ -53,12 +56,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     RICE_GALLERY_PATH=/data/gallery.db \
     RICE_ALLOW_OPEN=false \
     RICE_JOB_DIR=/jobs
-# /jobs: timeline job uploads; mount one volume there on every replica so any of them can run a job
-RUN useradd --create-home --uid 10001 rice && mkdir -p /data /models /jobs && chown rice:rice /data /jobs
+# /jobs: timeline job uploads; /originals: items' original images. Mount one volume at each on every
+# replica so any of them can run a job and a reindex finds every original.
+RUN useradd --create-home --uid 10001 rice && mkdir -p /data /models /jobs /originals && chown rice:rice /data /jobs /originals
 USER 10001
 WORKDIR /home/rice
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
+  CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('RICE_PORT') or '8000'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=4).status == 200 else 1)"]
 CMD ["python3", "-m", "service"]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -168,18 +168,19 @@ def npy_header(count: int, dim: int) -> bytes:
     return buf.getvalue()
 
 
-def _tar_member(name: str, size: int) -> bytes:
+def _tar_member(name: str, size: int, fmt: Literal[0, 1, 2] = tarfile.USTAR_FORMAT) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, int(time.time()), 0o644
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
+    return info.tobuf(format=fmt)
 
 
 def _padding(size: int) -> bytes:
     return b"\0" * (-size % tarfile.BLOCKSIZE)
 
 
-def export_tar(manifest: Manifest, items: list[BulkItem], vectors: np.ndarray) -> Iterator[bytes]:
-    """The export as a stream of tar pieces: manifest.json, items.jsonl, vectors.npy (row chunks)."""
+def export_tar(manifest: Manifest, items: list[BulkItem], vectors: np.ndarray, extra: Iterable[tuple[str, bytes]] = ()) -> Iterator[bytes]:
+    """The export as a stream of tar pieces: manifest.json, items.jsonl, vectors.npy (row chunks),
+    then the `extra` (name, bytes) members, read one at a time (items' images: index/blobs.py)."""
     meta = manifest.to_json()
     yield _tar_member(MANIFEST, len(meta)) + meta + _padding(len(meta))
     lines = "".join(it.to_json() + "\n" for it in items).encode()
@@ -189,7 +190,10 @@ def export_tar(manifest: Manifest, items: list[BulkItem], vectors: np.ndarray) -
     yield _tar_member(VECTORS, size) + header
     for s in range(0, len(vectors), _ROWS_PER_CHUNK):
         yield np.ascontiguousarray(vectors[s : s + _ROWS_PER_CHUNK], dtype="<f4").tobytes()
-    yield _padding(size) + b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
+    yield _padding(size)
+    for name, data in extra:
+        yield _tar_member(name, len(data), tarfile.PAX_FORMAT) + data + _padding(len(data))  # PAX: names over 100 bytes
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
 
 
 def write_dir(folder: Path, manifest: Manifest, items: list[BulkItem], vectors: np.ndarray) -> None:

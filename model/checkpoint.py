@@ -27,6 +27,9 @@ from model.rice import RICE, RICEConfig
 FORMAT = "rice-checkpoint/1"
 
 
+BUILTIN_SOURCE = "built-in ImageNet EfficientNet-Lite0 (no checkpoint)"  # LoadedEncoder.source of the default encoder
+
+
 class CheckpointError(ValueError):
     """The file is missing, not a RICE checkpoint, or does not match its own config."""
 
@@ -92,7 +95,7 @@ def default_encoder() -> LoadedEncoder:
     # The version covers the preprocessing too: the same weights fed differently embed differently.
     h = hashlib.sha256((_file_hash(packaged_weights_path()) + repr(cfg.to_dict())).encode()).hexdigest()
     version = f"effnet-lite0-imagenet-{h[:8]}"
-    return LoadedEncoder(backbone, cfg, version, "built-in ImageNet EfficientNet-Lite0 (no checkpoint)")
+    return LoadedEncoder(backbone, cfg, version, BUILTIN_SOURCE)
 
 
 def save_checkpoint(

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from index.blobs import open_originals
 from index.records import Store
 from index.stores import open_job_store
 from model.checkpoint import LoadedEncoder, load_encoder
@@ -17,7 +18,7 @@ from service.docs import install_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
-from service.routes import admin, console, gallery, gallery_browse, health, jobs, recognize, timeline
+from service.routes import admin, console, gallery, gallery_browse, health, jobs, originals, recognize, timeline
 from service.serving import Serving
 from service.settings import Settings
 from service.state import store_for
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     install_offline_docs(app)
     install_error_handlers(app, on_unexpected=metrics.unexpected_errors.inc, on_error=lambda code: metrics.errors.labels(code).inc())
     app.state.settings = settings  # what auth and health read; unchanged by model switches
+    app.state.originals = open_originals(settings.blob_dir, settings.gallery_path)  # per item, not per model: kept across switches
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys.parse(settings.api_keys.get_secret_value())  # bad RICE_API_KEYS fails start-up
     if not app.state.api_keys.enabled and not settings.allow_open:
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     app.include_router(jobs.router)
     app.include_router(gallery.router)
     app.include_router(gallery_browse.router)
+    app.include_router(originals.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     console.mount(app)

@@ -14,14 +14,17 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from model.checkpoint import LoadedEncoder
+from model.checkpoint import LoadedEncoder, load_encoder
 from service.app import create_app
 from service.settings import Settings
 
 
 def serve(settings: Settings) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM; uvicorn drains in-flight requests on shutdown."""
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    """Serve in the foreground until SIGINT/SIGTERM; uvicorn drains in-flight requests on shutdown.
+    The checkpoint is read first, so a bad one is a CheckpointError here (one line from the caller),
+    not a traceback from uvicorn's start-up."""
+    app = create_app(settings, encoder=load_encoder(settings.checkpoint))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.ann import AnnConfig
@@ -46,6 +46,11 @@ class Settings(BaseSettings):
 
     # gallery
     gallery_path: str = Field("data/gallery.db", description="embedded SQLite gallery file (':memory:' for none)")
+    blob_dir: str | None = Field(
+        None,
+        description="where each item's original image is kept (for `rice reindex`); unset = originals/ beside the gallery file; "
+        "with several replicas, a directory all of them share",
+    )
 
     # gallery sync
     redis_url: str | None = Field(None, description="shared Redis gallery for many replicas (redis://host:port/db); unset = SQLite")
@@ -133,6 +138,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """An optional setting given as "" is unset: compose's `${VAR:-}` and `VAR=` in an env file
+        pass empty strings, which must not become a checkpoint path or a Redis URL."""
+        field = cls.model_fields.get(info.field_name or "")
+        if value == "" and field is not None and field.default is None:
+            return None
+        return value
 
     # Settings groups: the config objects the components take, built from the RICE_* fields above
     # (one flat environment namespace, so every documented name stays as it is). A component's own

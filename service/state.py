@@ -19,7 +19,7 @@ from index.errors import StoreUnavailable
 from index.records import Store
 from index.replica import GalleryReplica
 from index.stores import open_store
-from model.checkpoint import LoadedEncoder
+from model.checkpoint import BUILTIN_SOURCE, LoadedEncoder
 from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
@@ -47,6 +47,7 @@ class AppState:
     job_timeline: TimelineRunner  # recordings of timeline jobs (their own duration limit)
     started_at: float
     active: int = 0  # requests using this state right now (see routes.deps.get_state)
+    calibration_warning: str | None = None  # the served model has no calibrated match threshold (see calibration_warning)
 
     async def idle(self, timeout_s: float) -> bool:
         """Wait until no request uses this state (after a model switch); False on timeout."""
@@ -117,7 +118,11 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         PipelineConfig(match_threshold(settings, loaded), engine.config.preprocess),
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
     )
-    return AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+    state = AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+    state.calibration_warning = calibration_warning(settings, loaded)
+    if state.calibration_warning:
+        log.warning("%s", state.calibration_warning)
+    return state
 
 
 @dataclass(frozen=True)
@@ -215,3 +220,16 @@ def match_threshold(settings: Settings, loaded: LoadedEncoder) -> float:
         return settings.match_threshold
     calibrated: float | None = getattr(loaded, "match_threshold", None)
     return UNCALIBRATED_MATCH_THRESHOLD if calibrated is None else calibrated
+
+
+def calibration_warning(settings: Settings, loaded: LoadedEncoder) -> str | None:
+    """A sentence for the start-up log and /v1/info when the match threshold is nobody's measurement
+    for this model: neither RICE_MATCH_THRESHOLD nor a threshold stored in the checkpoint (the fallback
+    was measured for the built-in encoder, so that one needs none). None otherwise."""
+    if settings.match_threshold is not None or getattr(loaded, "match_threshold", None) is not None or loaded.source == BUILTIN_SOURCE:
+        return None
+    return (
+        f"model {loaded.model_version} ({loaded.source}) has no calibrated match threshold; answers use the fallback "
+        f"{UNCALIBRATED_MATCH_THRESHOLD}, measured for the built-in encoder, so 'match' may be wrong for this model: "
+        "calibrate it (python -m model.calibrate --checkpoint ...) or set RICE_MATCH_THRESHOLD"
+    )

@@ -73,8 +73,8 @@ def test_request_errors(client: TestClient, good_clip: bytes, products: list[Dem
         ("wrong field name", lambda: client.post("/v1/recognize", files={"video": ("x.mp4", good_clip, "video/mp4")}), 400),
         ("top_k zero", lambda: client.post("/v1/recognize?top_k=0", files={"file": ("x.mp4", good_clip)}), 422),
         ("top_k not a number", lambda: client.post("/v1/recognize?top_k=abc", files={"file": ("x.mp4", good_clip)}), 422),
-        ("top_k too large", lambda: client.post("/v1/recognize?top_k=100000", files={"file": ("x.mp4", good_clip)}), 400),
-        ("num_frames too large", lambda: client.post("/v1/recognize?num_frames=100000", files={"file": ("x.mp4", good_clip)}), 400),
+        ("top_k too large", lambda: client.post("/v1/recognize?top_k=100000", files={"file": ("x.mp4", good_clip)}), 422),
+        ("num_frames too large", lambda: client.post("/v1/recognize?num_frames=100000", files={"file": ("x.mp4", good_clip)}), 422),
         ("ingest without sku", lambda: client.post("/v1/gallery/items", files={"image": ("a.jpg", jpeg(products[0].image))}), 422),
         ("ingest without image", lambda: client.post("/v1/gallery/items", data={"sku": "A"}), 422),
         (

@@ -87,7 +87,7 @@ def _corpus(good: bytes) -> dict[str, tuple[Call, int]]:
             413,
         ),
         "num_frames zero": (_clip(good, num_frames=0), 422),
-        "num_frames too many": (_clip(good, num_frames=10_000), 400),
+        "num_frames too many": (_clip(good, num_frames=10_000), 422),
         "top_k not a number": (_clip(good, top_k="many"), 422),
         "video sent as image": (lambda c: c.post("/v1/recognize/image", files={"file": ("x.jpg", good)}), 415),
         "truncated png": (lambda c: c.post("/v1/recognize/image", files={"file": ("x.png", png[:40])}), 415),

@@ -253,3 +253,31 @@ def test_the_api_key_travels_with_every_call(
         browser.find_element(By.XPATH, "//li[@data-item='keyed-1']//button[text()='Really delete?']").click()
         _wait(browser, lambda b: "HTTP 403" in _text(b, "error"), "the refusal")
         browser.execute_script("sessionStorage.clear()")
+
+
+def test_an_error_clears_the_previous_verdict_and_try_uses_its_own_top_k(
+    browser: WebDriver, served: str, products: list[DemoProduct], tmp_path: Path
+) -> None:
+    still = tmp_path / "shelf.png"
+    cv2.imwrite(str(still), products[2].image)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 and nothing else")
+    _open(browser, served)
+    browser.find_element(By.ID, "query-file").send_keys(str(still))
+    browser.find_element(By.ID, "recognize-button").click()
+    _wait(browser, lambda b: "1 frame(s)" in _text(b, "timings"), "an image answer")
+    browser.find_element(By.ID, "query-file").send_keys(str(broken))
+    browser.find_element(By.ID, "recognize-button").click()
+    _wait(browser, lambda b: _text(b, "error").startswith("HTTP 4"), "the error")
+    assert browser.find_element(By.ID, "result").get_attribute("hidden") is not None  # no stale verdict under the error
+
+    browser.find_element(By.ID, "top-k").clear()
+    browser.find_element(By.ID, "top-k").send_keys("5")
+    browser.find_element(By.ID, "shop-id").send_keys("no-such-shop")  # the Recognize tab's shop must not leak into Try
+    browser.find_element(By.CSS_SELECTOR, '.tab[data-tab="gallery"]').click()
+    _wait(browser, lambda b: _attrs(b, "#items li.item", "data-sku"), "the gallery list")
+    browser.find_element(By.ID, "try-top-k").clear()
+    browser.find_element(By.ID, "try-top-k").send_keys("2")
+    browser.find_element(By.CSS_SELECTOR, f'#items li.item[data-sku="{products[0].sku}"] button').click()
+    _wait(browser, lambda b: len(_attrs(b, "#results li.result", "data-sku")) == 2, "two results (Try's own top k)")
+    assert _attrs(browser, "#results li.result", "data-sku")[0] == products[0].sku

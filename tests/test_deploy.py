@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,86 @@ def test_the_container_entry_point_refuses_to_start_open_with_a_clear_message() 
     out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "RICE_API_KEYS is empty and RICE_ALLOW_OPEN is false" in out.stderr and "Traceback" not in out.stderr
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The runtime stage's ENV values (RICE_* only), as the container sees them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text[text.index("AS runtime") :]
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(re.findall(r"(RICE_\w+)=(\S+)", line)))
+    return env
+
+
+def test_optional_settings_given_as_empty_strings_are_unset(monkeypatch: Any) -> None:
+    """`VAR=` in an env file or compose's `${VAR:-}` hands the service "": that means unset, not a path."""
+    from service.settings import Settings
+
+    optional = [name for name, field in Settings.model_fields.items() if field.default is None]
+    assert {"checkpoint", "redis_url", "match_threshold"} <= set(optional)
+    for name in optional:
+        monkeypatch.setenv(f"RICE_{name.upper()}", "")
+    settings = Settings()
+    assert all(getattr(settings, name) is None for name in optional)
+
+
+@pytest.mark.integration
+def test_the_service_starts_with_the_compose_environment(tmp_path: Path, redis_server: Any) -> None:
+    """The api replicas' environment exactly as compose resolves it with only the required keys set
+    (plus the image's ENV), with the hosts and volumes swapped for local ones, becomes ready."""
+    from service.server import free_port
+    from tools.service_process import wait_ready
+
+    compose_env = _compose_config("docker-compose.yml")["services"]["api-1"]["environment"]
+    assert compose_env["RICE_CHECKPOINT"] is None, "an unset RICE_CHECKPOINT must stay unset, not become ''"
+    assert all(v != "" for v in compose_env.values()), f"compose passes empty strings: {compose_env}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RICE_")}
+    env.update(_dockerfile_env())
+    env.update({k: v for k, v in compose_env.items() if v is not None})
+    port = free_port()
+    local = {  # the container's hosts and mounted volumes, on this machine
+        "RICE_REDIS_URL": redis_server.url,
+        "RICE_GALLERY_PATH": str(tmp_path / "gallery.db"),
+        "RICE_JOB_DIR": str(tmp_path / "jobs"),
+        "RICE_BLOB_DIR": str(tmp_path / "originals"),
+        "RICE_HOST": "127.0.0.1",
+        "RICE_PORT": str(port),
+        "PYTHONPATH": str(ROOT),
+    }
+    assert set(local) - {"PYTHONPATH"} <= set(env), "swapped settings the container does not set"
+    env.update(local)
+    log = tmp_path / "service.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=300)
+    except RuntimeError:
+        raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+
+
+def test_the_stack_publishes_only_the_api_beyond_localhost() -> None:
+    """Prometheus and Grafana (anonymous viewing) listen on 127.0.0.1 unless the operator opens them;
+    the replicas share one originals volume (what `rice reindex` re-embeds from)."""
+    services = _compose_config("docker-compose.yml")["services"]
+    for name in ("prometheus", "grafana", "redis"):
+        assert all(p.get("host_ip") == "127.0.0.1" for p in services[name]["ports"]), services[name]["ports"]
+    for name in ("api-1", "api-2"):
+        blob_dir = services[name]["environment"]["RICE_BLOB_DIR"]
+        assert any(v["target"] == blob_dir and v["type"] == "volume" for v in services[name]["volumes"])
+
+
+def test_the_image_matches_the_makefile_and_carries_the_cli() -> None:
+    """Same torch as `make setup`; the `rice` CLI installed (tools/ copied); the healthcheck follows RICE_PORT."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    make_torch = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text())
+    image_torch = re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile)
+    assert make_torch and image_torch and make_torch.group(1) == image_torch.group(1)
+    assert re.search(r"^COPY tools ", dockerfile, re.M)
+    health = dockerfile[dockerfile.index("HEALTHCHECK") :]
+    assert "RICE_PORT" in health and ":8000/" not in health

@@ -45,7 +45,7 @@ def test_export_then_import_in_parts_restores_the_gallery(tmp_path: Path, encode
         for name in (ITEMS, VECTORS):
             (other / name).write_bytes((out / name).read_bytes())
         (other / MANIFEST).write_text(json.dumps({**json.loads((out / MANIFEST).read_text()), "model_version": "another"}))
-        assert main(["gallery", "import", str(other), "--url", url]) == 1  # 409: nothing written
+        assert main(["gallery", "import", str(other), "--url", url]) == 5  # 409 (another 4xx: exit 5): nothing written
         assert c.get("/v1/gallery/stats").json()["gallery_version"] == 3
 
 

@@ -99,7 +99,7 @@ def test_bad_recordings_get_clear_errors_from_the_endpoint_and_jobs(server: tupl
     r = httpx.post(f"{url}/v1/recognize/timeline", params={"window_s": 1, "stride_s": 2}, content=junk, timeout=60)
     assert r.status_code == 400 and "stride_s" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/recognize/timeline", params={"top_k": 10_000}, content=junk, timeout=60)
-    assert r.status_code == 400
+    assert r.status_code == 422 and r.json()["error"]["message"] == "query.top_k: Input should be less than or equal to 100"
     assert httpx.post(f"{url}/v1/recognize/timeline", timeout=60).status_code == 400  # no upload at all
     r = httpx.get(f"{url}/v1/jobs/no-such-job", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -119,25 +119,53 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from index.blobs import open_originals
     from service.state import store_for
     from tools.ingest import read_catalog
-    from tools.reindex import run_reindex
+    from tools.reindex import ReindexReport, run_reindex
 
     if args.embed_only:
         from tools.gallery_io import embed_to_dir
 
+        if not args.catalog:
+            print("rice reindex: --embed-only needs --catalog (it embeds a folder, not the gallery)", file=sys.stderr)
+            return EXIT_USAGE
         summary = embed_to_dir(args.checkpoint, Path(args.catalog), args.shop_id, Path(args.embed_only), args.quiet)
         print(json.dumps(summary, indent=2))
         return 1 if summary["failed"] else 0
     settings = Settings()
-    items = read_catalog(Path(args.catalog), args.shop_id)
+    items = read_catalog(Path(args.catalog), args.shop_id) if args.catalog else []
     store = store_for(settings)
+
+    def counts(report: ReindexReport) -> None:  # before any replica switches: what the new namespace holds
+        print(f"rice reindex: {report.counts()}", file=sys.stderr, flush=True)
+
     try:
-        with tqdm(total=len(items), unit="img", disable=args.quiet) as bar:
-            report = run_reindex(args.checkpoint, items, store, settings, args.url, args.api_key, args.server_checkpoint, bar.update)
+        with tqdm(unit="img", disable=args.quiet) as bar:
+
+            def total(n: int) -> None:
+                bar.total = n
+                bar.refresh()
+
+            report = run_reindex(
+                args.checkpoint,
+                items,
+                store,
+                settings,
+                args.url,
+                args.api_key,
+                args.server_checkpoint,
+                bar.update,
+                originals=open_originals(settings.blob_dir, settings.gallery_path),
+                on_counts=counts,
+                allow_missing=args.allow_missing,
+                on_total=total,
+            )
     finally:
         store.close()
     print(json.dumps(asdict(report), indent=2))
+    if report.not_switched:
+        print(f"rice reindex: not switched: {report.not_switched}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -269,13 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "reindex",
-        help="re-embed a catalog with a new checkpoint into its own namespace, then switch the replicas to it",
-        description="Embeds the catalog (same layout as `rice ingest`) with CHECKPOINT into the gallery store named by the "
-        "RICE_* settings (RICE_REDIS_URL or RICE_GALLERY_PATH), under the new model's version, keeping item ids and metadata; "
-        "then asks each --url replica to swap model and gallery together (no downtime, no mixed-version answers).",
+        help="re-embed the gallery with a new checkpoint into its own namespace, then switch the replicas to it",
+        description="Re-embeds every item of the gallery named by the RICE_* settings (RICE_REDIS_URL or RICE_GALLERY_PATH) "
+        "from its kept original image (RICE_BLOB_DIR) with CHECKPOINT, under the new model's version, keeping item ids, SKUs, "
+        "shops, metadata and thumbnails; no local folder is needed. Prints the counts, then asks each --url replica to swap "
+        "model and gallery together (no downtime, no mixed-version answers); it does not switch when a gallery item could "
+        "not be embedded, unless --allow-missing.",
     )
     x.add_argument("--checkpoint", help="the new RICE checkpoint (omit for the built-in ImageNet encoder)")
-    x.add_argument("--catalog", required=True, help="catalog folder (sub-folder name = SKU) or CSV, as given to `rice ingest`")
+    x.add_argument(
+        "--catalog",
+        help="optional extra source: a catalog as given to `rice ingest`; its images are embedded too (and replace the "
+        "gallery's copy of the same item)",
+    )
+    x.add_argument("--allow-missing", action="store_true", help="switch even if some gallery items could not be embedded")
     x.add_argument("--url", action="append", default=[], help="a replica to switch (repeat for each); none = only embed")
     x.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
     x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")
@@ -309,18 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
     out.add_argument("--csv", action="store_true", help=f"print CSV ({', '.join(CSV_FIELDS)}), one row per file")
     r.set_defaults(func=cmd_recognize)
-    from tools import timeline_cli
+    from tools import manifest, timeline_cli
 
     timeline_cli.add_parser(sub)
+    manifest.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (no connection, refused key, bad file, bad request) is one line
     on stderr and a distinct exit status (EXIT_CODES), never a traceback."""
+    import httpx
+
     from index.errors import StoreUnavailable
     from model.checkpoint import CheckpointError
-    from tools.client import RiceError
+    from tools.client import RiceError, check_url
     from tools.ingest import CatalogError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -330,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "api_key", None) is None and "api_key" in args:
         args.api_key = os.environ.get("RICE_CLIENT_API_KEY")
     try:
+        if isinstance(getattr(args, "url", None), str):  # every command that talks to a service: one check, one message
+            args.url = check_url(args.url)
+        elif isinstance(getattr(args, "url", None), list):
+            args.url = [check_url(u) for u in args.url]
         return int(args.func(args))
     except RiceError as exc:
         print(f"rice {args.command}: {exc.message}", file=sys.stderr)
@@ -337,12 +379,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogError, CheckpointError) as exc:  # a catalog or checkpoint file the user named is unusable
         print(f"rice {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except json.JSONDecodeError as exc:  # a manifest or annotations file that is not JSON (lines)
+        print(f"rice {args.command}: a file given is not the JSON (lines) expected: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreUnavailable as exc:  # reindex: the gallery store named by RICE_REDIS_URL / RICE_GALLERY_PATH
         print(f"rice {args.command}: cannot use the gallery store ({exc})", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except httpx.TransportError as exc:  # the commands that use httpx directly (gallery, timeline)
+        where = getattr(args, "url", "the service")
+        print(f"rice {args.command}: cannot connect to {where} ({type(exc).__name__}: {exc}); is the service running?", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except OSError as exc:  # a local file the user named: missing, a folder, unreadable
-        if exc.filename is None:
+        if exc.filename is None and not isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
             raise
+        if exc.filename is None:  # the message names the file
+            print(f"rice {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"rice {args.command}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import time
 import urllib.parse
@@ -122,6 +123,27 @@ class RiceError(Exception):
         self.message = message
 
 
+class BadUrl(RiceError):
+    """The --url is not a service's base URL (no http(s) scheme or host, or an API path like /v1)."""
+
+    exit_code = 2
+
+
+def check_url(url: str) -> str:
+    """`url` as a service base URL (no trailing slash), or BadUrl saying what to give instead."""
+    parts = urllib.parse.urlsplit(url.strip())
+    example = "e.g. http://127.0.0.1:8000"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadUrl(f"--url {url!r} is not an http(s) URL with a host ({example})")
+    segments = [p for p in parts.path.split("/") if p]
+    if "v1" in segments:  # an API path: the client adds /v1/... itself, so the answers would all be 404
+        base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/".join(segments[: segments.index("v1")]), "", ""))
+        raise BadUrl(f"--url {url!r} names an API path; give the service's base URL ({base})")
+    if parts.query or parts.fragment:
+        raise BadUrl(f"--url {url!r} has a query or fragment; give the service's base URL ({example})")
+    return url.strip().rstrip("/")
+
+
 class ServiceUnreachable(RiceError):
     """No connection (refused, unknown host, timed out connecting)."""
 
@@ -180,6 +202,8 @@ def api_error(response: httpx.Response) -> ApiError:
     except ValueError:
         code, message = "error", response.text[:200] or response.reason_phrase
     status = response.status_code
+    if status == 404 and message == "Not Found":  # no such route (not an unknown item): a wrong base URL
+        message += f" ({response.request.url.path}: is --url the service's base URL, e.g. http://127.0.0.1:8000?)"
     cls = AuthError if status in (401, 403) else ServerError if status >= 500 or status == 429 else RequestRejected
     return cls(status, code, message, _retry_after(response.headers.get("retry-after")))
 
@@ -195,6 +219,12 @@ def is_still(name: str, head: bytes) -> bool:
     if suffix in VIDEO_SUFFIXES:
         return False
     return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def content_item_id(sku: str, shop_id: str | None, data: bytes) -> str:
+    """The item id `add_item` gives an image without one: from its SKU, shop and bytes, so adding the
+    same image again replaces the item instead of duplicating it."""
+    return "img-" + hashlib.sha1(f"{sku}\x00{shop_id or ''}\x00".encode() + data).hexdigest()[:20]
 
 
 def _media(media: bytes | str | Path, filename: str | None) -> tuple[str, bytes]:
@@ -266,11 +296,9 @@ class _Calls:
         image: bytes | str | Path, sku: str, shop_id: str | None, item_id: str | None, metadata: dict[str, Any] | None, filename: str | None
     ) -> Call[ItemAdded]:
         name, data = _media(image, filename)
-        form = {"sku": sku}
+        form = {"sku": sku, "item_id": item_id or content_item_id(sku, shop_id, data)}
         if shop_id:
             form["shop_id"] = shop_id
-        if item_id:
-            form["item_id"] = item_id
         if metadata:
             form["metadata"] = json.dumps(metadata)
 
@@ -308,7 +336,7 @@ def _quote(part: str) -> str:
 
 class _Base:
     def __init__(self, url: str, api_key: str | None, retries: int, max_retry_wait_s: float) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.retries = retries
         self.max_retry_wait_s = max_retry_wait_s
@@ -397,7 +425,8 @@ class RiceClient(_Base):
         metadata: dict[str, Any] | None = None,
         filename: str | None = None,
     ) -> ItemAdded:
-        """Add (or, with an existing item_id, replace) one catalog image."""
+        """Add (or, with an existing item_id, replace) one catalog image. Without `item_id` the id is
+        derived from the SKU, shop and image bytes: running the same code twice never duplicates items."""
         return self.call(_Calls.add_item(image, sku, shop_id, item_id, metadata, filename))
 
     def delete_item(self, item_id: str) -> Deleted:

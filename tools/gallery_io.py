@@ -1,5 +1,6 @@
 """`rice gallery export DIR`, `rice gallery import DIR` and `rice reindex --embed-only DIR`: a gallery
-as a folder of three files (`index.bulk`: manifest.json, items.jsonl, vectors.npy).
+as a folder of three files (`index.bulk`: manifest.json, items.jsonl, vectors.npy), with the items'
+thumbnails (`thumbnails/<id>.jpg`) and, with `--originals`, original images (`originals/<id>.jpg`).
 
 Export and import talk to a running service (GET /v1/gallery/export, POST /v1/gallery/bulk), so they
 work the same on the embedded and the Redis store and every replica sees the import at once. An
@@ -10,7 +11,6 @@ it into requests of N rows (each all or nothing) for catalogs larger than RICE_M
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import sys
@@ -23,33 +23,50 @@ from typing import Any
 import httpx
 import numpy as np
 
+from index.blobs import image_member, image_tar, parse_image_member
 from index.bulk import ITEMS, MANIFEST, VECTORS, BulkItem, Manifest, npy_header, read_manifest, write_dir
 from index.errors import InvalidBulk
+from tools.client import api_error
 
 
 def _client(url: str, api_key: str | None) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"X-API-Key": api_key} if api_key else {}, timeout=httpx.Timeout(30.0, read=3600.0))
 
 
-def export_gallery(url: str, api_key: str | None, folder: Path) -> Manifest:
-    """Stream the served gallery into `folder` (the manifest is written last: its presence means complete)."""
+def export_gallery(url: str, api_key: str | None, folder: Path, originals: bool = False) -> Manifest:
+    """Stream the served gallery into `folder` with its items' thumbnails (and originals), the
+    manifest written last: its presence means complete."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".export.tar"
-    with _client(url, api_key) as c, c.stream("GET", "/v1/gallery/export") as r:
+    params = {"images": "all" if originals else "thumbnails"}
+    with _client(url, api_key) as c, c.stream("GET", "/v1/gallery/export", params=params) as r:
         if r.status_code != 200:
             r.read()
-            raise RuntimeError(f"export failed: HTTP {r.status_code} {_message(r)}")
+            raise api_error(r)  # the CLI's exit status by kind: refused key 4, rejected 5, server 6
         with tmp.open("wb") as f:
             for chunk in r.iter_bytes(1 << 20):
                 f.write(chunk)
     try:
         with tarfile.open(tmp) as tar:
-            for name in (VECTORS, ITEMS, MANIFEST):  # only the three known names: nothing else is extracted
-                member = tar.extractfile(name)
-                if member is None:
-                    raise InvalidBulk(f"the export has no {name}")
-                with (folder / name).open("wb") as out:
-                    shutil.copyfileobj(member, out, 1 << 20)
+            for member in tar:  # only known names are extracted, under names made here (never the member's path)
+                parsed = parse_image_member(member.name)
+                if parsed is not None and member.isfile():
+                    target = folder / image_member(*parsed)
+                    target.parent.mkdir(exist_ok=True)
+                elif member.name in (VECTORS, ITEMS) and member.isfile():
+                    target = folder / member.name
+                else:
+                    continue
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file
+                with target.open("wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            manifest = tar.extractfile(MANIFEST)  # last: its presence means complete
+            if manifest is None:
+                raise InvalidBulk(f"the export has no {MANIFEST}")
+            (folder / MANIFEST).write_bytes(manifest.read())
+    except KeyError as exc:
+        raise InvalidBulk(f"the export is incomplete: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return read_manifest(folder)
@@ -80,10 +97,32 @@ def _npy_bytes(rows: np.ndarray) -> Iterator[bytes]:
         yield np.ascontiguousarray(rows[s : s + 4096], dtype="<f4").tobytes()
 
 
+def _images_of(folder: Path, lines: list[bytes], originals: bool) -> bytes | None:
+    """The rows' thumbnails (and originals) found in `folder`, as the bulk import's `images` tar."""
+    kinds = ("thumbnails", "originals") if originals else ("thumbnails",)
+    members = []
+    for line in lines:
+        try:
+            item_id = str(json.loads(line)["item_id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # the service rejects the row itself, naming it
+        for kind in kinds:
+            path = folder / image_member(kind, item_id)
+            if path.is_file():
+                members.append((image_member(kind, item_id), path.read_bytes()))
+    return image_tar(members) if members else None
+
+
 def import_gallery(
-    url: str, api_key: str | None, folder: Path, rows: int = 0, progress: Callable[[int], object] | None = None
+    url: str,
+    api_key: str | None,
+    folder: Path,
+    rows: int = 0,
+    progress: Callable[[int], object] | None = None,
+    originals: bool = False,
 ) -> ImportReport:
-    """POST the folder to /v1/gallery/bulk, in requests of `rows` rows (0 = one request: all or nothing)."""
+    """POST the folder to /v1/gallery/bulk, in requests of `rows` rows (0 = one request: all or
+    nothing), each with its rows' thumbnails (and, with `originals`, original images) when the folder has them."""
     manifest = read_manifest(folder)
     vectors, lines = _rows_of(folder, manifest)
     step = rows or max(1, manifest.count)
@@ -93,14 +132,19 @@ def import_gallery(
             part = vectors[start : start + step]
             body = b"".join(_npy_bytes(part))
             items = b"\n".join(lines[start : start + step]) + b"\n"
-            r = c.post(
-                "/v1/gallery/bulk",
-                files={"vectors": ("vectors.npy", io.BytesIO(body), "application/octet-stream"), "items": ("items.jsonl", items)},
-                data={"model_version": manifest.model_version},
-            )
+            files: dict[str, tuple[str, bytes, str]] = {
+                "vectors": ("vectors.npy", body, "application/octet-stream"),
+                "items": ("items.jsonl", items, "application/x-ndjson"),
+            }
+            images = _images_of(folder, lines[start : start + step], originals)
+            if images is not None:
+                files["images"] = ("images.tar", images, "application/x-tar")
+            r = c.post("/v1/gallery/bulk", files=files, data={"model_version": manifest.model_version})
             if r.status_code != 201:
                 done = f"{report.imported} rows imported before it" if report.imported else "nothing was imported"
-                raise RuntimeError(f"import of rows {start}-{start + len(part) - 1} failed ({done}): HTTP {r.status_code} {_message(r)}")
+                error = api_error(r)
+                error.message = f"import of rows {start}-{start + len(part) - 1} failed ({done}): {error.message}"
+                raise error
             answer = r.json()
             report = ImportReport(report.imported + answer["imported"], report.requests + 1, answer["gallery_version"])
             if progress is not None:
@@ -115,6 +159,7 @@ def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, fol
 
     from model.checkpoint import load_encoder
     from pipeline.engine import EncoderEngine
+    from pipeline.originals import original_jpeg
     from service.settings import Settings
     from tools.ingest import read_catalog
     from tools.reindex import embed_catalog
@@ -122,8 +167,15 @@ def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, fol
     settings = Settings()
     items = read_catalog(catalog, shop_id)
     engine = EncoderEngine(load_encoder(checkpoint), settings.device, settings.torch_threads, settings.dtype)
+    thumbnails: dict[str, bytes] = {}
     with tqdm(total=len(items), unit="img", disable=quiet) as bar:
-        embedded, failed = embed_catalog(items, engine, settings, progress=bar.update)
+        embedded, failed = embed_catalog(items, engine, settings, progress=bar.update, thumbnails=thumbnails)
+    for it, _ in embedded:  # `rice gallery import` sends them with the rows: imported items have images too
+        (folder / "thumbnails").mkdir(parents=True, exist_ok=True)
+        (folder / image_member("thumbnails", it.item_id)).write_bytes(thumbnails[it.item_id])
+        if (original := original_jpeg(it.data())) is not None:
+            (folder / "originals").mkdir(exist_ok=True)
+            (folder / image_member("originals", it.item_id)).write_bytes(original)
     vectors = np.stack([v for _, v in embedded]).astype(np.float32) if embedded else np.zeros((0, engine.dim), np.float32)
     write_dir(
         folder,
@@ -134,31 +186,24 @@ def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, fol
     return {"model_version": engine.model_version, "embedded": len(embedded), "failed": failed, "out": str(folder)}
 
 
-def _message(r: httpx.Response) -> str:
-    try:
-        return str(r.json().get("error", {}).get("message", ""))
-    except ValueError:
-        return r.text[:200]
-
-
 def cmd_gallery(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     try:
         if args.gallery_command == "export":
-            manifest = export_gallery(args.url, args.api_key, folder)
+            manifest = export_gallery(args.url, args.api_key, folder, args.originals)
             print(json.dumps({"exported": manifest.count, "gallery_version": manifest.gallery_version, "out": str(folder)}))
         else:
-            report = import_gallery(args.url, args.api_key, folder, args.rows)
+            report = import_gallery(args.url, args.api_key, folder, args.rows, originals=args.originals)
             print(json.dumps({"imported": report.imported, "requests": report.requests, "gallery_version": report.gallery_version}))
-    except (RuntimeError, InvalidBulk, OSError, httpx.HTTPError) as exc:
+    except (InvalidBulk, OSError) as exc:  # the folder: missing, not an export, unreadable (a usage error)
         print(f"rice gallery {args.gallery_command}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
 def register(sub: Any) -> None:
     """Mount `rice gallery export|import` on the CLI's subcommands."""
-    g = sub.add_parser("gallery", help="back up or restore a gallery's vectors (manifest.json, items.jsonl, vectors.npy)")
+    g = sub.add_parser("gallery", help="back up or restore a gallery: vectors, items and their thumbnails (originals with --originals)")
     gs = g.add_subparsers(dest="gallery_command", required=True)
     for name, help_text in (
         ("export", "write the served model's gallery into DIR (GET /v1/gallery/export)"),
@@ -170,4 +215,9 @@ def register(sub: Any) -> None:
         p.add_argument("--api-key", default=None, help="API key with write rights (or RICE_CLIENT_API_KEY)")
         if name == "import":
             p.add_argument("--rows", type=int, default=0, help="rows per request (each all or nothing); 0 = the whole folder in one")
+        p.add_argument(
+            "--originals",
+            action="store_true",
+            help="also carry each item's original image (originals/), which `rice reindex` re-embeds from (thumbnails always go)",
+        )
         p.set_defaults(func=cmd_gallery)

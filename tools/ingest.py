@@ -1,5 +1,5 @@
-"""`rice ingest`: feed a catalog (a folder with one sub-folder per SKU, or a CSV of
-path,sku,shop_id,metadata) into a running service, concurrently, resumably, reporting bad files
+"""`rice ingest`: feed a catalog (a folder with one sub-folder per SKU or images named by SKU, one
+image, or a CSV of path,sku,shop_id,metadata) into a running service, concurrently, resumably, reporting bad files
 without stopping.
 
 Item ids are derived from (sku, file path), so running the same catalog twice upserts the same
@@ -38,6 +38,13 @@ class CatalogImage:
     item_id: str
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # returned with search results
 
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def data(self) -> bytes:
+        return self.path.read_bytes()
+
 
 @dataclass
 class IngestReport:
@@ -61,21 +68,37 @@ def stable_item_id(sku: str, path: Path) -> str:
 
 
 def read_catalog(source: Path, shop_id: str | None = None) -> list[CatalogImage]:
-    """A folder (sub-folder name = SKU) or a CSV with columns path,sku[,shop_id[,metadata]]: a header
+    """A folder (each sub-folder's name is the SKU of the images in it; an image directly in the folder
+    is its own SKU, named by its file name stem: `cola-330ml.jpg` is SKU `cola-330ml`), one image
+    (SKU = its stem), or a CSV with columns path,sku[,shop_id[,metadata]]: a header
     row naming them (any order) is optional; metadata is a JSON object (quoted as CSV needs, e.g.
     `"{""name"": ""Cola""}"`); relative paths are relative to the CSV's folder."""
     items: list[CatalogImage] = []
     if source.is_dir():
-        for sku_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-            for f in sorted(sku_dir.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    rel = f.relative_to(source)
-                    items.append(CatalogImage(f, sku_dir.name, shop_id, stable_item_id(sku_dir.name, rel)))
+        for entry in sorted(source.iterdir()):
+            if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:  # a flat folder: SKU = file name stem
+                items.append(CatalogImage(entry, entry.stem, shop_id, stable_item_id(entry.stem, entry.relative_to(source))))
+            elif entry.is_dir():
+                for f in sorted(entry.rglob("*")):
+                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                        items.append(CatalogImage(f, entry.name, shop_id, stable_item_id(entry.name, f.relative_to(source))))
+        if not items:
+            raise CatalogError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it or in its sub-folders")
         return items
     if not source.is_file():
-        raise CatalogError(f"{source}: no such catalog folder or CSV file")
+        raise CatalogError(f"{source}: no such catalog folder, image or CSV file")
+    if source.suffix.lower() in IMAGE_SUFFIXES:  # one image: SKU = its file name stem
+        return [CatalogImage(source, source.stem, shop_id, stable_item_id(source.stem, Path(source.name)))]
+    try:
+        return _read_csv(source, shop_id)
+    except UnicodeDecodeError:
+        raise CatalogError(f"{source}: not a catalog (a CSV is UTF-8 text; images end in {', '.join(sorted(IMAGE_SUFFIXES))})") from None
+
+
+def _read_csv(source: Path, shop_id: str | None) -> list[CatalogImage]:
+    items: list[CatalogImage] = []
     columns: tuple[str, ...] = CSV_COLUMNS
-    with source.open(newline="") as fh:
+    with source.open(newline="", encoding="utf-8") as fh:
         for line, row in enumerate(csv.reader(fh), start=1):
             if not row or row[0].startswith("#"):
                 continue

@@ -125,3 +125,38 @@ def write_recording(
     finally:
         writer.release()
     return truth_of(parts, fps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tools.longclip OUT.mp4`: one generated recording and its true segments (OUT.json)."""
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from tools.democatalog import make_products
+
+    p = argparse.ArgumentParser(
+        prog="python -m tools.longclip",
+        description="Write a generated livestream recording (products held up in turn, gaps, distractors) and, beside it, "
+        "its true segments as JSON: test material for `rice timeline` and POST /v1/jobs/timeline.",
+    )
+    p.add_argument("out", help="the MP4 to write; the truth goes to the same name with .json")
+    p.add_argument("--seconds", type=float, default=120.0, help="about how long the recording is")
+    p.add_argument("--products", type=int, default=8, help="gallery products shown (the demo catalog's generator)")
+    p.add_argument("--distractors", type=int, default=2, help="products shown that are not in the gallery")
+    p.add_argument("--fps", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    products = make_products(args.products + args.distractors, seed=args.seed)
+    shown, others = products[: args.products], products[args.products :]
+    rng = np.random.default_rng(args.seed)
+    parts = plan_recording([q.sku for q in shown], [q.sku for q in others], args.seconds, rng)
+    truth = write_recording(parts, products, args.out, seed=args.seed, fps=args.fps)
+    truth_path = Path(args.out).with_suffix(".json")
+    truth_path.write_text(json.dumps({"skus": [q.sku for q in shown], "segments": [asdict(t) for t in truth]}, indent=2) + "\n")
+    print(f"{args.out}: {sum(q.seconds for q in parts):.0f} s, {len(truth)} true segments in {truth_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

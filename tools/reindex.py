@@ -1,73 +1,155 @@
-"""`rice reindex`: re-embed a catalog with a new checkpoint into that model's gallery namespace,
-then switch every replica to it (each swaps model and gallery together: no downtime, no answer
-that mixes two models).
+"""`rice reindex`: re-embed the gallery with a new checkpoint into that model's namespace, then
+switch every replica to it (each swaps model and gallery together: no downtime, no answer that
+mixes two models).
 
-Item ids are the ones `rice ingest` gives (derived from SKU + path), and metadata is carried
-over from the items the served model already has (or, when the served model's gallery is empty,
-from the fullest other namespace), so the new namespace mirrors the old one; a CSV catalog's own
-metadata column wins. Thumbnails are written for every item too.
+The gallery is the source of truth for what the catalog is: every live item of the serving model's
+namespace (or, when that is empty, of the fullest other one) is re-embedded from its kept original
+image (index/blobs.py), keeping its id, SKU, shop, metadata, thumbnail and any other field it
+carries. An item kept without an original (added before originals were kept, or by a bulk import)
+is embedded from its thumbnail, and counted as such. `--catalog` is an optional extra source: its
+images (with ingest's item ids) are embedded too, replacing the gallery's copy of the same id, and
+their originals are kept for next time. Counts are reported before the switch, and the replicas are
+not switched when any gallery item could not be embedded (unless allowed).
 
 Works on both stores: the embedded SQLite file (run it on the machine that holds RICE_GALLERY_PATH)
-and Redis. It also fixes the model-switch trap: a server already serving the new model with an
-empty gallery gets that model's namespace filled, and reloads it when asked to "switch" to itself.
-Catalog writes made while a reindex runs land only in the old namespace: re-run the reindex
-(it is an idempotent upsert) before or after switching to pick them up.
+and Redis (with RICE_BLOB_DIR on a volume the replicas share). It also fixes the model-switch trap:
+a server already serving the new model with an empty gallery gets that model's namespace filled,
+and reloads it when asked to "switch" to itself. Catalog writes made while a reindex runs land only
+in the old namespace: re-run the reindex (an idempotent upsert) to pick them up.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from index.blobs import Blobs
 from index.records import Namespaces, Record, Store, Thumbnails
 from model.checkpoint import load_encoder
 from pipeline.decode import decode_image
 from pipeline.engine import EncoderEngine
+from pipeline.originals import original_jpeg
 from pipeline.thumbnail import thumbnail_jpeg
 from service.errors import ServiceError
 from service.settings import Settings
 from tools.client import RiceClient
-from tools.ingest import CatalogImage
+from tools.ingest import CatalogError, CatalogImage
 
 
 @dataclass
 class ReindexReport:
     model_version: str = ""
     previous_model_version: str = ""
+    source_namespace: str = ""  # the namespace whose items were re-embedded ("" = none had items)
+    gallery_items: int = 0  # live items there
+    from_originals: int = 0
+    from_thumbnails: int = 0  # kept without an original: embedded from the small thumbnail
+    from_catalog: int = 0  # images of --catalog (new items, or replacing the gallery's copy)
     embedded: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # source -> reason
+    missing: list[str] = field(default_factory=list)  # gallery items not in the new namespace
     switched: list[dict[str, Any]] = field(default_factory=list)
+    not_switched: str = ""  # why the replicas were left on the old model
     seconds: float = 0.0
+
+    def counts(self) -> str:
+        """One line for the operator, printed before the switch."""
+        return (
+            f"{self.embedded} items embedded for {self.model_version}: {self.from_originals} from kept originals, "
+            f"{self.from_thumbnails} from thumbnails (no original kept), {self.from_catalog} from --catalog; "
+            f"the source namespace {self.source_namespace or '(none)'} has {self.gallery_items} items, "
+            f"{len(self.missing)} of them missing; {len(self.failed)} failed"
+        )
+
+
+class GalleryImage:
+    """Reads a gallery item's image when it is embedded (never the whole gallery's images at once):
+    its kept original, else its thumbnail; `used` says which."""
+
+    def __init__(self, store: Store, originals: Blobs | None, item_id: str) -> None:
+        self.store, self.originals, self.item_id = store, originals, item_id
+        self.used = ""  # "original" or "thumbnail" once read
+
+    def __call__(self) -> bytes:
+        data = self.originals.get(self.item_id) if self.originals is not None else None
+        if data is not None:
+            self.used = "original"
+            return data
+        data = self.store.thumbnail(self.item_id) if isinstance(self.store, Thumbnails) else None
+        if data is None:
+            raise FileNotFoundError(2, "no original image or thumbnail kept for this item")
+        self.used = "thumbnail"
+        return data
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to embed: a gallery item's kept original (or thumbnail), or a catalog file."""
+
+    item_id: str
+    label: str  # for reports: the file, or "item <id>"
+    read: Callable[[], bytes]
+    record: Record | None = None  # the gallery's record, carried over with its new vector
+    catalog: CatalogImage | None = None
+
+    def data(self) -> bytes:
+        return self.read()
+
+    @property
+    def from_thumbnail(self) -> bool:
+        return isinstance(self.read, GalleryImage) and self.read.used == "thumbnail"
+
+
+class Embeddable(Protocol):
+    """What `embed_catalog` reads: an id, a label for reports, and the image bytes."""
+
+    @property
+    def item_id(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def data(self) -> bytes: ...
+
+
+E = TypeVar("E", bound=Embeddable)
 
 
 def embed_catalog(
-    items: list[CatalogImage],
+    items: Sequence[E],
     engine: EncoderEngine,
     settings: Settings,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     thumbnails: dict[str, bytes] | None = None,
-) -> tuple[list[tuple[CatalogImage, np.ndarray]], dict[str, str]]:
-    """Decode (letterboxed, as ingestion does) and embed every catalog image; bad files are reported.
-    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame."""
+    on_image: Callable[[E, bytes, bytes], None] | None = None,
+) -> tuple[list[tuple[E, np.ndarray]], dict[str, str]]:
+    """Decode (letterboxed, as ingestion does) and embed every image; bad ones are reported.
+    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame;
+    `on_image(item, image bytes, thumbnail)` is called for each decoded image (nothing is kept)."""
     pre = engine.config.preprocess
-    done: list[tuple[CatalogImage, np.ndarray]] = []
+    done: list[tuple[E, np.ndarray]] = []
     failed: dict[str, str] = {}
     for start in range(0, len(items), batch_size):
         chunk, frames = [], []
         for it in items[start : start + batch_size]:
             try:
-                frames.append(decode_image(it.path.read_bytes(), pre, settings.max_frame_pixels, whole=True))
+                data = it.data()
+                frames.append(decode_image(data, pre, settings.max_frame_pixels, whole=True))
                 chunk.append(it)
-                if thumbnails is not None:
-                    thumbnails[it.item_id] = thumbnail_jpeg(frames[-1])
+                if thumbnails is not None or on_image is not None:
+                    thumb = thumbnail_jpeg(frames[-1])
+                    if thumbnails is not None:
+                        thumbnails[it.item_id] = thumb
+                    if on_image is not None:
+                        on_image(it, data, thumb)
             except (OSError, ServiceError) as exc:
-                failed[str(it.path)] = str(getattr(exc, "message", exc))
+                failed[it.label] = str(getattr(exc, "message", exc))
         if frames:
             emb = engine.encode(np.stack(frames))
             done.extend(zip(chunk, emb, strict=True))
@@ -76,29 +158,49 @@ def embed_catalog(
     return done, failed
 
 
-def write_namespace(store: Store, namespace: str, embedded: list[tuple[CatalogImage, np.ndarray]], old: dict[str, Record]) -> int:
+def new_record(source: Source, vector: np.ndarray) -> Record:
+    """The item in the new namespace: the gallery's record (every field, shop and metadata included)
+    with the new vector; a catalog image's SKU, shop and metadata over it."""
+    vec = vector.astype(np.float32)
+    old, cat = source.record, source.catalog
+    if cat is None:
+        assert old is not None
+        return replace(old, vector=vec, version=0, deleted=False)
+    if old is None:
+        return Record(cat.item_id, cat.sku, cat.shop_id, vec, dict(cat.metadata))
+    return replace(old, sku=cat.sku, shop_id=cat.shop_id or old.shop_id, metadata={**old.metadata, **cat.metadata}, vector=vec, version=0)
+
+
+def write_namespace(store: Store, namespace: str, records: list[Record]) -> int:
     """Upsert into the new namespace in chunks; returns the last gallery version written."""
     version = 0
-    records = [Record(it.item_id, it.sku, it.shop_id, vec.astype(np.float32), _metadata(it, old.get(it.item_id))) for it, vec in embedded]
     for start in range(0, len(records), 256):
         version = store.upsert(namespace, records[start : start + 256])
     return version
 
 
-def _metadata(item: CatalogImage, old: Record | None) -> dict[str, Any]:
-    """The catalog's own metadata (a CSV column) over what the item carried before."""
-    return {**(old.metadata if old is not None else {}), **item.metadata}
-
-
 def source_namespace(store: Store, serving: str, new: str) -> str:
-    """The namespace whose items' metadata the new one inherits: the serving model's, unless it is
-    the new one itself or empty (the model-switch trap), then the fullest other one."""
+    """The namespace to re-embed: the serving model's, unless it is the new one itself or unknown,
+    then the fullest other one, else the new one's own (a re-run)."""
     if serving and serving != new:
         return serving
     if not isinstance(store, Namespaces):
-        return ""
-    others = {ns: n for ns, n in store.namespace_counts().items() if ns != new and n > 0}
-    return max(others, key=lambda ns: others[ns]) if others else ""
+        return new
+    counts = store.namespace_counts()
+    others = {ns: n for ns, n in counts.items() if ns != new and n > 0}
+    return max(others, key=lambda ns: others[ns]) if others else new
+
+
+def gallery_sources(store: Store, namespace: str, originals: Blobs | None) -> list[Source]:
+    """Every live item of `namespace`; its image is read when embedded: its kept original, else its
+    thumbnail (an item with neither fails to embed, and is reported missing)."""
+    live: dict[str, Record] = {}
+    for r in store.changes_since(namespace, 0):  # in version order: the last record of an id wins
+        if r.deleted:
+            live.pop(r.item_id, None)
+        else:
+            live[r.item_id] = r
+    return [Source(item_id, f"item {item_id}", GalleryImage(store, originals, item_id), rec) for item_id, rec in live.items()]
 
 
 def switch_replicas(urls: list[str], checkpoint: str | None, api_key: str | None, min_items: int) -> list[dict[str, Any]]:
@@ -113,14 +215,20 @@ def switch_replicas(urls: list[str], checkpoint: str | None, api_key: str | None
 
 def run_reindex(
     checkpoint: str | None,
-    items: list[CatalogImage],
+    catalog: list[CatalogImage],
     store: Store,
     settings: Settings,
     urls: list[str],
     api_key: str | None,
     server_checkpoint: str | None = None,
     progress: Callable[[int], None] | None = None,
+    originals: Blobs | None = None,
+    on_counts: Callable[[ReindexReport], None] | None = None,
+    allow_missing: bool = False,
+    on_total: Callable[[int], None] | None = None,
 ) -> ReindexReport:
+    """Re-embed the gallery (and `catalog`, if any) with `checkpoint` into its namespace, report the
+    counts (`on_counts`), then switch `urls` unless a gallery item is missing and not `allow_missing`."""
     t = time.perf_counter()
     report = ReindexReport()
     engine = EncoderEngine(load_encoder(checkpoint), settings.device, settings.torch_threads, settings.dtype)
@@ -128,20 +236,49 @@ def run_reindex(
     if urls:
         with RiceClient(urls[0], api_key, timeout_s=30) as client:
             report.previous_model_version = client.info()["model_version"]
-    old: dict[str, Record] = {}
-    source = source_namespace(store, report.previous_model_version, engine.model_version)
-    if source:
-        old = {r.item_id: r for r in store.changes_since(source, 0) if not r.deleted}
-    thumbnails: dict[str, bytes] = {}
-    embedded, report.failed = embed_catalog(items, engine, settings, progress=progress, thumbnails=thumbnails)
+    report.source_namespace = source_namespace(store, report.previous_model_version, engine.model_version)
+    from_gallery = gallery_sources(store, report.source_namespace, originals)
+    report.gallery_items = len(from_gallery)
+    by_id = {s.item_id: s for s in from_gallery}
+    for c in catalog:  # the catalog's image replaces the gallery's copy of the same item
+        by_id[c.item_id] = Source(c.item_id, str(c.path), c.path.read_bytes, by_id[c.item_id].record if c.item_id in by_id else None, c)
+    sources = list(by_id.values())
+    if not sources:
+        raise CatalogError("nothing to reindex: the gallery has no items and no --catalog was given")
+    if on_total is not None:
+        on_total(len(sources))
+    # before the items are written: an item any replica can find has its images
+    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=_image_keeper(store, originals))
     report.embedded = len(embedded)
-    if isinstance(store, Thumbnails):  # before the items: an item any replica can find has its thumbnail
-        for item_id, jpeg in thumbnails.items():
-            store.put_thumbnail(item_id, jpeg)
+    report.from_catalog = sum(s.catalog is not None for s, _ in embedded)
+    report.from_thumbnails = sum(s.from_thumbnail for s, _ in embedded)
+    report.from_originals = report.embedded - report.from_catalog - report.from_thumbnails
+    done = {s.item_id for s, _ in embedded}
+    report.missing = sorted(s.item_id for s in from_gallery if s.item_id not in done)
     if embedded:
-        write_namespace(store, engine.model_version, embedded, old)
-    if urls:
+        write_namespace(store, engine.model_version, [new_record(s, v) for s, v in embedded])
+    if on_counts is not None:
+        on_counts(report)
+    if urls and report.missing and not allow_missing:
+        report.not_switched = f"{len(report.missing)} gallery items could not be embedded (see failed); --allow-missing switches anyway"
+    elif urls:
         target = server_checkpoint or (str(Path(checkpoint).resolve()) if checkpoint else None)
         report.switched = switch_replicas(urls, target, api_key, len(embedded))
     report.seconds = round(time.perf_counter() - t, 1)
     return report
+
+
+def _image_keeper(store: Store, originals: Blobs | None) -> Callable[[Source, bytes, bytes], None]:
+    """What each embedded image leaves behind: a catalog image its thumbnail and original; a gallery
+    item that had no thumbnail (a bulk import's) the one made from its original."""
+
+    def keep(s: Source, data: bytes, thumbnail: bytes) -> None:
+        if s.catalog is not None:
+            if originals is not None and (jpeg := original_jpeg(data)) is not None:
+                originals.put(s.item_id, jpeg)
+            if isinstance(store, Thumbnails):
+                store.put_thumbnail(s.item_id, thumbnail)
+        elif isinstance(store, Thumbnails) and not s.from_thumbnail and store.thumbnail(s.item_id) is None:
+            store.put_thumbnail(s.item_id, thumbnail)
+
+    return keep

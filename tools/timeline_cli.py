@@ -90,15 +90,24 @@ def run(args: argparse.Namespace) -> int:
     """Run every file as a job; exit status 1 if any failed (its error printed), 130 on Ctrl-C."""
     import httpx
 
+    from tools.client import api_error
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:  # a missing file is the user's to fix before anything is uploaded (exit 2)
+        if not path.is_file():
+            raise FileNotFoundError(2, "no such recording file", str(path))
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     answers: list[dict[str, Any]] = []
     failed = 0
     with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(60.0, write=600.0)) as client:
-        for path in map(Path, args.paths):
+        for path in paths:
             r = client.post("/v1/jobs/timeline", params=_params(args), content=_chunks(path))
             if r.status_code != 202:
-                print(f"{path}: HTTP {r.status_code} {r.json().get('error', {}).get('message', '')}", file=sys.stderr)
-                answers.append({"path": str(path), "status": "rejected", "error": r.json().get("error")})
+                error = api_error(r)
+                if r.status_code in (401, 403, 404) or error.code in ("invalid_request", "bad_request") or r.status_code >= 429:
+                    raise error  # the key, the URL, a parameter or the service: no other file would fare better
+                print(f"{path}: {error.message}", file=sys.stderr)  # this file (too large, not a recording)
+                answers.append({"path": str(path), "status": "rejected", "error": {"code": error.code, "message": error.detail}})
                 failed += 1
                 continue
             job_id = r.json()["job_id"]

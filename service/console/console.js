@@ -96,11 +96,17 @@ function isImage(file) {
   return file.type.startsWith("image/") || IMAGE_NAME.test(file.name);
 }
 
-async function recognize(blob, asImage) {
-  const params = new URLSearchParams({ top_k: $("top-k").value || "5" });
-  const shop = $("shop-id").value.trim();
+// The Recognize tab's own options; the gallery's "Try" passes its own, so one tab never uses another's fields.
+function recognizeOptions() {
+  return { topK: $("top-k").value || "5", shop: $("shop-id").value.trim(), numFrames: $("num-frames").value || "10" };
+}
+
+async function recognize(blob, asImage, options = recognizeOptions()) {
+  $("result").hidden = true; // the previous answer must not stand under this request's error
+  const params = new URLSearchParams({ top_k: options.topK });
+  const shop = options.shop;
   if (shop) params.set("shop_id", shop);
-  if (!asImage) params.set("num_frames", $("num-frames").value || "10");
+  if (!asImage) params.set("num_frames", options.numFrames);
   const form = new FormData();
   form.append("file", blob, blob.name || "query");
   const path = asImage ? "/v1/recognize/image" : "/v1/recognize";
@@ -157,11 +163,12 @@ async function browse() {
   const list = $("items");
   list.replaceChildren();
   for (const item of page.items) {
-    const tryIt = el("button", { type: "button", text: "Try", title: "recognize this item's thumbnail" });
+    const tryIt = el("button", { type: "button", text: "Try", title: "recognize this item's thumbnail against the whole gallery" });
     tryIt.addEventListener("click", () => guarded(async () => {
       const blob = await (await api(`/v1/gallery/items/${encodeURIComponent(item.item_id)}/thumbnail`)).blob();
       selectTab("recognize");
-      await recognize(new File([blob], `${item.item_id}.jpg`, { type: "image/jpeg" }), true);
+      const options = { topK: $("try-top-k").value || "5", shop: "", numFrames: "1" }; // this tab's own top k, every shop
+      await recognize(new File([blob], `${item.item_id}.jpg`, { type: "image/jpeg" }), true, options);
     }));
     const del = el("button", { type: "button", text: "Delete" });
     del.addEventListener("click", () => guarded(async () => {
@@ -243,6 +250,7 @@ function renderTimeline(answer) {
 }
 
 async function timeline() {
+  $("timeline").hidden = true; // the previous strip must not stand under this request's error
   const form = new FormData();
   const file = $("timeline-file").files[0];
   form.append("file", file, file.name);

@@ -6,10 +6,19 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 
 from service.errors import BadRequest, NotReady, PayloadTooLarge
 from service.serving import Serving
 from service.state import AppState
+
+
+def check_at_most(name: str, value: int, maximum: int) -> None:
+    """A query parameter over an operator's limit (RICE_MAX_*): the same 422 invalid_request, in the
+    same words, as the declared lower bounds give, so a client meets one validation language."""
+    if value > maximum:
+        err = {"type": "less_than_equal", "loc": ("query", name), "msg": f"Input should be less than or equal to {maximum}", "input": value}
+        raise RequestValidationError([err])
 
 
 def get_serving(request: Request) -> Serving:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -17,6 +18,7 @@ from pipeline.thumbnail import thumbnail_jpeg
 from service.auth import require_read, require_write
 from service.errors import BadRequest, Conflict
 from service.routes.deps import State, read_upload
+from service.routes.originals import ImageChoice, export_images, forget_originals, import_images, keep_original
 from service.schemas import BulkImported, Deleted, GalleryStats, ItemCreated
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
@@ -67,23 +69,27 @@ async def add_item(
     data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
     vector, frame = await state.pipeline.embed_catalog(data)
     thumbnail = await asyncio.to_thread(thumbnail_jpeg, frame)
+    item_id = item_id or uuid.uuid4().hex
+    await keep_original(request, item_id, data)  # before the item: a findable item always has its original
     new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 
-@router.delete("/items/{item_id}", response_model=Deleted, dependencies=[Depends(require_write)])
-async def delete_item(item_id: str, state: State) -> Deleted:
+@router.delete("/items/{item_id:path}", response_model=Deleted, dependencies=[Depends(require_write)])
+async def delete_item(item_id: str, state: State, request: Request) -> Deleted:
     """Remove one gallery image (404 if there is no such item)."""
     version, ids = await state.replica.delete_item(item_id)
+    await forget_originals(request, ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
 @router.delete("/skus/{sku}", response_model=Deleted, dependencies=[Depends(require_write)])
 async def delete_sku(
-    sku: str, state: State, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
+    sku: str, state: State, request: Request, shop_id: str | None = Query(None, description="only this shop's images of the SKU")
 ) -> Deleted:
     """Remove every image of a SKU (404 if it has none)."""
     version, ids = await state.replica.delete_sku(sku, shop_id)
+    await forget_originals(request, ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
@@ -103,11 +109,15 @@ def _read_bulk(vectors: IO[bytes], items: IO[bytes], dim: int, max_metadata_byte
 @router.post("/bulk", status_code=201, response_model=BulkImported, dependencies=[Depends(require_write)])
 async def bulk_import(
     state: State,
+    request: Request,
     vectors: Annotated[UploadFile, File(description="a .npy float32 array [n, dim] of embeddings (the served model's)")],
     items: Annotated[
         UploadFile | str, File(description='JSONL, one line per row: {"item_id", "sku", "shop_id"?, "metadata"?} (a file or a text field)')
     ],
     model_version: str = Form(..., description="the model that made the vectors; must be the served one (else 409)"),
+    images: Annotated[
+        UploadFile | None, File(description="optional tar of the rows' thumbnails/<id>.jpg and originals/<id>.jpg (id percent-quoted)")
+    ] = None,
 ) -> BulkImported:
     """Import precomputed vectors (e.g. from the offline reindex job, or a backup) under one gallery
     version. Every row is checked before anything is written; the import is all or nothing. Its
@@ -116,17 +126,24 @@ async def bulk_import(
         raise Conflict(f"the vectors are from model {model_version!r}; this service serves {state.engine.model_version!r}")
     lines = io.BytesIO(items.encode()) if isinstance(items, str) else items.file
     records = await asyncio.to_thread(_read_bulk, vectors.file, lines, state.replica.dim, state.settings.max_metadata_bytes)
+    if images is not None:
+        await import_images(request, state, images, {r.item_id for r in records})
     version = await state.replica.add_bulk(records)
     return BulkImported(imported=len(records), gallery_version=version)
 
 
 @router.get("/export", dependencies=[Depends(require_write)], response_class=StreamingResponse)
-async def export(state: State) -> StreamingResponse:
+async def export(
+    state: State,
+    request: Request,
+    images: Annotated[ImageChoice, Query(description="items' images in the tar: none, thumbnails, all (+ originals)")] = "thumbnails",
+) -> StreamingResponse:
     """Every live item of the served model's gallery as a tar stream: manifest.json (model_version,
     dim, count, gallery_version), items.jsonl, vectors.npy: the format POST /v1/gallery/bulk reads.
     Needs the write right: it hands out the whole catalog."""
     version, rows, vectors = await asyncio.to_thread(state.replica.gallery.export)
     manifest = Manifest(state.engine.model_version, state.replica.dim, len(rows), version)
-    body = export_tar(manifest, [BulkItem(*r) for r in rows], vectors)
+    extra = export_images(request, state, [r[0] for r in rows], images)
+    body = export_tar(manifest, [BulkItem(*r) for r in rows], vectors, extra)
     headers = {"Content-Disposition": f'attachment; filename="gallery-v{version}.tar"'}
     return StreamingResponse(iterate_in_threadpool(body), media_type="application/x-tar", headers=headers)

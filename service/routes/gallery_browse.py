@@ -31,7 +31,7 @@ async def list_items(
 
 
 @router.get(
-    "/items/{item_id}/thumbnail",
+    "/items/{item_id:path}/thumbnail",  # :path: an id may hold "/" (ID_PATTERN)
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the item's catalog thumbnail"}},
 )

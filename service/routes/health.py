@@ -88,6 +88,8 @@ async def info(state: State) -> dict[str, Any]:
         "preprocess": e.config.preprocess.__dict__,
         "gallery": gallery,
         "match_threshold": state.pipeline.match_threshold,
+        "match_threshold_calibrated": state.calibration_warning is None,  # by RICE_MATCH_THRESHOLD or the checkpoint
+        "calibration_warning": state.calibration_warning,
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_num_frames": s.max_num_frames,

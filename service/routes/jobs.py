@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from index.jobs import JobRecord, JobStore
 from pipeline.jobs import JobWorker
 from service.auth import require_read
-from service.errors import BadRequest, NotReady
-from service.routes.deps import current_state
+from service.errors import NotReady
+from service.routes.deps import check_at_most, current_state
 from service.routes.timeline import Options, save_upload
 from service.schemas import JobResponse
 
@@ -59,8 +59,7 @@ async def create_timeline_job(
     GET /v1/jobs/{job_id} for progress and the result."""
     store, worker = jobs
     settings = request.app.state.settings
-    if options.top_k > settings.max_top_k:
-        raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}")
+    check_at_most("top_k", options.top_k, settings.max_top_k)
     current_state(request)  # 503 while starting: nothing could run the job yet
     job_id = uuid.uuid4().hex
     path = Path(settings.job_dir) / f"{job_id}.upload"

@@ -8,19 +8,17 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from pipeline.stages import Recognition
 from service.auth import require_read
-from service.errors import BadRequest, NotReady
-from service.routes.deps import State, read_upload
+from service.errors import NotReady
+from service.routes.deps import State, check_at_most, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
 router = APIRouter(tags=["recognize"], dependencies=[Depends(require_read)])
 
 
 def _check(state: State, top_k: int, num_frames: int | None = None) -> None:
-    s = state.settings
-    if top_k > s.max_top_k:
-        raise BadRequest(f"top_k must be between 1 and {s.max_top_k}")
-    if num_frames is not None and num_frames > s.max_num_frames:
-        raise BadRequest(f"num_frames must be between 1 and {s.max_num_frames}")
+    check_at_most("top_k", top_k, state.settings.max_top_k)
+    if num_frames is not None:
+        check_at_most("num_frames", num_frames, state.settings.max_num_frames)
 
 
 _MIN_VERSION_DOC = (

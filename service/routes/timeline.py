@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from pipeline.timeline_run import TimelineOptions, timeline_answer
 from service.auth import require_read
 from service.errors import BadRequest, PayloadTooLarge
-from service.routes.deps import State
+from service.routes.deps import State, check_at_most
 from service.schemas import TimelineResponse
 
 router = APIRouter(tags=["timeline"], dependencies=[Depends(require_read)])
@@ -88,8 +88,7 @@ async def recognize_timeline(
     whole recording. Windows of `window_s` seconds are embedded and searched like clips, then
     smoothed over time (a Viterbi pass with a switching cost), so a product is one segment however
     the seller moves it. For recordings beyond the request limits, use POST /v1/jobs/timeline."""
-    if options.top_k > state.settings.max_top_k:
-        raise BadRequest(f"top_k must be between 1 and {state.settings.max_top_k}")
+    check_at_most("top_k", options.top_k, state.settings.max_top_k)
     path = Path(state.settings.job_dir) / "requests" / f"{uuid.uuid4().hex}.upload"
     try:
         await save_upload(file, request, path, state.settings.max_upload_bytes)
