@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from index.ann import AnnConfig, default_placer, set_search_threads
 from index.records import Store, StoreUnavailable
@@ -59,8 +60,17 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     namespace, batcher and pipeline. A model switch builds a second set and swaps it in whole, so a
     request never mixes one model's embeddings with another model's gallery. Blocking (model load,
     warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
-    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype, settings.cuda_graphs)
-    log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
+    engine = EncoderEngine(
+        loaded,
+        settings.device,
+        settings.torch_threads,
+        settings.dtype,
+        settings.cuda_graphs,
+        runtime=settings.encoder_runtime,
+        onnx_precision=settings.onnx_precision,
+        onnx_dir=onnx_dir(settings),
+    )
+    log.info("model %s from %s on %s (%s, %s)", engine.model_version, engine.source, engine.device, engine.dtype, engine.runtime)
     warm = engine.warm_up(settings.max_batch_size)
     log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
     dtype = str(engine.dtype).removeprefix("torch.")
@@ -136,6 +146,15 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         else [],
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+
+
+def onnx_dir(settings: Settings) -> str:
+    """RICE_ONNX_DIR, else 'onnx' beside the SQLite gallery file, else data/onnx (Redis or in-memory galleries)."""
+    if settings.onnx_dir:
+        return settings.onnx_dir
+    if settings.redis_url or settings.gallery_path == ":memory:":
+        return str(Path("data") / "onnx")
+    return str(Path(settings.gallery_path).parent / "onnx")
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
