@@ -297,5 +297,6 @@ def load_verified(
         _made.pop((model_version, precision), None)  # a bad file is never copied again
         if attempt == "cached":
             log.warning("re-exporting the %s encoder of model %s", precision, model_version)
+    path.unlink(missing_ok=True)  # the next start tries afresh rather than verifying a known-bad file
     log.error("the ONNX %s encoder of model %s does not match torch; the encoder runs on torch", precision, model_version)
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from service.settings import Settings
 from service.state import onnx_dir
 from tests.conftest import settings_for
 from tests.toy_backbone import ToyBackbone
+from tools.cli import main
 from tools.democatalog import DemoProduct
 
 
@@ -157,3 +159,18 @@ def test_export_that_raises_falls_back(tmp_path: Path, monkeypatch: pytest.Monke
         engine = onnx_engine(toy("toy-v1"), tmp_path, "int8")
     assert engine.runtime == "torch" and "export of model toy-v1 failed (RuntimeError: unsupported operator)" in caplog.text
     assert not list(tmp_path.rglob("*.onnx"))  # no temp file left behind
+
+
+def test_export_onnx_command_calibrates_on_photos_and_reports_refusals(
+    tmp_path: Path, products: list[DemoProduct], capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "catalog" / "sku1"
+    photos.mkdir(parents=True)
+    for i, p in enumerate(products):
+        assert cv2.imwrite(str(photos / f"{i}.jpg"), cv2.cvtColor(p.image, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "cache"
+    code = main(["export-onnx", "--precision", "all", "--images", str(tmp_path / "catalog"), "--dir", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    # fp32 verifies; the Lite0's INT8 graph is refused (see above): exit 1, and no refused file left to serve
+    assert code == 1 and lines[0].startswith("fp32: verified") and lines[1].startswith("int8: REFUSED")
+    assert [p.name for p in out.rglob("*.onnx")] == ["fp32.onnx"]
