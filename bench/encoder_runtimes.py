@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,13 @@ def main() -> None:
     for e in engines.values():
         e.warm_up(max(sizes))
     fps: dict[tuple[str, int], list[float]] = {(n, b): [] for n in engines for b in sizes}
-    for _ in range(args.rounds):
-        for b in sizes:
-            for name, e in engines.items():
-                fps[(name, b)].append(frames_per_s(e.encode, frames[:b], args.seconds))
+    # On a worker thread, as the batcher's encoder thread runs it: on a busy CPU torch measured
+    # several times slower on the main thread (docs/PERFORMANCE.md, "Service end to end on CPU").
+    with ThreadPoolExecutor(1) as worker:
+        for _ in range(args.rounds):
+            for b in sizes:
+                for name, e in engines.items():
+                    fps[(name, b)].append(worker.submit(frames_per_s, e.encode, frames[:b], args.seconds).result())
     table = {
         name: {b: round(statistics.median(fps[(name, b)]), 1) for b in sizes} | {"least_cosine_to_torch": round(cosine[name], 5)}
         for name in engines
