@@ -6,7 +6,10 @@
    ratios to torch. The ONNX graphs are exported and verified against torch as the service does
    (cosine >= 0.999 fp32, >= 0.99 INT8), into a temporary cache; the least cosine to torch on the
    benchmark frames is reported too.
-2. R@1 (with --root): `rice grocery-check` (tools.grocery_check) once per runtime, chosen with
+2. end to end (with --service-seconds): one `rice serve` process per runtime (default pipeline,
+   empty gallery, as bench/service_load.py), --clients closed-loop clients uploading 30-frame clips
+   (num_frames 8) to each service in turn, --rounds rounds; clips/s, median, and ratios to torch;
+3. R@1 (with --root and --skus): `rice grocery-check` (tools.grocery_check) once per runtime, chosen with
    RICE_ENCODER_RUNTIME / RICE_ONNX_PRECISION as a user would, on the same --skus products.
 
 Frames are catalog photos of the Grocery Store Dataset when --root (or $GROCERY_ROOT) is given,
@@ -60,6 +63,37 @@ def frames_per_s(encode: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, 
     return calls * len(batch) / (time.perf_counter() - t0)
 
 
+def service_table(args: argparse.Namespace, cache: str) -> None:
+    """Clips/s through the HTTP service, one service process per runtime, measured in turn each round."""
+    import asyncio
+    from contextlib import ExitStack
+
+    from bench.service_load import closed_loop, make_clip
+    from tools.service_process import serve
+
+    clips = [make_clip(30, s) for s in range(4)]
+    num_frames = 8
+    with ExitStack() as stack:
+        urls = {}
+        for name, (rt, prec) in RUNTIMES.items():
+            env = {"RICE_ENCODER_RUNTIME": rt, "RICE_ONNX_PRECISION": prec, "RICE_ONNX_DIR": cache}
+            env |= {"RICE_GALLERY_PATH": ":memory:", "RICE_TORCH_THREADS": str(args.threads), "RICE_MAX_BATCH_SIZE": "16"}
+            urls[name] = stack.enter_context(serve(env))[0]
+        for url in urls.values():
+            asyncio.run(closed_loop(url, clips, args.clients, num_frames, 2.0))  # warm each path
+        rates: dict[str, list[float]] = {name: [] for name in urls}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                fps, _ = asyncio.run(closed_loop(url, clips, args.clients, num_frames, args.service_seconds / args.rounds))
+                rates[name].append(fps / num_frames)
+    print(f"\nservice end to end, {args.clients} clients, 30-frame clips (num_frames {num_frames}), median of {args.rounds} rounds")
+    print("| runtime | clips/s | vs torch | rounds |")
+    print("|---|---|---|---|")
+    base = statistics.median(rates["torch"])
+    for name, r in rates.items():
+        print(f"| {name} | {statistics.median(r):.2f} | {statistics.median(r) / base:.2f}x | {', '.join(f'{x:.2f}' for x in r)} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.environ.get("GROCERY_ROOT"), help="Grocery Store Dataset folder (default $GROCERY_ROOT)")
@@ -67,6 +101,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every runtime once per batch size")
     p.add_argument("--seconds", type=float, default=1.5, help="time per runtime, batch size and round")
+    p.add_argument("--service-seconds", type=float, default=0, help="end-to-end time per service (all rounds); 0 = skip")
+    p.add_argument("--clients", type=int, default=8)
     p.add_argument("--skus", type=int, default=0, help="R@1 on N products spread over the catalog (0 = no R@1 part)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,6 +143,8 @@ def main() -> None:
     for name, row in table.items():
         cells = [f"{row[b]:.1f} ({row[b] / base[b]:.2f}x)" for b in sizes]
         print(f"| {name} | " + " | ".join(cells) + f" | {row['least_cosine_to_torch']:.5f} |")
+    if args.service_seconds:
+        service_table(args, cache)
     if args.root and args.skus:
         from model.grocery import read_grocery
         from tools.grocery_check import run_grocery_check

@@ -74,7 +74,8 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     warm = engine.warm_up(settings.max_batch_size)
     log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
     dtype = str(engine.dtype).removeprefix("torch.")
-    metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
+    info = {"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype}
+    metrics.model_info.info(info | {"runtime": engine.runtime})  # torch, onnx-fp32 or onnx-int8: what verification let serve
     ann = AnnConfig(threshold=settings.ann_threshold, nprobe=settings.ann_nprobe)
     set_search_threads(settings.faiss_threads)
     replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())

@@ -65,6 +65,7 @@ def test_settings_defaults_serve_onnx_fp32_beside_the_gallery(tmp_path: Path, en
     with TestClient(create_app(settings, encoder=encoder)) as client:
         engine = client.app.state.rice.engine  # type: ignore[attr-defined]
         assert engine.runtime == "onnx-fp32"
+        assert 'runtime="onnx-fp32"' in client.get("/metrics").text  # rice_model_info says what serves
     assert cache_path(tmp_path / "onnx", encoder.model_version, "fp32").is_file()
 
 
