@@ -81,6 +81,8 @@ class EncoderEngine:
         self._normalize = Normalize(self.config.preprocess).to(self.device)
         self._onnx: OnnxEncoder | None = None
         self.dim = self._probe_dim()
+        if runtime == "auto" and self.autocast:
+            runtime = "torch"  # RICE_DTYPE asked for torch's reduced precision: auto does not override it
         if resolve_runtime(runtime, self.device) == "onnx":
             # The torch model stays: it is the reference of the verification, and the fallback.
             self._onnx = load_verified(

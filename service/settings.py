@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for CPU inference; 0 = torch default")
     encoder_runtime: Literal["torch", "onnx", "auto"] = Field(
-        "auto", description="encoder runtime: torch, onnx (ONNX Runtime, CPU only) or auto (onnx on a CPU, torch on CUDA)"
+        "auto", description="encoder runtime: torch, onnx (ONNX Runtime, CPU only), auto (onnx on CPU unless RICE_DTYPE=bf16; CUDA: torch)"
     )
     onnx_precision: Literal["fp32", "int8"] = Field(
         "fp32", description="ONNX encoder precision: fp32, or int8 (static quantisation; faster, embeddings within cosine 0.99)"

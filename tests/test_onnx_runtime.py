@@ -53,6 +53,8 @@ def test_runtime_choice(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="unknown encoder runtime"):
         resolve_runtime("tensorrt", cpu)
     assert EncoderEngine(toy("toy-a"), "cpu").runtime == "torch"  # the engine's own default (tools, benches)
+    # auto leaves an explicit torch dtype (RICE_DTYPE=bf16) to torch
+    assert EncoderEngine(toy("toy-a"), "cpu", dtype="bf16", runtime="auto", onnx_dir="/nonexistent").runtime == "torch"
 
 
 def test_settings_defaults_serve_onnx_fp32_beside_the_gallery(tmp_path: Path, encoder: LoadedEncoder) -> None:
