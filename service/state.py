@@ -150,10 +150,11 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
 
 
 def onnx_dir(settings: Settings) -> str:
-    """RICE_ONNX_DIR, else 'onnx' beside the SQLite gallery file, else data/onnx (Redis or in-memory galleries)."""
+    """RICE_ONNX_DIR, else 'onnx' beside RICE_GALLERY_PATH (its default data/gallery.db also with Redis),
+    else data/onnx (an in-memory gallery)."""
     if settings.onnx_dir:
         return settings.onnx_dir
-    if settings.redis_url or settings.gallery_path == ":memory:":
+    if settings.gallery_path == ":memory:":
         return str(Path("data") / "onnx")
     return str(Path(settings.gallery_path).parent / "onnx")
 

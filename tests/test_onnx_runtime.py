@@ -62,6 +62,7 @@ def test_settings_defaults_serve_onnx_fp32_beside_the_gallery(tmp_path: Path, en
     assert (defaults.encoder_runtime, defaults.onnx_precision, defaults.onnx_dir) == ("auto", "fp32", None)
     assert onnx_dir(defaults) == "data/onnx"
     assert onnx_dir(Settings(gallery_path=":memory:")) == "data/onnx"
+    assert onnx_dir(Settings(gallery_path="/srv/rice/g.db", redis_url="redis://r:6379/0")) == "/srv/rice/onnx"
     assert onnx_dir(Settings(onnx_dir="/srv/onnx")) == "/srv/onnx"
     settings = settings_for(tmp_path)  # the defaults but for the gallery file (and the port)
     with TestClient(create_app(settings, encoder=encoder)) as client:
