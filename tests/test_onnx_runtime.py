@@ -104,6 +104,7 @@ def test_export_cache_is_reused_and_a_new_model_version_reexports(tmp_path: Path
     first = onnx_engine(toy("toy-v1"), tmp_path)
     path = cache_path(tmp_path, "toy-v1", "fp32")
     assert first.runtime == "onnx-fp32" and path.is_file()
+    assert first._onnx is not None and first._onnx.session.get_session_options().intra_op_num_threads == 1  # RICE_TORCH_THREADS
     stamp = path.stat().st_mtime_ns
 
     def no_export(*args: object, **kwargs: object) -> None:
