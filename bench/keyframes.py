@@ -13,6 +13,12 @@ pass its folder as --root or $GROCERY_ROOT): each `val` photo filmed with a hand
    is recognised with sampling=uniform and sampling=keyframes (num_frames 10).
 
     PYTHONPATH=. .venv/bin/python bench/keyframes.py --root $GROCERY_ROOT [--limit 100] [--clip-frames 150]
+
+Live-stream GOPs (issue 19): `--codec h264` (libx264, veryfast, 2 B-frames, no scene-cut keyframes)
+or `--codec mpeg4` writes the clips with PyAV as a live encoder does, a keyframe every --gop-s
+seconds at --fps, e.g. 20-s clips at 30 fps with a 2-s GOP:
+
+    PYTHONPATH=. .venv/bin/python bench/keyframes.py --root $GROCERY_ROOT --codec h264 --fps 30 --gop-s 2 --clip-frames 600
 """
 
 from __future__ import annotations
@@ -35,6 +41,31 @@ from service.settings import Settings
 from tools.clipsynth import camera_motion_clip, encode_video
 
 
+def encode_live(frames: list[np.ndarray], fps: float, gop_s: float, codec: str) -> bytes:
+    """BGR frames -> MP4 bytes as a live encoder writes them: a keyframe exactly every gop_s seconds
+    (closed GOPs, no extra keyframes at scene cuts), H.264 (libx264) or MPEG-4 Part 2."""
+    import io
+
+    import av
+
+    gop = max(1, round(gop_s * fps))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        name = "libx264" if codec == "h264" else "mpeg4"
+        opts = {"preset": "veryfast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=2"} if name == "libx264" else {}
+        stream = out.add_stream(name, rate=round(fps), options=opts)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop
+        if name == "mpeg4":
+            stream.codec_context.bit_rate = 2_000_000
+            stream.codec_context.options = {"sc_threshold": "1000000000"}  # keyframes on the GOP grid only
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="bgr24")))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.environ.get("GROCERY_ROOT"), help="Grocery Store Dataset folder (default $GROCERY_ROOT)")
@@ -44,6 +75,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=384, help="clip width and height")
     p.add_argument("--num-frames", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="decodes per clip and mode; the fastest counts")
+    p.add_argument("--codec", choices=["mp4v", "h264", "mpeg4"], default="mp4v", help="mp4v: OpenCV's writer; else PyAV, live GOPs")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--gop-s", type=float, default=2.0, help="seconds between keyframes (h264, mpeg4)")
     args = p.parse_args()
     if not args.root:
         p.error("give --root or set GROCERY_ROOT")
@@ -57,8 +91,14 @@ def main() -> None:
         image = cv2.imread(str(ph.path))
         if image is None:
             raise SystemExit(f"unreadable photo: {ph.path}")
-        clips.append(encode_video(camera_motion_clip(image, rng, num_frames=args.clip_frames, out_size=(args.size, args.size)), fps=30.0))
-    print(f"{len(clips)} clips of {args.clip_frames} frames ({args.size}x{args.size}) made in {time.perf_counter() - t:.0f} s")
+        shots = camera_motion_clip(image, rng, num_frames=args.clip_frames, out_size=(args.size, args.size))
+        live = args.codec != "mp4v"
+        clips.append(encode_live(shots, args.fps, args.gop_s, args.codec) if live else encode_video(shots, fps=args.fps))
+    gop = f", {args.codec}, a keyframe every {args.gop_s:g} s" if args.codec != "mp4v" else ", mp4v (OpenCV)"
+    print(
+        f"{len(clips)} clips of {args.clip_frames} frames at {args.fps:g} fps ({args.size}x{args.size}{gop}), "
+        f"{sum(map(len, clips)) / len(clips) / 1e6:.2f} MB each, made in {time.perf_counter() - t:.0f} s"
+    )
 
     pre, limits = PreprocessConfig(), DecodeLimits()
     seconds = {"uniform": 0.0, "keyframes": 0.0}

@@ -1,8 +1,9 @@
 """The encoder engine: picks the device and dtype, warms the model up, encodes uint8 frames.
 
 Everything that decides how fast a batch runs lives here: device, compute dtype (autocast),
-inference mode, memory format, host-to-device copies and CPU thread counts. The batcher calls
-`encode` from its single encoder thread.
+inference mode, memory format, host-to-device copies and CPU thread counts, and the runtime: torch,
+or on a CPU an ONNX Runtime graph of the same model (pipeline/onnx_runtime.py), verified against torch
+at start-up. The batcher calls `encode` from its single encoder thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import LoadedEncoder
 from model.normalize import Normalize
+from pipeline.onnx_runtime import OnnxEncoder, load_verified, resolve_runtime
 
 log = logging.getLogger("rice.engine")
 
@@ -44,10 +46,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EncoderEngine:
-    """Runs the backbone in inference mode under autocast. Call `encode` from one thread at a time."""
+    """Runs the backbone in inference mode under autocast, or its verified ONNX export (runtime
+    'onnx' or 'auto' on a CPU; see `pipeline.onnx_runtime`). Call `encode` from one thread at a time."""
 
     def __init__(
-        self, loaded: LoadedEncoder, device: str = "auto", torch_threads: int = 0, dtype: str = "auto", cuda_graphs: bool = True
+        self,
+        loaded: LoadedEncoder,
+        device: str = "auto",
+        torch_threads: int = 0,
+        dtype: str = "auto",
+        cuda_graphs: bool = True,
+        runtime: str = "torch",
+        onnx_precision: str = "fp32",
+        onnx_dir: str = "data/onnx",
     ) -> None:
         # torch_threads: process-wide for torch, so the assembly (service.state.set_process_threads) sets it
         self.torch_threads = torch_threads
@@ -68,7 +79,27 @@ class EncoderEngine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # size -> graph, in, out
         self._normalize = Normalize(self.config.preprocess).to(self.device)
+        self._onnx: OnnxEncoder | None = None
         self.dim = self._probe_dim()
+        if runtime == "auto" and self.autocast:
+            runtime = "torch"  # RICE_DTYPE asked for torch's reduced precision: auto does not override it
+        if resolve_runtime(runtime, self.device) == "onnx":
+            # The torch model stays: it is the reference of the verification, and the fallback.
+            self._onnx = load_verified(
+                self.model,
+                self.config.preprocess,
+                self.frame_shape,
+                self.model_version,
+                self._encode_torch,
+                onnx_dir,
+                onnx_precision,
+                threads=torch.get_num_threads(),  # RICE_TORCH_THREADS, else torch's default (the physical cores)
+            )
+
+    @property
+    def runtime(self) -> str:
+        """What encodes: 'torch', 'onnx-fp32' or 'onnx-int8'."""
+        return "torch" if self._onnx is None else f"onnx-{self._onnx.precision}"
 
     @property
     def autocast(self) -> bool:
@@ -135,6 +166,12 @@ class EncoderEngine:
 
     def encode(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """uint8 [B, H, W, 3] RGB (one array, or parts to stack) -> float32 [B, D], L2-normalised."""
+        if self._onnx is not None:
+            batch = frames if isinstance(frames, np.ndarray) else frames[0] if len(frames) == 1 else np.concatenate(frames)
+            return self._onnx.encode(batch)
+        return self._encode_torch(frames)
+
+    def _encode_torch(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         parts = [frames] if isinstance(frames, np.ndarray) else list(frames)
         with torch.inference_mode():
             x = self._host_batch(parts)

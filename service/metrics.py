@@ -92,7 +92,7 @@ class Metrics:
         self.timeline_seconds = Counter(
             "rice_timeline_recording_seconds_total", "Seconds of recording turned into timelines (requests and jobs)", registry=r
         )
-        self.model_info = Info("rice_model", "The served model (version, source, device, dtype)", registry=r)
+        self.model_info = Info("rice_model", "The served model (version, source, device, dtype, runtime)", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see gaps
             self.stage_seconds.labels(stage)
         for cause in DEATH_CAUSES:

@@ -27,6 +27,15 @@ class Settings(BaseSettings):
         None, ge=-1, le=1, description="top-1 score from which an answer is a match; unset = the checkpoint's calibrated threshold"
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for CPU inference; 0 = torch default")
+    encoder_runtime: Literal["torch", "onnx", "auto"] = Field(
+        "auto", description="encoder runtime: torch, onnx (ONNX Runtime, CPU only), auto (onnx on CPU unless RICE_DTYPE=bf16; CUDA: torch)"
+    )
+    onnx_precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="ONNX encoder precision: fp32, or int8 (static quantisation; faster, embeddings within cosine 0.99)"
+    )
+    onnx_dir: str | None = Field(
+        None, description="where ONNX exports are cached per model version; unset = 'onnx' beside the gallery file (else data/onnx)"
+    )
 
     # recognition stages (measured in docs/RESULTS.md, `rice livebench`)
     regions: bool = Field(

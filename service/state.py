@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,12 +66,22 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     request never mixes one model's embeddings with another model's gallery. Blocking (model load,
     warm-up, gallery load): run it off the event loop, then call `state.batcher.start()` on it."""
     set_process_threads(settings)
-    engine = EncoderEngine(loaded, settings.device, settings.torch_threads, settings.dtype, settings.cuda_graphs)
-    log.info("model %s from %s on %s (%s)", engine.model_version, engine.source, engine.device, engine.dtype)
+    engine = EncoderEngine(
+        loaded,
+        settings.device,
+        settings.torch_threads,
+        settings.dtype,
+        settings.cuda_graphs,
+        runtime=settings.encoder_runtime,
+        onnx_precision=settings.onnx_precision,
+        onnx_dir=onnx_dir(settings),
+    )
+    log.info("model %s from %s on %s (%s, %s)", engine.model_version, engine.source, engine.device, engine.dtype, engine.runtime)
     warm = engine.warm_up(settings.max_batch_size)
     log.info("warm-up batch of %d took %.2f s", settings.max_batch_size, warm)
     dtype = str(engine.dtype).removeprefix("torch.")
-    metrics.model_info.info({"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype})
+    info = {"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype}
+    metrics.model_info.info(info | {"runtime": engine.runtime})  # torch, onnx-fp32 or onnx-int8: what verification let serve
     ann = settings.ann_config()
     replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
@@ -173,6 +184,16 @@ def set_process_threads(settings: Settings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     set_search_threads(settings.faiss_threads)
+
+
+def onnx_dir(settings: Settings) -> str:
+    """RICE_ONNX_DIR, else 'onnx' beside RICE_GALLERY_PATH (its default data/gallery.db also with Redis),
+    else data/onnx (an in-memory gallery)."""
+    if settings.onnx_dir:
+        return settings.onnx_dir
+    if settings.gallery_path == ":memory:":
+        return str(Path("data") / "onnx")
+    return str(Path(settings.gallery_path).parent / "onnx")
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:

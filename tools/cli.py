@@ -344,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
     out.add_argument("--csv", action="store_true", help=f"print CSV ({', '.join(CSV_FIELDS)}), one row per file")
     r.set_defaults(func=cmd_recognize)
-    from tools import manifest, timeline_cli
+    from tools import manifest, onnx_export, timeline_cli
 
     timeline_cli.add_parser(sub)
     manifest.add_parser(sub)
+    onnx_export.add_parser(sub)
     return p
 
 
