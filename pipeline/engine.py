@@ -93,7 +93,7 @@ class EncoderEngine:
                 self._encode_torch,
                 onnx_dir,
                 onnx_precision,
-                threads=torch.get_num_threads(),  # RICE_TORCH_THREADS, else torch's default (the physical cores)
+                threads=torch_threads or torch.get_num_threads(),  # RICE_TORCH_THREADS, else torch's (the physical cores)
             )
 
     @property

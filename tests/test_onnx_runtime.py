@@ -66,7 +66,7 @@ def test_settings_defaults_serve_onnx_fp32_beside_the_gallery(tmp_path: Path, en
     assert onnx_dir(Settings(onnx_dir="/srv/onnx")) == "/srv/onnx"
     settings = settings_for(tmp_path)  # the defaults but for the gallery file (and the port)
     with TestClient(create_app(settings, encoder=encoder)) as client:
-        engine = client.app.state.rice.engine  # type: ignore[attr-defined]
+        engine = client.app.state.serving.current.engine  # type: ignore[attr-defined]
         assert engine.runtime == "onnx-fp32"
         assert 'runtime="onnx-fp32"' in client.get("/metrics").text  # rice_model_info says what serves
     assert cache_path(tmp_path / "onnx", encoder.model_version, "fp32").is_file()

@@ -20,7 +20,7 @@ from pipeline.search_batcher import SearchBatcher
 from pipeline.stream_decode import StreamLimits
 from pipeline.timeline_run import TimelineConfig
 from service.settings import Settings
-from service.state import DECODE_KILL_GRACE_S
+from service.state import DECODE_KILL_GRACE_S, onnx_dir
 
 DEFAULT = Settings(_env_file=None)  # type: ignore[call-arg]
 
@@ -70,3 +70,7 @@ def test_constructor_defaults_equal_the_settings_defaults() -> None:
         s.cuda_graphs,
     )
     assert _defaults(Batcher)["config"] == s.batcher_config()
+    # The one deliberate difference: an engine built outside the service (offline tools, benches) runs
+    # torch, with no ONNX export cache to manage; the service passes RICE_ENCODER_RUNTIME (auto).
+    assert (engine["runtime"], s.encoder_runtime) == ("torch", "auto")
+    assert (engine["onnx_precision"], engine["onnx_dir"]) == (s.onnx_precision, onnx_dir(s))
