@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import multiprocessing as mp
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -229,6 +230,26 @@ def worker_init(_: int) -> None:
     """DataLoader workers decode one clip each: extra OpenCV/torch threads only contend for cores."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def loader_options(workers: int) -> dict[str, Any]:
+    """DataLoader keyword arguments for `workers` decode processes that are safe to start at any time.
+
+    Workers are NOT forked from the calling process: by the time a loader starts, OpenCV and torch
+    have usually run thread pools there (evaluation embeds the gallery first; training builds a
+    loader per epoch after running the model), and a forked child inherits their locks held by
+    threads that do not exist in it, so its first cv2/torch call can block forever (`rice evaluate`
+    hung with its default 2 workers). A forkserver (spawn where there is none) starts workers from a
+    clean process that imported model.data before any thread pool ran; each worker then unpickles
+    the dataset (rows are plain dataclasses)."""
+    if workers <= 0:
+        return {"num_workers": 0}
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        # Import torch/cv2 once in the server (no thread pool has started there), not in every worker.
+        ctx.set_forkserver_preload(["model.data"])
+    return {"num_workers": workers, "multiprocessing_context": ctx, "worker_init_fn": worker_init}
 
 
 def read_image(path: str) -> np.ndarray:

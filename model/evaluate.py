@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, read_image, read_manifest, worker_init
+from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_image, read_manifest
 from model.encoder import clip_embedding
 from model.normalize import normalize
 from model.preprocess import prepare_frame
@@ -53,7 +53,7 @@ def embed_clips(
 ) -> torch.Tensor:
     """Clips -> masked mean of the frame embeddings, L2-normalised [M, D]; only real frames are encoded."""
     ds = ClipDataset(rows, pre, num_frames, train=False, with_image=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, worker_init_fn=worker_init)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, **loader_options(workers))
     out = []
     for b in loader:
         mask = b["mask"].bool()  # [b, T]

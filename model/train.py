@@ -37,7 +37,7 @@ from tqdm import tqdm
 from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import FRAME_FITS, EncoderConfig, PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, worker_init
+from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest
 from model.evaluate import evaluate_rows, read_sku_file
 from model.normalize import normalize
 from model.rice import RICE, RICEConfig, world_info
@@ -331,9 +331,7 @@ def run(args: argparse.Namespace) -> int:
         epoch, done = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(rows), args.batch_size, world, rank, epoch, args.seed)[done * args.accum : per_epoch * args.accum]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=cuda, worker_init_fn=worker_init
-        )
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=cuda, **loader_options(args.workers))
         ddp.train()
         freeze_batchnorm(model.backbone)
         sums: dict[str, float] = {}
