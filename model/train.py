@@ -78,16 +78,17 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a(
         "--pmd-form",
         default="small",
-        choices=["small", "v2"],
-        help="small: fresh decoder of --decoder-width; v2: the authors' (token width, "
-        "12 heads, started from the backbone's last two blocks, 10 x cosine score)",
+        choices=["small", "v2", "v2-mean"],
+        help="small: fresh decoder of --decoder-width; v2: the authors' (token width, --decoder-heads heads, 8 by default as "
+        "theirs, started from the backbone's last two blocks, CrossPooler, 10 x cos(pooled, learned vector)); "
+        "v2-mean: this project's earlier v2 (the backbone's heads, score against the clip's mean token)",
     )
     a("--pfr-form", default="v2", choices=["v1", "v2"], help="v2: softmax over the keys, weight 1.0; v1: no softmax, weight 0.05")
     a("--pfr-norm", choices=["softmax", "none", "sum"], help="override the form's PFR weight normalisation (sum: divide by the sum)")
     a("--pfr-weight", type=float, help="override the form's PFR loss weight")
     a("--temperature", type=float, default=0.07)
     a("--decoder-width", type=int, default=256)
-    a("--decoder-heads", type=int, help="default 8 (small decoder) or 12 (v2)")
+    a("--decoder-heads", type=int, help="decoder attention heads (default 8, the authors' v2 default; v2-mean: the backbone's)")
     a("--match-threshold", type=float, help="a calibrated match score to store in the checkpoint (served as LoadedEncoder.match_threshold)")
     # optimisation
     a("--frames", type=int, default=10, help="frames per training clip")
@@ -139,10 +140,15 @@ def rice_config(args: argparse.Namespace) -> RICEConfig:
         pfr_weight=args.pfr_weight if args.pfr_weight is not None else (0.05 if v1 else 1.0),
         temperature=args.temperature,
         decoder_width=args.decoder_width,
-        decoder_heads=args.decoder_heads or (12 if args.pmd_form == "v2" else 8),
+        decoder_heads=args.decoder_heads or (_backbone_heads(args) if args.pmd_form == "v2-mean" else 8),
         pfr_norm=args.pfr_norm or ("none" if v1 else "softmax"),
         decoder=args.pmd_form,
     )
+
+
+def _backbone_heads(args: argparse.Namespace) -> int:
+    """The ViT's head count from --vit (v2-mean copies the backbone's blocks as they are); 8 otherwise."""
+    return int(args.vit.split(",")[2]) if args.backbone == "vit" else 8
 
 
 def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
@@ -156,7 +162,10 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
         backbone.requires_grad_(False)
         for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
             m.requires_grad_(True)
-    return RICE(backbone, rice_config(args))
+    model = RICE(backbone, rice_config(args))
+    if model.decoder is not None and model.decoder.heads != model.cfg.decoder_heads:
+        raise ValueError(f"the {model.cfg.decoder} decoder has {model.decoder.heads} heads, not --decoder-heads {model.cfg.decoder_heads}")
+    return model
 
 
 def selection_rows(args: argparse.Namespace, exclude: set[str]) -> tuple[list[ClipRow], list[ClipRow]] | None:
