@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
-from model.preprocess import IMAGE_SUFFIXES, fit_frame, pad_to_square, prepare_frame, sample_indices
+from model.preprocess import IMAGE_SUFFIXES, fit_frame, image_frame_fit, pad_to_square, prepare_frame, sample_indices, train_size
 
 
 @dataclass(frozen=True)
@@ -263,8 +263,8 @@ def read_image(path: str) -> np.ndarray:
 class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """(clip, image) pairs as uint8 tensors: frames [T, C, C, 3] zero-padded with mask [T], image [C, C, 3].
 
-    Eval: the service's preprocessing (frames fit by pre.frame_fit, letterboxed catalog images).
-    Train (RICE v2 recipe): frames fit to resize*256/224 (pre.frame_fit), random crop, horizontal flip, colour jitter,
+    Eval: the service's preprocessing (frames fit by pre.frame_fit, catalog images by pre.image_fit).
+    Train (RICE v2 recipe): frames fit to `train_size` (256 for Resize 256 / crop 224), random crop, flip, colour jitter,
     and cut-tail (p=0.5 drop 0-90% of the frames from the end). Augmentation is seeded by
     (seed, epoch, index), so it does not depend on worker scheduling and resumes exactly.
     """
@@ -297,10 +297,10 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator, fit: str) -> list[np.ndarray]:
         """Same crop, flip and colour change for every frame of one clip (or for one image)."""
-        c = self.pre.crop
-        big = [fit_frame(x, round(self.pre.resize * 256 / 224), round(c * 256 / 224), self.pre.frame_fit) for x in rgb]
+        c, big_size = self.pre.crop, train_size(self.pre)
+        big = [fit_frame(x, big_size, big_size, fit) for x in rgb]
         top, left = rng.integers(0, big[0].shape[0] - c + 1, size=2)
         flip = rng.random() < 0.5
         alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
@@ -319,8 +319,10 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             rng = np.random.default_rng([self.seed, self.epoch, i])
             keep = 1.0 - rng.uniform(0.0, 0.9) if rng.random() < self.cut_tail_p else 1.0
             bgr = read_clip_frames(row.clip, self.num_frames, keep)
-            frames = self._augment([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr], rng) if bgr else []
-            image = self._augment([pad_to_square(cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB))], rng)[0]
+            frames = self._augment([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr], rng, self.pre.frame_fit) if bgr else []
+            rgb = cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB)
+            rgb = pad_to_square(rgb) if self.pre.image_fit == "letterbox" else rgb
+            image = self._augment([rgb], rng, image_frame_fit(self.pre))[0]
         else:
             frames = [prepare_frame(f, self.pre) for f in read_clip_frames(row.clip, self.num_frames)]
             image = prepare_frame(read_image(row.image), self.pre, whole=True) if self.with_image else None

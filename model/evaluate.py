@@ -3,7 +3,8 @@
 
 `python -m model.evaluate --queries val.jsonl [--gallery gallery.jsonl] [--checkpoint ckpt.pt]`
 Without --checkpoint the service's default (zero-shot) encoder is evaluated. Preprocessing is the
-checkpoint's own and matches the service: centre-cropped frames, letterboxed catalog images.
+checkpoint's own and matches the service and training: frames by its frame_fit (Resize 256 + CenterCrop
+224 of the squashed frame for `squash` checkpoints), gallery images by its image_fit (letterbox or squash).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from model.recall import recall_at_k
 
 @torch.no_grad()
 def embed_images(backbone: nn.Module, pre: PreprocessConfig, paths: Sequence[str], device: torch.device, batch: int = 32) -> torch.Tensor:
-    """Catalog images (letterboxed, as the service ingests them) -> L2-normalised embeddings [N, D]."""
+    """Catalog images (prepared by pre.image_fit, as the service ingests them) -> L2-normalised embeddings [N, D]."""
     out = []
     for i in range(0, len(paths), batch):
         x = np.stack([prepare_frame(read_image(p), pre, whole=True) for p in paths[i : i + batch]])

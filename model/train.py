@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
-from model.config import FRAME_FITS, EncoderConfig, PreprocessConfig
+from model.config import FRAME_FITS, IMAGE_FITS, EncoderConfig, PreprocessConfig
 from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest
 from model.evaluate import evaluate_rows, read_sku_file
 from model.normalize import normalize
@@ -64,14 +64,26 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--gelu", default="quick", choices=["quick", "exact"], help="ViT MLP activation: quick (OpenAI CLIP) or exact (open_clip LAION)")
     a("--clip-weights", help="OpenAI CLIP (ViT-B-32.pt, TorchScript or state dict) / open_clip ViT weights to start from")
     a("--no-pretrained", action="store_true", help="random init (tests)")
+    a(
+        "--init-from",
+        help="start from this checkpoint (ours, or the authors' converted by `rice import-checkpoint`): its encoder, its "
+        "preprocessing, and its RICE heads where they fit; the model flags must describe the same backbone",
+    )
     a("--train-blocks", type=int, default=-1, help="train only the last N blocks of the backbone (-1: all)")
     a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
     a(
         "--frame-fit",
         default="squash",
         choices=FRAME_FITS,
-        help="squash: whole frame to a square, as the authors do for 9:16 LPR4M frames (default); crop: shorter side + centre crop. "
-        "Stored in the checkpoint: the service then prepares frames the same way",
+        help="squash: whole frame to a 256 square, centre/random crop 224, as the authors do for 9:16 LPR4M frames (default); "
+        "crop: shorter side + centre crop. Stored in the checkpoint: evaluation and the service then prepare frames the same way",
+    )
+    a(
+        "--image-fit",
+        default="letterbox",
+        choices=IMAGE_FITS,
+        help="shop/catalog images: letterbox (pad to a square first: whole packages, catalog photos; default) or squash "
+        "(like the frames, as the authors prepare LPR4M shop images). Stored in the checkpoint",
     )
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
     a("--pmd-weight", type=float, default=1.0)
@@ -123,7 +135,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The encoder (and its preprocessing) the checkpoint will carry, from the backbone's registry entry."""
     cfg = get_spec(args.backbone).from_args(args)
-    return replace(cfg, preprocess=replace(cfg.preprocess, frame_fit=getattr(args, "frame_fit", cfg.preprocess.frame_fit)))
+    pre = cfg.preprocess
+    fit = getattr(args, "frame_fit", pre.frame_fit)
+    # squash: evaluate as the authors do (Resize 256 + CenterCrop 224 of the squashed frame), the square
+    # training random-crops from; crop keeps resize = crop (shorter side to the crop size).
+    resize = round(pre.crop * 256 / 224) if fit == "squash" else pre.resize
+    return replace(cfg, preprocess=replace(pre, frame_fit=fit, resize=resize, image_fit=getattr(args, "image_fit", pre.image_fit)))
 
 
 def rice_config(args: argparse.Namespace) -> RICEConfig:
@@ -163,9 +180,24 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
         for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
             m.requires_grad_(True)
     model = RICE(backbone, rice_config(args))
+    if getattr(args, "init_from", None):
+        init_from_checkpoint(model, args.init_from)
     if model.decoder is not None and model.decoder.heads != model.cfg.decoder_heads:
         raise ValueError(f"the {model.cfg.decoder} decoder has {model.decoder.heads} heads, not --decoder-heads {model.cfg.decoder_heads}")
     return model
+
+
+def init_from_checkpoint(model: RICE, path: str) -> None:
+    """Load a checkpoint's encoder (strict) and those of its RICE heads whose names and shapes fit."""
+    payload = read_checkpoint(path)
+    try:
+        model.backbone.load_state_dict(payload["encoder"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--init-from {path}: its encoder does not match the backbone flags: {exc}") from exc
+    own = model.state_dict()
+    heads = {k: v for k, v in payload.get("heads", {}).items() if k in own and own[k].shape == v.shape and not k.startswith("backbone.")}
+    model.load_state_dict(heads, strict=False)
+    sys.stdout.write(f"init from {path}: encoder + {len(heads)} head tensors\n")
 
 
 def selection_rows(args: argparse.Namespace, exclude: set[str]) -> tuple[list[ClipRow], list[ClipRow]] | None:
@@ -258,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
 
     # data
     cfg = encoder_config(args)
+    if args.init_from:  # the checkpoint's architecture and preprocessing (e.g. the authors' Resize 256 + CenterCrop 224)
+        cfg = EncoderConfig.from_dict(read_checkpoint(args.init_from)["encoder_config"])
     pre = cfg.preprocess
     exclude = read_sku_file(args.exclude_skus) or set()
     only = read_sku_file(args.skus)
