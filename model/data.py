@@ -7,6 +7,7 @@ and crop/flip/colour augmentation in training only). Decoding runs in DataLoader
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import multiprocessing as mp
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
+from model.img2dataset import read_member_ref
 from model.preprocess import IMAGE_SUFFIXES, fit_frame, image_frame_fit, pad_to_square, prepare_frame, sample_indices, train_size
 
 
@@ -65,6 +67,18 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ClipRow]:
             except KeyError as exc:
                 raise ValueError(f"{path}:{n}: missing field {exc}") from exc
     return rows
+
+
+def read_manifests(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[ClipRow]:
+    """Rows of one or more manifests; each path may be a glob (`OUT/train-part-*.jsonl`), expanded in sorted order."""
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    files: list[str] = []
+    for item in map(str, items):
+        matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]  # noqa: PTH207  (absolute or relative patterns alike)
+        if not matched:
+            raise FileNotFoundError(f"no manifest matches {item}")
+        files += matched
+    return [row for f in files for row in read_manifest(f)]
 
 
 def write_manifest(rows: Iterable[ClipRow], path: str | os.PathLike[str]) -> None:
@@ -197,7 +211,7 @@ def read_clip_frames(clip: str | tuple[str, ...], n: int, keep: float = 1.0) -> 
     if files is not None:
         idx = sample_indices(len(files), n)
         idx = idx[: max(1, round(len(idx) * keep))]
-        frames = [cv2.imread(files[i], cv2.IMREAD_COLOR) for i in idx]
+        frames = [imread(files[i]) for i in idx]
         return [f for f in frames if f is not None]
     cap = cv2.VideoCapture(str(clip))
     try:
@@ -252,9 +266,18 @@ def loader_options(workers: int) -> dict[str, Any]:
     return {"num_workers": workers, "multiprocessing_context": ctx, "worker_init_fn": worker_init}
 
 
+def imread(path: str) -> np.ndarray | None:
+    """cv2.imread that also reads `<tar>#<offset>+<size>` (an image inside a webdataset tar, read in place)."""
+    data = read_member_ref(path) if ".tar#" in path else None
+    if data is None:
+        return cv2.imread(path, cv2.IMREAD_COLOR)
+    img: np.ndarray | None = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return img
+
+
 def read_image(path: str) -> np.ndarray:
-    """BGR uint8 image; ValueError when the file cannot be decoded."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    """BGR uint8 image (a file, or a tar member reference); ValueError when it cannot be decoded."""
+    img = imread(path)
     if img is None:
         raise ValueError(f"unreadable image: {path}")
     return img

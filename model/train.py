@@ -37,7 +37,7 @@ from tqdm import tqdm
 from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import FRAME_FITS, IMAGE_FITS, EncoderConfig, PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest
+from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest, read_manifests
 from model.evaluate import evaluate_rows, read_sku_file
 from model.normalize import normalize
 from model.rice import RICE, RICEConfig, world_info
@@ -46,7 +46,12 @@ from model.rice import RICE, RICEConfig, world_info
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `rice train` / `python -m model.train`."""
     a = parser.add_argument
-    a("--train", required=True, help="JSONL manifest of training (clip, image, sku) rows")
+    a(
+        "--train",
+        required=True,
+        nargs="+",
+        help="JSONL manifest(s) of training (clip, image, sku) rows: several files or a quoted glob ('OUT/train-part-*.jsonl')",
+    )
     a("--val", help="JSONL manifest evaluated at the end (R@1/5/10)")
     a("--val-gallery", help="gallery manifest for --val (default: the val rows' distinct images)")
     a("--per-shop", action="store_true", help="evaluate with per-shop galleries (LPR4M protocol)")
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     pre = cfg.preprocess
     exclude = read_sku_file(args.exclude_skus) or set()
     only = read_sku_file(args.skus)
-    rows = [r for r in read_manifest(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
+    rows = [r for r in read_manifests(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
     rows = rows[: args.limit] if args.limit > 0 else rows
     selection = selection_rows(args, exclude)
     dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
