@@ -36,6 +36,8 @@ class ClipRow:
     shop: str | None = None
     group: str | None = None  # optional label for per-group reports, e.g. "packaged"
     also: tuple[str, ...] = ()
+    id: str | None = None  # the clip's id in its dataset (LPR4M video_id), for condition lists
+    conditions: tuple[tuple[str, str], ...] = ()  # e.g. LPR4M's (("duration", "long"), ("scale", "small"), ...)
 
     @property
     def truth(self) -> set[str]:
@@ -61,8 +63,18 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ClipRow]:
             try:
                 clip = d.get("clip", [])  # gallery manifests have no clip
                 clip = tuple(_resolve(base, c) for c in clip) if isinstance(clip, list) else _resolve(base, clip)
+                cond = tuple(sorted((str(k), str(v)) for k, v in (d.get("conditions") or {}).items()))
                 rows.append(
-                    ClipRow(clip, _resolve(base, d["image"]), str(d["sku"]), d.get("shop"), d.get("group"), tuple(d.get("also", ())))
+                    ClipRow(
+                        clip,
+                        _resolve(base, d["image"]),
+                        str(d["sku"]),
+                        d.get("shop"),
+                        d.get("group"),
+                        tuple(d.get("also", ())),
+                        d.get("id"),
+                        cond,
+                    )
                 )
             except KeyError as exc:
                 raise ValueError(f"{path}:{n}: missing field {exc}") from exc
@@ -95,7 +107,8 @@ def write_manifest(rows: Iterable[ClipRow], path: str | os.PathLike[str]) -> Non
             d["clip"] = [rel(c) for c in r.clip] if isinstance(r.clip, tuple) else rel(r.clip)
             d["image"] = rel(r.image)
             d["also"] = list(r.also)
-            f.write(json.dumps({k: v for k, v in d.items() if v not in (None, [])}) + "\n")
+            d["conditions"] = dict(r.conditions)
+            f.write(json.dumps({k: v for k, v in d.items() if v not in (None, [], {})}) + "\n")
 
 
 def gallery_of(rows: Sequence[ClipRow]) -> list[ClipRow]:

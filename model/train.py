@@ -47,6 +47,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `rice train` / `python -m model.train`."""
     a = parser.add_argument
     a(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="the authors' hyper-parameters as one flag (printed at start; flags given explicitly win): "
+        "lpr4m-v2 = their mmf code (ViT-B/32, v2 decoder, lr 1e-6/1e-4, warm-up 500 of 5000 steps, global batch 96, "
+        "betas (0.9, 0.999), squashed frames and shop images); lpr4m-v1 = their CLIP4Clip code (lr 3e-7/3e-4, 1 epoch, "
+        "10%% warm-up, global batch 128, fixed temperature 0.01, PFR v1). Needs --clip-weights (OpenAI ViT-B-32.pt) or --init-from",
+    )
+    a(
         "--train",
         required=True,
         nargs="+",
@@ -103,7 +111,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--pfr-form", default="v2", choices=["v1", "v2"], help="v2: softmax over the keys, weight 1.0; v1: no softmax, weight 0.05")
     a("--pfr-norm", choices=["softmax", "none", "sum"], help="override the form's PFR weight normalisation (sum: divide by the sum)")
     a("--pfr-weight", type=float, help="override the form's PFR loss weight")
-    a("--temperature", type=float, default=0.07)
+    a("--temperature", type=float, default=0.07, help="ICL temperature (initial value unless --fixed-temperature)")
+    a("--fixed-temperature", action="store_true", help="keep the ICL temperature fixed (the authors' v1: 0.01)")
     a("--decoder-width", type=int, default=256)
     a("--decoder-heads", type=int, help="decoder attention heads (default 8, the authors' v2 default; v2-mean: the backbone's)")
     a("--match-threshold", type=float, help="a calibrated match score to store in the checkpoint (served as LoadedEncoder.match_threshold)")
@@ -124,6 +133,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--lr-head", type=float, default=1e-4)
     a("--weight-decay", type=float, default=0.2)
     a("--warmup", type=int, default=10, help="warm-up steps")
+    a("--warmup-fraction", type=float, default=0.0, help="warm-up as a fraction of the schedule (overrides --warmup when > 0)")
+    a("--adam-beta2", type=float, default=0.98, help="AdamW beta2 (the authors: 0.999)")
     a("--ckpt-every", type=int, default=200)
     a("--log-every", type=int, default=10)
     a("--workers", type=int, default=2)
@@ -135,6 +146,80 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--patience", type=int, default=0, help="stop after this many selections without a better held-out R@1 (0: run to the end)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--no-progress", action="store_true")
+
+
+# The authors' recipes (github deepalchemist/crossview-semantic-alignment): v2 = mmf
+# projects/videotoshop/configs/e2e_pretraining_vic_vim_rec.yaml (adam_w lr 1e-6, eps 1e-6, wd 0.2,
+# lr_multiplier 100 for the heads, warmup_cosine 500 / 5000, global batch 96, Resize 256 + RandomCrop
+# 224); v1 = ddp_train.sh + main_task_retrieval.py (lr 3e-4, coef_lr 1e-3 for CLIP, 1 epoch, batch
+# 128, warmup_proportion 0.1, BertAdam betas (0.9, 0.999), temperature 0.01, reconstruction weight
+# 0.05, CLIP's Resize + CenterCrop 224). "global_batch" is divided over the processes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lpr4m-v2": {
+        "backbone": "vit",
+        "vit": "768,12,12,32,224,512",
+        "gelu": "quick",
+        "losses": "icl,pmd,pfr",
+        "pmd_form": "v2",
+        "pfr_form": "v2",
+        "decoder_heads": 8,
+        "lr_backbone": 1e-6,
+        "lr_head": 1e-4,
+        "weight_decay": 0.2,
+        "adam_beta2": 0.999,
+        "warmup": 500,
+        "max_steps": 5000,
+        "global_batch": 96,
+        "frames": 10,
+        "eval_frames": 10,
+        "frame_fit": "squash",
+        "image_fit": "squash",
+        "per_shop": True,
+    },
+    "lpr4m-v1": {
+        "backbone": "vit",
+        "vit": "768,12,12,32,224,512",
+        "gelu": "quick",
+        "losses": "icl,pmd,pfr",
+        "pmd_form": "small",
+        "decoder_width": 512,
+        "decoder_heads": 8,
+        "pfr_form": "v1",
+        "lr_backbone": 3e-7,
+        "lr_head": 3e-4,
+        "weight_decay": 0.2,
+        "adam_beta2": 0.999,
+        "epochs": 1.0,
+        "warmup_fraction": 0.1,
+        "global_batch": 128,
+        "temperature": 0.01,
+        "fixed_temperature": True,
+        "frames": 10,
+        "eval_frames": 10,
+        "frame_fit": "crop",
+        "per_shop": True,
+    },
+}
+
+
+def apply_preset(args: argparse.Namespace, world: int = 1) -> dict[str, Any]:
+    """Set the preset's values on every argument still at its default (explicit flags win); returns what was set."""
+    if not getattr(args, "preset", None):
+        return {}
+    p = argparse.ArgumentParser()
+    build_parser(p)
+    defaults = {a.dest: a.default for a in p._actions}
+    applied: dict[str, Any] = {}
+    for key, value in PRESETS[args.preset].items():
+        if key == "global_batch":
+            if args.batch_size == defaults["batch_size"]:
+                args.batch_size = applied["batch_size"] = max(1, value // world)
+        elif getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+            applied[key] = value
+    if not (args.clip_weights or args.init_from or args.no_pretrained):
+        raise ValueError(f"--preset {args.preset} starts from OpenAI CLIP ViT-B/32: pass --clip-weights ViT-B-32.pt (or --init-from)")
+    return applied
 
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
@@ -161,6 +246,7 @@ def rice_config(args: argparse.Namespace) -> RICEConfig:
         pmd_weight=args.pmd_weight,
         pfr_weight=args.pfr_weight if args.pfr_weight is not None else (0.05 if v1 else 1.0),
         temperature=args.temperature,
+        learn_temperature=not getattr(args, "fixed_temperature", False),
         decoder_width=args.decoder_width,
         decoder_heads=args.decoder_heads or (_backbone_heads(args) if args.pmd_form == "v2-mean" else 8),
         pfr_norm=args.pfr_norm or ("none" if v1 else "softmax"),
@@ -289,6 +375,9 @@ def run(args: argparse.Namespace) -> int:
     """Train, checkpoint, evaluate; returns the exit status."""
     device = setup_distributed(args.device)
     rank, world = world_info()
+    applied = apply_preset(args, world)
+    if applied and rank == 0:
+        sys.stdout.write(f"preset {args.preset}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()) + "\n")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -311,8 +400,11 @@ def run(args: argparse.Namespace) -> int:
 
     # model and optimiser
     model = build_model(args, cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, total))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, args.adam_beta2), eps=1e-6
+    )
+    warmup = round(args.warmup_fraction * total) if args.warmup_fraction > 0 else args.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
     step = 0
     # Model selection on held-out products: best held-out R@1 so far, its step, selections since.
     best = {"r1": -1.0, "step": 0, "stale": 0}

@@ -329,3 +329,30 @@ def test_a_rerun_skips_indexed_shards_and_finished_parts(tmp_path: Path, capsys:
     assert again.shards_indexed_now == 0 and again.train_parts_skipped == 1
     assert (again.train_clips, again.failed_downloads) == (first["train_clips"], first["failed_downloads"])
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
+
+
+@pytest.mark.slow
+def test_recall_both_ways_and_per_condition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """7 ground-truth queries, 6 evaluable (one lost all its frames): R@1 is 1 over the 6 with a gallery match
+    (ours) and 6/7 over all ground truth (the authors'); a --conditional list is reported the same two ways."""
+    out, _ = _convert(tmp_path, capsys)
+    (t, *_) = read_manifest(out / "train-part-01.jsonl")
+    assert dict(t.conditions) == {"scale": "large", "duration": "long", "number": "single"}  # columns [9]-[11]
+    queries = read_manifest(out / "test_queries.jsonl")
+    lost = f"{LIVE_1}-90000-93000"
+    cond = tmp_path / "long_clips.txt"
+    cond.write_text("\n".join([str(queries[0].id), str(queries[1].id), lost]) + "\n")
+    p = argparse.ArgumentParser()
+    evaluate.build_parser(p)
+    argv = ["--queries", str(out / "test_queries.jsonl"), "--gallery", str(out / "test_gallery.jsonl"), "--per-shop", "--workers", "0"]
+    assert evaluate.run(p.parse_args([*argv, "--conditional", str(cond)])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recall"]["R@1"] == 1.0 and report["recall_basis"].startswith("6 queries")
+    assert report["recall_all_ground_truth"]["R@1"] == round(6 / 7, 4)
+    c = report["conditional"]["long_clips"]
+    assert (c["queries"], c["ground_truth_queries"], c["recall"]["R@1"], c["recall_all_ground_truth"]["R@1"]) == (
+        2,
+        3,
+        1.0,
+        round(2 / 3, 4),
+    )
