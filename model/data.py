@@ -165,7 +165,7 @@ def read_lpr4m(
     ann = Path(annotations) if annotations is not None else root / "annotations"
     if split == "train":
         rows = []
-        for txt in sorted(ann.glob("training_videoinfo_*.txt")):
+        for txt in sorted(t for t in ann.glob("training_videoinfo_*.txt") if "val" not in t.stem):  # not the validation split
             for line in txt.read_text().splitlines():
                 cols = line.split("\t")
                 if len(cols) < 9:
