@@ -195,3 +195,31 @@ def test_converted_checkpoint_evaluates_and_initialises_training(tmp_path: Path,
     assert final["encoder_config"]["preprocess"]["image_fit"] == "squash"  # the checkpoint's preprocessing carried over
     start = read_checkpoint(ours)["encoder"]
     assert all(torch.equal(final["encoder"][k], start[k]) for k in start)  # lr 0: the imported weights, unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_converted_checkpoint_serves(tmp_path: Path) -> None:
+    """`rice serve --checkpoint` on the converted file: the service builds the imported model (its
+    version) and answers with it, preparing images by the checkpoint's squash transform."""
+    from service.server import background_server
+    from tests.conftest import settings_for
+    from tools.client import RiceClient
+
+    torch.manual_seed(0)
+    source = RICE(VisionTransformer(TINY), RICEConfig(decoder="v2", decoder_heads=2))
+    src, ours = tmp_path / "rice_final.pth", tmp_path / "ours.pt"
+    torch.save(_theirs(source), src)
+    version = authors.convert_authors_checkpoint(src, ours)["model_version"]
+    rng = np.random.default_rng(0)
+    pictures = []
+    for i in range(3):
+        pictures.append(tmp_path / f"p{i}.jpg")
+        cv2.imwrite(
+            str(pictures[-1]), cv2.resize(rng.integers(0, 255, (4, 3, 3), dtype=np.uint8), (60, 80), interpolation=cv2.INTER_NEAREST)
+        )
+    with background_server(settings_for(tmp_path), load_encoder(ours)) as url, RiceClient(url) as client:
+        for i, p in enumerate(pictures):
+            client.add_item(p, sku=f"sku{i}", shop_id="s")
+        answer = client.recognize(pictures[1])
+        assert answer.model_version == version and answer.top is not None and answer.top.sku == "sku1"
