@@ -169,8 +169,11 @@ def _rice_heads(payload: dict[str, Any], backbone: nn.Module, path: str | os.Pat
     """The trained RICE model around `backbone` when the checkpoint carries its heads, else None."""
     if "rice_config" not in payload or "heads" not in payload:
         return None
+    config = dict(payload["rice_config"])
+    if config.get("decoder") == "v2" and "decoder.proj_score.weight" in payload["heads"]:
+        config["decoder"] = "v2-mean"  # written before the authors' v2 decoder replaced this one
     try:
-        rice = RICE(backbone, RICEConfig.from_dict(payload["rice_config"]))
+        rice = RICE(backbone, RICEConfig.from_dict(config))
         # The backbone is already loaded; the heads' keys are the rest of RICE's state dict.
         missing, unexpected = rice.load_state_dict(payload["heads"], strict=False)
     except (TypeError, ValueError, RuntimeError) as exc:

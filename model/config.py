@@ -13,6 +13,7 @@ LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 
 FRAME_FITS = ("crop", "squash")
+IMAGE_FITS = ("letterbox", "squash")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class PreprocessConfig:
     done). "squash": the whole frame to `resize` x `resize` regardless of its aspect, then the centre
     `crop`, as the RICE authors do for LPR4M (v2 `Resize([256, 256])`): a 9:16 livestream frame keeps
     its top and bottom, where a centre crop would drop 44% of its height, often the product.
+    With "squash" and resize > crop (256 / 224 as `rice train` writes it) this is the authors'
+    evaluation transform, Resize 256 + CenterCrop 224, and training random-crops the same 256 square.
+
+    image_fit says how a catalog/shop image is prepared: "letterbox" (pad to a square with its border
+    colour, then frame_fit: keeps a tall package whole; the service's behaviour for catalog photos) or
+    "squash" (fit exactly like a frame, as the authors treat LPR4M shop images).
     """
 
     resize: int = 224
@@ -30,10 +37,15 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = LITE_MEAN
     std: tuple[float, float, float] = LITE_STD
     frame_fit: str = "crop"
+    image_fit: str = "letterbox"
 
     def __post_init__(self) -> None:
         if self.frame_fit not in FRAME_FITS:
             raise ValueError(f"frame_fit must be one of {FRAME_FITS}, got {self.frame_fit!r}")
+        if self.image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {self.image_fit!r}")
+        if self.resize < self.crop:
+            raise ValueError(f"resize {self.resize} is smaller than crop {self.crop}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class EfficientNetConfig:
 # while they hold their defaults: configs that predate them keep their versions (and galleries).
 _LATER_FIELDS: dict[tuple[str, ...], Any] = {
     ("preprocess", "frame_fit"): "crop",
+    ("preprocess", "image_fit"): "letterbox",
     ("vit", "gelu"): "quick",
     ("options",): {},
 }

@@ -7,7 +7,9 @@ and crop/flip/colour augmentation in training only). Decoding runs in DataLoader
 from __future__ import annotations
 
 import ast
+import glob
 import json
+import multiprocessing as mp
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
-from model.preprocess import IMAGE_SUFFIXES, fit_frame, pad_to_square, prepare_frame, sample_indices
+from model.img2dataset import read_member_ref
+from model.preprocess import IMAGE_SUFFIXES, fit_frame, image_frame_fit, pad_to_square, prepare_frame, sample_indices, train_size
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class ClipRow:
     shop: str | None = None
     group: str | None = None  # optional label for per-group reports, e.g. "packaged"
     also: tuple[str, ...] = ()
+    id: str | None = None  # the clip's id in its dataset (LPR4M video_id), for condition lists
+    conditions: tuple[tuple[str, str], ...] = ()  # e.g. LPR4M's (("duration", "long"), ("scale", "small"), ...)
 
     @property
     def truth(self) -> set[str]:
@@ -58,12 +63,34 @@ def read_manifest(path: str | os.PathLike[str]) -> list[ClipRow]:
             try:
                 clip = d.get("clip", [])  # gallery manifests have no clip
                 clip = tuple(_resolve(base, c) for c in clip) if isinstance(clip, list) else _resolve(base, clip)
+                cond = tuple(sorted((str(k), str(v)) for k, v in (d.get("conditions") or {}).items()))
                 rows.append(
-                    ClipRow(clip, _resolve(base, d["image"]), str(d["sku"]), d.get("shop"), d.get("group"), tuple(d.get("also", ())))
+                    ClipRow(
+                        clip,
+                        _resolve(base, d["image"]),
+                        str(d["sku"]),
+                        d.get("shop"),
+                        d.get("group"),
+                        tuple(d.get("also", ())),
+                        d.get("id"),
+                        cond,
+                    )
                 )
             except KeyError as exc:
                 raise ValueError(f"{path}:{n}: missing field {exc}") from exc
     return rows
+
+
+def read_manifests(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[ClipRow]:
+    """Rows of one or more manifests; each path may be a glob (`OUT/train-part-*.jsonl`), expanded in sorted order."""
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    files: list[str] = []
+    for item in map(str, items):
+        matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]  # noqa: PTH207  (absolute or relative patterns alike)
+        if not matched:
+            raise FileNotFoundError(f"no manifest matches {item}")
+        files += matched
+    return [row for f in files for row in read_manifest(f)]
 
 
 def write_manifest(rows: Iterable[ClipRow], path: str | os.PathLike[str]) -> None:
@@ -80,7 +107,8 @@ def write_manifest(rows: Iterable[ClipRow], path: str | os.PathLike[str]) -> Non
             d["clip"] = [rel(c) for c in r.clip] if isinstance(r.clip, tuple) else rel(r.clip)
             d["image"] = rel(r.image)
             d["also"] = list(r.also)
-            f.write(json.dumps({k: v for k, v in d.items() if v not in (None, [])}) + "\n")
+            d["conditions"] = dict(r.conditions)
+            f.write(json.dumps({k: v for k, v in d.items() if v not in (None, [], {})}) + "\n")
 
 
 def gallery_of(rows: Sequence[ClipRow]) -> list[ClipRow]:
@@ -137,7 +165,7 @@ def read_lpr4m(
     ann = Path(annotations) if annotations is not None else root / "annotations"
     if split == "train":
         rows = []
-        for txt in sorted(ann.glob("training_videoinfo_*.txt")):
+        for txt in sorted(t for t in ann.glob("training_videoinfo_*.txt") if "val" not in t.stem):  # not the validation split
             for line in txt.read_text().splitlines():
                 cols = line.split("\t")
                 if len(cols) < 9:
@@ -196,7 +224,7 @@ def read_clip_frames(clip: str | tuple[str, ...], n: int, keep: float = 1.0) -> 
     if files is not None:
         idx = sample_indices(len(files), n)
         idx = idx[: max(1, round(len(idx) * keep))]
-        frames = [cv2.imread(files[i], cv2.IMREAD_COLOR) for i in idx]
+        frames = [imread(files[i]) for i in idx]
         return [f for f in frames if f is not None]
     cap = cv2.VideoCapture(str(clip))
     try:
@@ -231,9 +259,38 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def loader_options(workers: int) -> dict[str, Any]:
+    """DataLoader keyword arguments for `workers` decode processes that are safe to start at any time.
+
+    Workers are NOT forked from the calling process: by the time a loader starts, OpenCV and torch
+    have usually run thread pools there (evaluation embeds the gallery first; training builds a
+    loader per epoch after running the model), and a forked child inherits their locks held by
+    threads that do not exist in it, so its first cv2/torch call can block forever (`rice evaluate`
+    hung with its default 2 workers). A forkserver (spawn where there is none) starts workers from a
+    clean process that imported model.data before any thread pool ran; each worker then unpickles
+    the dataset (rows are plain dataclasses)."""
+    if workers <= 0:
+        return {"num_workers": 0}
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        # Import torch/cv2 once in the server (no thread pool has started there), not in every worker.
+        ctx.set_forkserver_preload(["model.data"])
+    return {"num_workers": workers, "multiprocessing_context": ctx, "worker_init_fn": worker_init}
+
+
+def imread(path: str) -> np.ndarray | None:
+    """cv2.imread that also reads `<tar>#<offset>+<size>` (an image inside a webdataset tar, read in place)."""
+    data = read_member_ref(path) if ".tar#" in path else None
+    if data is None:
+        return cv2.imread(path, cv2.IMREAD_COLOR)
+    img: np.ndarray | None = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return img
+
+
 def read_image(path: str) -> np.ndarray:
-    """BGR uint8 image; ValueError when the file cannot be decoded."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    """BGR uint8 image (a file, or a tar member reference); ValueError when it cannot be decoded."""
+    img = imread(path)
     if img is None:
         raise ValueError(f"unreadable image: {path}")
     return img
@@ -242,8 +299,8 @@ def read_image(path: str) -> np.ndarray:
 class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """(clip, image) pairs as uint8 tensors: frames [T, C, C, 3] zero-padded with mask [T], image [C, C, 3].
 
-    Eval: the service's preprocessing (frames fit by pre.frame_fit, letterboxed catalog images).
-    Train (RICE v2 recipe): frames fit to resize*256/224 (pre.frame_fit), random crop, horizontal flip, colour jitter,
+    Eval: the service's preprocessing (frames fit by pre.frame_fit, catalog images by pre.image_fit).
+    Train (RICE v2 recipe): frames fit to `train_size` (256 for Resize 256 / crop 224), random crop, flip, colour jitter,
     and cut-tail (p=0.5 drop 0-90% of the frames from the end). Augmentation is seeded by
     (seed, epoch, index), so it does not depend on worker scheduling and resumes exactly.
     """
@@ -276,10 +333,10 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    def _augment(self, rgb: list[np.ndarray], rng: np.random.Generator, fit: str) -> list[np.ndarray]:
         """Same crop, flip and colour change for every frame of one clip (or for one image)."""
-        c = self.pre.crop
-        big = [fit_frame(x, round(self.pre.resize * 256 / 224), round(c * 256 / 224), self.pre.frame_fit) for x in rgb]
+        c, big_size = self.pre.crop, train_size(self.pre)
+        big = [fit_frame(x, big_size, big_size, fit) for x in rgb]
         top, left = rng.integers(0, big[0].shape[0] - c + 1, size=2)
         flip = rng.random() < 0.5
         alpha, beta = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
@@ -298,8 +355,10 @@ class ClipDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             rng = np.random.default_rng([self.seed, self.epoch, i])
             keep = 1.0 - rng.uniform(0.0, 0.9) if rng.random() < self.cut_tail_p else 1.0
             bgr = read_clip_frames(row.clip, self.num_frames, keep)
-            frames = self._augment([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr], rng) if bgr else []
-            image = self._augment([pad_to_square(cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB))], rng)[0]
+            frames = self._augment([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr], rng, self.pre.frame_fit) if bgr else []
+            rgb = cv2.cvtColor(read_image(row.image), cv2.COLOR_BGR2RGB)
+            rgb = pad_to_square(rgb) if self.pre.image_fit == "letterbox" else rgb
+            image = self._augment([rgb], rng, image_frame_fit(self.pre))[0]
         else:
             frames = [prepare_frame(f, self.pre) for f in read_clip_frames(row.clip, self.num_frames)]
             image = prepare_frame(read_image(row.image), self.pre, whole=True) if self.with_image else None

@@ -67,14 +67,26 @@ def pad_to_square(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+def train_size(cfg: PreprocessConfig) -> int:
+    """The square training random-crops `cfg.crop` from: the eval resize when it is larger than the
+    crop (Resize 256 / crop 224, the authors'), else crop * 256/224 (configs that resize to the crop)."""
+    return cfg.resize if cfg.resize > cfg.crop else round(cfg.crop * 256 / 224)
+
+
+def image_frame_fit(cfg: PreprocessConfig) -> str:
+    """How a catalog image is fit after `prepare_frame`'s letterbox step: squashed images use "squash"."""
+    return "squash" if cfg.image_fit == "squash" else cfg.frame_fit
+
+
 def prepare_frame(bgr: np.ndarray, cfg: PreprocessConfig, whole: bool = False) -> np.ndarray:
     """An OpenCV BGR frame -> RGB uint8 [crop, crop, 3] ready for `normalize` (fit by cfg.frame_fit).
 
-    whole=True letterboxes instead of cropping: catalog images show the whole product, and
-    cropping a tall package cuts off its top and bottom (measured: +20 points top-1 on the
-    demo catalog's close-up clips with the ImageNet encoder).
+    whole=True prepares a catalog image by cfg.image_fit: "letterbox" pads it to a square first
+    (catalog images show the whole product, and cropping a tall package cuts off its top and bottom:
+    +20 points top-1 on the demo catalog's close-up clips with the ImageNet encoder); "squash"
+    treats it exactly like a squashed frame, as the authors prepare LPR4M shop images.
     """
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    if whole:
+    if whole and cfg.image_fit == "letterbox":
         rgb = pad_to_square(rgb)
-    return fit_frame(rgb, cfg.resize, cfg.crop, cfg.frame_fit)
+    return fit_frame(rgb, cfg.resize, cfg.crop, image_frame_fit(cfg) if whole else cfg.frame_fit)

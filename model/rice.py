@@ -41,9 +41,11 @@ class RICEConfig:
     # divided by their sum). See PatchFeatureReconstruction.
     pfr_norm: str = "softmax"
     # "small": a fresh decoder of decoder_width; "v2": the authors' v2 decoder at the token width
-    # (768, 12 heads for ViT-B/32), its two blocks copied from the backbone's last two, score =
-    # 10 x cosine.
+    # (768 for ViT-B/32, decoder_heads heads, 8 in their config), its two blocks started from the
+    # backbone's last two, CrossPooler, score = 10 x cos(pooled, learned vector); "v2-mean": this
+    # project's earlier v2 reading (score against the clip's mean token), for old checkpoints.
     decoder: str = "small"
+    decoder_attn_dropout: float = 0.1  # v2: dropout on the cross-attention probabilities
 
     def __post_init__(self) -> None:
         if self.pfr and not self.pmd:
@@ -52,8 +54,8 @@ class RICEConfig:
             raise ValueError("enable at least one of icl and pmd")
         if self.pfr_norm not in ("softmax", "sum", "none"):
             raise ValueError("pfr_norm must be 'softmax', 'none' or 'sum'")
-        if self.decoder not in ("small", "v2"):
-            raise ValueError("decoder must be 'small' or 'v2'")
+        if self.decoder not in ("small", "v2", "v2-mean"):
+            raise ValueError("decoder must be 'small', 'v2' or 'v2-mean'")
         if self.decoder == "small" and self.decoder_width % self.decoder_heads:
             raise ValueError("decoder_width must be a multiple of decoder_heads")
 
@@ -240,8 +242,105 @@ class PairwiseMatchingDecoder(nn.Module):
         return self.score(x[:, 0]).squeeze(-1), probs * math.sqrt(self.cross_attn.head_dim)
 
 
+def _copy_blocks(backbone: nn.Module, width: int, n: int) -> list[dict[str, torch.Tensor]] | None:
+    """State dicts of the backbone's last `n` blocks (CLIP layout) when it offers them at `width`."""
+    source = getattr(backbone, "last_blocks", None)
+    blocks = source(n) if callable(source) else None
+    if not blocks or any(b.attn.embed_dim != width for b in blocks):
+        return None
+    return [b.state_dict() for b in blocks]
+
+
+class CrossAttentionBlock(nn.Module):
+    """The authors' `CrossTransformerLayer`: pre-LN on the query only (keys/values enter as they are),
+    multi-head attention with dropout on the probabilities, then the CLIP MLP. Parameter names are
+    CLIP's (attn.in_proj_weight/in_proj_bias/out_proj, ln_1, mlp.c_fc, mlp.c_proj, ln_2), so a CLIP
+    block's weights load 1:1 whatever the head count (the head split does not change any shape)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        from model.vit import ResidualAttentionBlock
+
+        template = ResidualAttentionBlock(width, heads)
+        self.attn, self.ln_1, self.mlp, self.ln_2 = template.attn, template.ln_1, template.mlp, template.ln_2
+        self.heads, self.head_dim, self.dropout = heads, width // heads, dropout
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [P, N, W] attends to mem [P, K, W] (pad [P, K] True = ignore) -> (x [P, N, W], probs / scale [P, h, N, K]).
+
+        The probabilities are returned before dropout and divided by the scale 1/sqrt(head_dim), as the
+        authors' `MultiHeadAttention` returns them for PFR."""
+        p, n, w = x.shape
+        h, d = self.heads, self.head_dim
+        wq, wk, wv = self.attn.in_proj_weight.split(w)
+        bq, bk, bv = self.attn.in_proj_bias.split(w)
+        scale = d**-0.5
+        q = (F.linear(self.ln_1(x), wq, bq) * scale).view(p, n, h, d).transpose(1, 2)  # [P, h, N, d]
+        k = F.linear(mem, wk, bk).view(p, -1, h, d).transpose(1, 2)  # [P, h, K, d]
+        v = F.linear(mem, wv, bv).view(p, -1, h, d).transpose(1, 2)  # [P, h, K, d]
+        logits = (q @ k.transpose(-2, -1)).masked_fill(pad[:, None, None, :], float("-inf"))  # [P, h, N, K]
+        probs = logits.softmax(dim=-1)
+        out = F.dropout(probs, self.dropout, self.training) @ v  # [P, h, N, d]
+        x = x + self.attn.out_proj(out.transpose(1, 2).reshape(p, n, w))
+        x = x + self.mlp(self.ln_2(x))
+        return x, probs / scale
+
+
+class CrossPooler(nn.Module):
+    """The authors' `CrossPooler`: LayerNorm over the decoded tokens, token 0, Linear (no bias), ReLU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(width)
+        self.dense = nn.Linear(width, width, bias=False)
+        nn.init.normal_(self.dense.weight, std=0.02)  # CrossModel.initialize_weights
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [P, N, W] -> pooled [P, W] (>= 0)."""
+        return F.relu(self.dense(self.layer_norm(hidden)[:, 0]))
+
+
 class PairwiseMatchingDecoderV2(nn.Module):
-    """The authors' v2 PMD: two pre-LN transformer blocks at the backbone's token width (768, 12 heads
+    """The authors' v2 PMD (mmf `CrossModel`, one layer pair, and the "vim" head):
+    a self-attention block over the image tokens (CLIP layout, TF-style LayerNorm eps 1e-12, no
+    attention dropout), a `CrossAttentionBlock` from them to the clip tokens (LN on the query only,
+    attention dropout 0.1), `CrossPooler`, and score = 10 x cos(pooled, a learned vector `vim`).
+    Width = the backbone's token width; `heads` defaults to 8 (their CrossConfig default, which no RICE
+    config overrides), not the backbone's 12. Both blocks start from the backbone's last two blocks
+    when it offers them (`last_blocks`), else freshly initialised.
+    """
+
+    logit_scale = 10.0
+
+    def __init__(self, backbone: nn.Module, width: int, heads: int, attn_dropout: float = 0.1) -> None:
+        super().__init__()
+        from model.vit import ResidualAttentionBlock
+
+        self.self_block = ResidualAttentionBlock(width, heads)
+        self.cross_block = CrossAttentionBlock(width, heads, attn_dropout)
+        copied = _copy_blocks(backbone, width, 2)
+        if copied is not None:
+            self.self_block.load_state_dict(copied[0])
+            self.cross_block.load_state_dict(copied[1])
+        for ln in (self.self_block.ln_1, self.self_block.ln_2):
+            ln.eps = 1e-12  # their TorchTransformerLayer's TF-style LayerNorm
+        self.heads = heads
+        self.head_dim = width // heads
+        self.pooler = CrossPooler(width)
+        self.vim = nn.Linear(width, 1, bias=False)  # heads["vim"]: only its weight is read, as a vector
+
+    def forward(self, image_tokens: torch.Tensor, clip_tokens: torch.Tensor, clip_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_tokens [P, N, W], clip_tokens [P, K, W], clip_pad [P, K] -> (score [P], PFR input [P, h, N, K])."""
+        x = self.self_block(image_tokens)  # [P, N, W]
+        x, probs = self.cross_block(x, clip_tokens, clip_pad)  # [P, N, W], [P, h, N, K]
+        pooled = self.pooler(x).float()  # [P, W]
+        score = F.normalize(pooled, dim=-1) @ F.normalize(self.vim.weight.float(), dim=-1).T  # [P, 1]
+        return self.logit_scale * score.squeeze(-1), probs
+
+
+class PairwiseMatchingDecoderV2Mean(nn.Module):
+    """This project's earlier reading of the v2 PMD (`decoder="v2-mean"`, kept so checkpoints trained with it
+    still load; new runs use PairwiseMatchingDecoderV2): two pre-LN transformer blocks at the backbone's token width (768, 12 heads
     for ViT-B/32), started from copies of the backbone's last two blocks when it offers them
     (`last_blocks(n)`), else freshly initialised. Block 1 self-attends over the image tokens, block 2
     cross-attends from them to the clip tokens. Score = 10 x cosine between the decoded token 0 and the
@@ -345,11 +444,14 @@ class RICE(nn.Module):
         # Without ICL the temperature is never used: frozen, so no optimiser step moves it and DDP
         # does not wait for its gradient.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)), requires_grad=cfg.learn_temperature and cfg.icl)
-        self.decoder: PairwiseMatchingDecoder | PairwiseMatchingDecoderV2 | None = None
-        if cfg.pmd and cfg.decoder == "v2":
+        self.decoder: PairwiseMatchingDecoder | PairwiseMatchingDecoderV2 | PairwiseMatchingDecoderV2Mean | None = None
+        if cfg.pmd and cfg.decoder in ("v2", "v2-mean"):
             if token_dim % cfg.decoder_heads:
                 raise ValueError(f"the v2 decoder works at the token width {token_dim}: not a multiple of {cfg.decoder_heads} heads")
-            self.decoder = PairwiseMatchingDecoderV2(backbone, token_dim, cfg.decoder_heads)
+            if cfg.decoder == "v2":
+                self.decoder = PairwiseMatchingDecoderV2(backbone, token_dim, cfg.decoder_heads, cfg.decoder_attn_dropout)
+            else:
+                self.decoder = PairwiseMatchingDecoderV2Mean(backbone, token_dim, cfg.decoder_heads)
         elif cfg.pmd:
             self.decoder = PairwiseMatchingDecoder(token_dim, cfg.decoder_width, cfg.decoder_heads)
         self.pfr = PatchFeatureReconstruction(self.decoder.heads, cfg.pfr_norm) if cfg.pfr and self.decoder is not None else None

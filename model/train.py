@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
-from model.config import FRAME_FITS, EncoderConfig, PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, worker_init
+from model.config import FRAME_FITS, IMAGE_FITS, EncoderConfig, PreprocessConfig
+from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest, read_manifests
 from model.evaluate import evaluate_rows, read_sku_file
 from model.normalize import normalize
 from model.rice import RICE, RICEConfig, world_info
@@ -46,7 +46,20 @@ from model.rice import RICE, RICEConfig, world_info
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `rice train` / `python -m model.train`."""
     a = parser.add_argument
-    a("--train", required=True, help="JSONL manifest of training (clip, image, sku) rows")
+    a(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="the authors' hyper-parameters as one flag (printed at start; flags given explicitly win): "
+        "lpr4m-v2 = their mmf code (ViT-B/32, v2 decoder, lr 1e-6/1e-4, warm-up 500 of 5000 steps, global batch 96, "
+        "betas (0.9, 0.999), squashed frames and shop images); lpr4m-v1 = their CLIP4Clip code (lr 3e-7/3e-4, 1 epoch, "
+        "10%% warm-up, global batch 128, fixed temperature 0.01, PFR v1). Needs --clip-weights (OpenAI ViT-B-32.pt) or --init-from",
+    )
+    a(
+        "--train",
+        required=True,
+        nargs="+",
+        help="JSONL manifest(s) of training (clip, image, sku) rows: several files or a quoted glob ('OUT/train-part-*.jsonl')",
+    )
     a("--val", help="JSONL manifest evaluated at the end (R@1/5/10)")
     a("--val-gallery", help="gallery manifest for --val (default: the val rows' distinct images)")
     a("--per-shop", action="store_true", help="evaluate with per-shop galleries (LPR4M protocol)")
@@ -64,30 +77,44 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--gelu", default="quick", choices=["quick", "exact"], help="ViT MLP activation: quick (OpenAI CLIP) or exact (open_clip LAION)")
     a("--clip-weights", help="OpenAI CLIP (ViT-B-32.pt, TorchScript or state dict) / open_clip ViT weights to start from")
     a("--no-pretrained", action="store_true", help="random init (tests)")
+    a(
+        "--init-from",
+        help="start from this checkpoint (ours, or the authors' converted by `rice import-checkpoint`): its encoder, its "
+        "preprocessing, and its RICE heads where they fit; the model flags must describe the same backbone",
+    )
     a("--train-blocks", type=int, default=-1, help="train only the last N blocks of the backbone (-1: all)")
     a("--image-size", type=int, default=224, help="crop size; frames are resized to the same shorter side")
     a(
         "--frame-fit",
         default="squash",
         choices=FRAME_FITS,
-        help="squash: whole frame to a square, as the authors do for 9:16 LPR4M frames (default); crop: shorter side + centre crop. "
-        "Stored in the checkpoint: the service then prepares frames the same way",
+        help="squash: whole frame to a 256 square, centre/random crop 224, as the authors do for 9:16 LPR4M frames (default); "
+        "crop: shorter side + centre crop. Stored in the checkpoint: evaluation and the service then prepare frames the same way",
+    )
+    a(
+        "--image-fit",
+        default="letterbox",
+        choices=IMAGE_FITS,
+        help="shop/catalog images: letterbox (pad to a square first: whole packages, catalog photos; default) or squash "
+        "(like the frames, as the authors prepare LPR4M shop images). Stored in the checkpoint",
     )
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
     a("--pmd-weight", type=float, default=1.0)
     a(
         "--pmd-form",
         default="small",
-        choices=["small", "v2"],
-        help="small: fresh decoder of --decoder-width; v2: the authors' (token width, "
-        "12 heads, started from the backbone's last two blocks, 10 x cosine score)",
+        choices=["small", "v2", "v2-mean"],
+        help="small: fresh decoder of --decoder-width; v2: the authors' (token width, --decoder-heads heads, 8 by default as "
+        "theirs, started from the backbone's last two blocks, CrossPooler, 10 x cos(pooled, learned vector)); "
+        "v2-mean: this project's earlier v2 (the backbone's heads, score against the clip's mean token)",
     )
     a("--pfr-form", default="v2", choices=["v1", "v2"], help="v2: softmax over the keys, weight 1.0; v1: no softmax, weight 0.05")
     a("--pfr-norm", choices=["softmax", "none", "sum"], help="override the form's PFR weight normalisation (sum: divide by the sum)")
     a("--pfr-weight", type=float, help="override the form's PFR loss weight")
-    a("--temperature", type=float, default=0.07)
+    a("--temperature", type=float, default=0.07, help="ICL temperature (initial value unless --fixed-temperature)")
+    a("--fixed-temperature", action="store_true", help="keep the ICL temperature fixed (the authors' v1: 0.01)")
     a("--decoder-width", type=int, default=256)
-    a("--decoder-heads", type=int, help="default 8 (small decoder) or 12 (v2)")
+    a("--decoder-heads", type=int, help="decoder attention heads (default 8, the authors' v2 default; v2-mean: the backbone's)")
     a("--match-threshold", type=float, help="a calibrated match score to store in the checkpoint (served as LoadedEncoder.match_threshold)")
     # optimisation
     a("--frames", type=int, default=10, help="frames per training clip")
@@ -106,6 +133,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--lr-head", type=float, default=1e-4)
     a("--weight-decay", type=float, default=0.2)
     a("--warmup", type=int, default=10, help="warm-up steps")
+    a("--warmup-fraction", type=float, default=0.0, help="warm-up as a fraction of the schedule (overrides --warmup when > 0)")
+    a("--adam-beta2", type=float, default=0.98, help="AdamW beta2 (the authors: 0.999)")
     a("--ckpt-every", type=int, default=200)
     a("--log-every", type=int, default=10)
     a("--workers", type=int, default=2)
@@ -119,10 +148,89 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--no-progress", action="store_true")
 
 
+# The authors' recipes (github deepalchemist/crossview-semantic-alignment): v2 = mmf
+# projects/videotoshop/configs/e2e_pretraining_vic_vim_rec.yaml (adam_w lr 1e-6, eps 1e-6, wd 0.2,
+# lr_multiplier 100 for the heads, warmup_cosine 500 / 5000, global batch 96, Resize 256 + RandomCrop
+# 224); v1 = ddp_train.sh + main_task_retrieval.py (lr 3e-4, coef_lr 1e-3 for CLIP, 1 epoch, batch
+# 128, warmup_proportion 0.1, BertAdam betas (0.9, 0.999), temperature 0.01, reconstruction weight
+# 0.05, CLIP's Resize + CenterCrop 224). "global_batch" is divided over the processes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "lpr4m-v2": {
+        "backbone": "vit",
+        "vit": "768,12,12,32,224,512",
+        "gelu": "quick",
+        "losses": "icl,pmd,pfr",
+        "pmd_form": "v2",
+        "pfr_form": "v2",
+        "decoder_heads": 8,
+        "lr_backbone": 1e-6,
+        "lr_head": 1e-4,
+        "weight_decay": 0.2,
+        "adam_beta2": 0.999,
+        "warmup": 500,
+        "max_steps": 5000,
+        "global_batch": 96,
+        "frames": 10,
+        "eval_frames": 10,
+        "frame_fit": "squash",
+        "image_fit": "squash",
+        "per_shop": True,
+    },
+    "lpr4m-v1": {
+        "backbone": "vit",
+        "vit": "768,12,12,32,224,512",
+        "gelu": "quick",
+        "losses": "icl,pmd,pfr",
+        "pmd_form": "small",
+        "decoder_width": 512,
+        "decoder_heads": 8,
+        "pfr_form": "v1",
+        "lr_backbone": 3e-7,
+        "lr_head": 3e-4,
+        "weight_decay": 0.2,
+        "adam_beta2": 0.999,
+        "epochs": 1.0,
+        "warmup_fraction": 0.1,
+        "global_batch": 128,
+        "temperature": 0.01,
+        "fixed_temperature": True,
+        "frames": 10,
+        "eval_frames": 10,
+        "frame_fit": "crop",
+        "per_shop": True,
+    },
+}
+
+
+def apply_preset(args: argparse.Namespace, world: int = 1) -> dict[str, Any]:
+    """Set the preset's values on every argument still at its default (explicit flags win); returns what was set."""
+    if not getattr(args, "preset", None):
+        return {}
+    p = argparse.ArgumentParser()
+    build_parser(p)
+    defaults = {a.dest: a.default for a in p._actions}
+    applied: dict[str, Any] = {}
+    for key, value in PRESETS[args.preset].items():
+        if key == "global_batch":
+            if args.batch_size == defaults["batch_size"]:
+                args.batch_size = applied["batch_size"] = max(1, value // world)
+        elif getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+            applied[key] = value
+    if not (args.clip_weights or args.init_from or args.no_pretrained):
+        raise ValueError(f"--preset {args.preset} starts from OpenAI CLIP ViT-B/32: pass --clip-weights ViT-B-32.pt (or --init-from)")
+    return applied
+
+
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The encoder (and its preprocessing) the checkpoint will carry, from the backbone's registry entry."""
     cfg = get_spec(args.backbone).from_args(args)
-    return replace(cfg, preprocess=replace(cfg.preprocess, frame_fit=getattr(args, "frame_fit", cfg.preprocess.frame_fit)))
+    pre = cfg.preprocess
+    fit = getattr(args, "frame_fit", pre.frame_fit)
+    # squash: evaluate as the authors do (Resize 256 + CenterCrop 224 of the squashed frame), the square
+    # training random-crops from; crop keeps resize = crop (shorter side to the crop size).
+    resize = round(pre.crop * 256 / 224) if fit == "squash" else pre.resize
+    return replace(cfg, preprocess=replace(pre, frame_fit=fit, resize=resize, image_fit=getattr(args, "image_fit", pre.image_fit)))
 
 
 def rice_config(args: argparse.Namespace) -> RICEConfig:
@@ -138,11 +246,17 @@ def rice_config(args: argparse.Namespace) -> RICEConfig:
         pmd_weight=args.pmd_weight,
         pfr_weight=args.pfr_weight if args.pfr_weight is not None else (0.05 if v1 else 1.0),
         temperature=args.temperature,
+        learn_temperature=not getattr(args, "fixed_temperature", False),
         decoder_width=args.decoder_width,
-        decoder_heads=args.decoder_heads or (12 if args.pmd_form == "v2" else 8),
+        decoder_heads=args.decoder_heads or (_backbone_heads(args) if args.pmd_form == "v2-mean" else 8),
         pfr_norm=args.pfr_norm or ("none" if v1 else "softmax"),
         decoder=args.pmd_form,
     )
+
+
+def _backbone_heads(args: argparse.Namespace) -> int:
+    """The ViT's head count from --vit (v2-mean copies the backbone's blocks as they are); 8 otherwise."""
+    return int(args.vit.split(",")[2]) if args.backbone == "vit" else 8
 
 
 def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
@@ -156,7 +270,25 @@ def build_model(args: argparse.Namespace, cfg: EncoderConfig) -> RICE:
         backbone.requires_grad_(False)
         for m in [*blocks[len(blocks) - args.train_blocks :], *tail] if args.train_blocks else tail:
             m.requires_grad_(True)
-    return RICE(backbone, rice_config(args))
+    model = RICE(backbone, rice_config(args))
+    if getattr(args, "init_from", None):
+        init_from_checkpoint(model, args.init_from)
+    if model.decoder is not None and model.decoder.heads != model.cfg.decoder_heads:
+        raise ValueError(f"the {model.cfg.decoder} decoder has {model.decoder.heads} heads, not --decoder-heads {model.cfg.decoder_heads}")
+    return model
+
+
+def init_from_checkpoint(model: RICE, path: str) -> None:
+    """Load a checkpoint's encoder (strict) and those of its RICE heads whose names and shapes fit."""
+    payload = read_checkpoint(path)
+    try:
+        model.backbone.load_state_dict(payload["encoder"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--init-from {path}: its encoder does not match the backbone flags: {exc}") from exc
+    own = model.state_dict()
+    heads = {k: v for k, v in payload.get("heads", {}).items() if k in own and own[k].shape == v.shape and not k.startswith("backbone.")}
+    model.load_state_dict(heads, strict=False)
+    sys.stdout.write(f"init from {path}: encoder + {len(heads)} head tensors\n")
 
 
 def selection_rows(args: argparse.Namespace, exclude: set[str]) -> tuple[list[ClipRow], list[ClipRow]] | None:
@@ -243,16 +375,21 @@ def run(args: argparse.Namespace) -> int:
     """Train, checkpoint, evaluate; returns the exit status."""
     device = setup_distributed(args.device)
     rank, world = world_info()
+    applied = apply_preset(args, world)
+    if applied and rank == 0:
+        sys.stdout.write(f"preset {args.preset}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()) + "\n")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
     # data
     cfg = encoder_config(args)
+    if args.init_from:  # the checkpoint's architecture and preprocessing (e.g. the authors' Resize 256 + CenterCrop 224)
+        cfg = EncoderConfig.from_dict(read_checkpoint(args.init_from)["encoder_config"])
     pre = cfg.preprocess
     exclude = read_sku_file(args.exclude_skus) or set()
     only = read_sku_file(args.skus)
-    rows = [r for r in read_manifest(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
+    rows = [r for r in read_manifests(args.train) if r.sku not in exclude and (only is None or r.sku in only)]
     rows = rows[: args.limit] if args.limit > 0 else rows
     selection = selection_rows(args, exclude)
     dataset = ClipDataset(rows, pre, args.frames, train=True, seed=args.seed)
@@ -263,8 +400,11 @@ def run(args: argparse.Namespace) -> int:
 
     # model and optimiser
     model = build_model(args, cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, total))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, args.adam_beta2), eps=1e-6
+    )
+    warmup = round(args.warmup_fraction * total) if args.warmup_fraction > 0 else args.warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
     step = 0
     # Model selection on held-out products: best held-out R@1 so far, its step, selections since.
     best = {"r1": -1.0, "step": 0, "stale": 0}
@@ -331,9 +471,7 @@ def run(args: argparse.Namespace) -> int:
         epoch, done = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(rows), args.batch_size, world, rank, epoch, args.seed)[done * args.accum : per_epoch * args.accum]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=cuda, worker_init_fn=worker_init
-        )
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=cuda, **loader_options(args.workers))
         ddp.train()
         freeze_batchnorm(model.backbone)
         sums: dict[str, float] = {}

@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lpr4m.add_arguments(c)
     c.set_defaults(func=lpr4m.run)
+    from model import authors
+
+    a = sub.add_parser(
+        "import-checkpoint", help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format"
+    )
+    authors.add_arguments(a)
+    a.set_defaults(func=authors.run)
 
     i = sub.add_parser(
         "ingest",
