@@ -44,8 +44,8 @@ def catalog_frames(root: str | None, n: int, shape: tuple[int, int, int]) -> np.
     if not root:
         return synthetic_frames(n, shape, seed=11)
     from model.config import PreprocessConfig
-    from model.grocery import read_grocery
     from tools.onnx_export import calibration_frames
+    from train.grocery import read_grocery
 
     data = read_grocery(root)
     with tempfile.TemporaryDirectory() as tmp:  # calibration_frames reads a folder: link the iconic images into one
@@ -146,8 +146,8 @@ def main() -> None:
     if args.service_seconds:
         service_table(args, cache)
     if args.root and args.skus:
-        from model.grocery import read_grocery
         from tools.grocery_check import run_grocery_check
+        from train.grocery import read_grocery
 
         catalog = read_grocery(args.root).products
         skus = {prod.sku for prod in catalog[:: max(1, len(catalog) // args.skus)][: args.skus]}  # spread over the groups

@@ -2,7 +2,7 @@
 
 Synthetic inputs (speed does not depend on the pixels), random weights, the losses and heads of
 model/rice.py and the backbones of model/encoder.py; bf16 autocast with fp32 master weights, as
-model/train.py runs on CUDA. One short script for the GPU machine (torch + numpy only):
+train/train.py runs on CUDA. One short script for the GPU machine (torch + numpy only):
 
     python bench/gpu_train_step.py                        # ViT-B/32 and EfficientNet-Lite0 on CUDA
     python bench/gpu_train_step.py --device cpu --tiny    # smoke test here

@@ -33,12 +33,12 @@ from fastapi.testclient import TestClient
 
 from model.checkpoint import load_encoder
 from model.config import PreprocessConfig
-from model.grocery import read_grocery
 from pipeline.decode import DecodeLimits, decode_clip
 from pipeline.keyframes import decode_keyframes
 from service.app import create_app
 from service.settings import Settings
 from tools.clipsynth import camera_motion_clip, encode_video
+from train.grocery import read_grocery
 
 
 def encode_live(frames: list[np.ndarray], fps: float, gop_s: float, codec: str) -> bytes:

@@ -11,7 +11,7 @@ failed (parquet row only, as img2dataset leaves them). Both output formats, side
   (member offsets), never the data.
 Shop and test images are tiny real JPEGs (`--test-clips` are decoded by nothing here either).
 
-The converter runs in a child process (`python -m model.lpr4m`); its peak RSS is the child's
+The converter runs in a child process (`python -m train.lpr4m`); its peak RSS is the child's
 ru_maxrss. The bench checks the failed count against the parquets and that no extracted folder exists.
 
     .venv/bin/python bench/lpr4m_convert.py [--frames 1000000] [--work /tmp/lpr4m_bench] [--formats files webdataset]
@@ -158,7 +158,7 @@ def generate(
 def convert(root: Path, out: Path) -> dict[str, object]:
     """Run the converter in a child process; wall seconds, peak RSS (MB) and its summary."""
     images = [str(root / d) for d in ("train_frames", "train_images", "test_frames", "test_images")]
-    cmd = [sys.executable, "-m", "model.lpr4m", "--annotations", str(root / "annotations"), "--images", *images, "--out", str(out)]
+    cmd = [sys.executable, "-m", "train.lpr4m", "--annotations", str(root / "annotations"), "--images", *images, "--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     seconds = time.perf_counter() - t0

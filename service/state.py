@@ -228,7 +228,7 @@ DECODE_KILL_GRACE_S = 10.0
 
 # For a model without a calibrated threshold (the built-in encoder): measured with `rice livebench`
 # (default pipeline) on train-split photos of the grocery data, 144 clips of catalog products vs 42
-# clips of products left out of the gallery, `model.calibrate` at a target precision of 0.9 for
+# clips of products left out of the gallery, `train.calibrate` at a target precision of 0.9 for
 # match answers (docs/RESULTS.md). The built-in encoder's top-1 score barely separates the two
 # (AUROC 0.51), so this threshold rejects nearly every answer in livestream conditions: "none of
 # these" unless the product is shown large and clearly. A calibrated checkpoint replaces it.
@@ -252,5 +252,5 @@ def calibration_warning(settings: Settings, loaded: LoadedEncoder) -> str | None
     return (
         f"model {loaded.model_version} ({loaded.source}) has no calibrated match threshold; answers use the fallback "
         f"{UNCALIBRATED_MATCH_THRESHOLD}, measured for the built-in encoder, so 'match' may be wrong for this model: "
-        "calibrate it (python -m model.calibrate --checkpoint ...) or set RICE_MATCH_THRESHOLD"
+        "calibrate it (python -m train.calibrate --checkpoint ...) or set RICE_MATCH_THRESHOLD"
     )

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import authors, evaluate, train
 from model.checkpoint import load_encoder, read_checkpoint
 from model.config import ViTConfig
 from model.rice import RICE, PairwiseMatchingDecoderV2, RICEConfig
 from model.vit import VisionTransformer
+from train import authors, evaluate, train
 
 TINY = ViTConfig(image_size=32, patch_size=8, width=128, layers=3, heads=2, embed_dim=16)  # CLIP: 64-d heads
 

@@ -15,9 +15,9 @@ from model.backbones import REGISTRY, Backbone, backbone_names, build_backbone, 
 from model.checkpoint import load_encoder
 from model.config import EncoderConfig
 from model.encoder import clip_embedding, pool_clip
-from model.train import build_parser, run
-from model.wise import interpolate
 from tests.test_rice_train import _video_dataset
+from train.train import build_parser, run
+from train.wise import interpolate
 
 
 @pytest.fixture

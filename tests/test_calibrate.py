@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.calibrate import auroc, pick_threshold, rates_at
 from model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint, set_checkpoint_fields
+from train.calibrate import auroc, pick_threshold, rates_at
 
 
 def test_auroc_matches_pairwise_definition() -> None:
@@ -74,9 +74,9 @@ def test_calibrate_command_stores_the_threshold_of_a_livebench_report(
 ) -> None:
     import json
 
-    from model import calibrate
     from model.config import EfficientNetConfig, EncoderConfig
     from model.encoder import build_backbone
+    from train import calibrate
 
     cfg = EncoderConfig(efficientnet=EfficientNetConfig(pretrained=False))
     ckpt = tmp_path / "m.pt"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from model.train import run
 from tests.test_rice_train import _train_args, _video_dataset
+from train.train import run
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 
 from model.config import EncoderConfig, PreprocessConfig
-from model.data import ClipDataset, ClipRow, read_image
 from model.preprocess import pad_to_square, prepare_frame, train_size
-from model.train import build_parser, encoder_config
+from train.data import ClipDataset, ClipRow, read_image
+from train.train import build_parser, encoder_config
 
 
 def _portrait(seed: int = 0) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The package layout is the architecture: layers import only those below them, with no cycles.
 
-model -> index -> pipeline -> service -> tools (docs/ARCHITECTURE.md). Every import counts,
-including ones deferred inside functions: a deferred import is still a dependency.
+model -> train -> index -> pipeline -> service -> tools (docs/ARCHITECTURE.md), and the serving
+layers (index, pipeline, service) never import train/: serving runs without the training code.
+Every import counts, including ones deferred inside functions: a deferred import is still a dependency.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["model", "index", "pipeline", "service", "tools"]
+LAYERS = ["model", "train", "index", "pipeline", "service", "tools"]
+SERVING = ("model", "index", "pipeline", "service")
 WEB = ("fastapi", "starlette", "uvicorn")
 
 
@@ -89,6 +91,11 @@ def test_layers_import_only_downwards() -> None:
     assert not wrong, "\n".join(sorted(wrong))
 
 
+def test_serving_never_imports_the_training_package() -> None:
+    wrong = [f"{m} imports {d}" for m, deps in _graph().items() if m.split(".")[0] in SERVING for d in deps if d.split(".")[0] == "train"]
+    assert not wrong, "\n".join(sorted(wrong))
+
+
 def test_only_the_http_layer_and_tools_know_the_web_stack() -> None:
     wrong = []
     for layer in ("model", "index", "pipeline"):
@@ -111,8 +118,9 @@ def test_the_image_serves_the_service_and_carries_the_cli() -> None:
     """The container serves `python -m service` (which imports no tools: the layer test above); the
     operator CLI rides along so `docker compose run --rm api-1 rice reindex ...` runs beside the replicas."""
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for layer in LAYERS:
+    for layer in ("model", "index", "pipeline", "service", "tools"):
         assert f"COPY {layer} ./{layer}" in dockerfile, layer
+    assert not [line for line in dockerfile.splitlines() if line.startswith(("COPY", "ADD")) and "train" in line]  # no training code
     assert 'CMD ["python3", "-m", "service"]' in dockerfile
     assert (ROOT / "service" / "__main__.py").exists()
 

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from model.grocery import read_grocery
 from tools.democatalog import DemoProduct
 from tools.livebench import build_cases, render_case, run_livebench, split_products
 from tools.livescene import SCALES, compose_scene, livestream_clip
+from train.grocery import read_grocery
 
 
 def _grocery_folder(root: Path, products: list[DemoProduct]) -> Path:
@@ -97,8 +97,8 @@ def test_livebench_runs_through_the_app(tmp_path: Path, products: list[DemoProdu
 
 
 def test_live_training_clips_keep_held_out_products_out_of_the_clutter(tmp_path: Path, products: list[DemoProduct]) -> None:
-    from model.data import read_manifest
     from tools.grocery_clips import build_grocery_clips, clutter_pool
+    from train.data import read_manifest
 
     data = read_grocery(_grocery_folder(tmp_path / "data", products))
     held = {products[0].sku, products[4].sku}

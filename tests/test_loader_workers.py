@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import pytest
 
-from model import evaluate, train
-from model.data import loader_options
+from train import evaluate, train
+from train.data import loader_options
 
 TIMEOUT_S = 300  # a normal run takes seconds; only a hang reaches this
 TINY_VIT = ["--backbone", "vit", "--no-pretrained", "--vit", "32,2,4,8,32,16", "--image-size", "32"]

@@ -1,4 +1,4 @@
-"""`model.lpr4m` on fixtures written in the published layouts: the full release as img2dataset leaves
+"""`train.lpr4m` on fixtures written in the published layouts: the full release as img2dataset leaves
 it (`files` folders and webdataset tars, with failed downloads), and the authors' 750K subset. The
 converted manifests then evaluate with `rice evaluate --per-shop` and train with `rice train`."""
 
@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model import evaluate, lpr4m, train
-from model.data import read_image, read_manifest
 from tools.cli import main as rice_main
+from train import evaluate, lpr4m, train
+from train.data import read_image, read_manifest
 
 TRAIN_LIVE = str(uuid.UUID(int=0xA1))
 LIVE_1, LIVE_2 = str(uuid.UUID(int=0xB1)), str(uuid.UUID(int=0xB2))

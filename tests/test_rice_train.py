@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_encoder, read_checkpoint
 from model.config import ViTConfig
-from model.data import ClipDataset, ClipRow, gallery_of, read_manifest, write_manifest
 from model.encoder import clip_embedding
 from model.rice import RICE, RICEConfig
-from model.train import build_parser, param_groups, run
 from model.vit import VisionTransformer
 from service.server import free_port
 from tools.clipsynth import camera_motion_clip, write_video
+from train.data import ClipDataset, ClipRow, gallery_of, read_manifest, write_manifest
+from train.train import build_parser, param_groups, run
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4, embed_dim=16)
 TINY_RICE = RICEConfig(decoder_width=32, decoder_heads=4)
@@ -45,7 +45,7 @@ def _global_batch(n: int = 8, t: int = 3) -> tuple[torch.Tensor, ...]:
 
 
 def _step(model: torch.nn.Module, rice: RICE, batch: tuple[torch.Tensor, ...], world: int) -> float:
-    """One update as model.train does it: loss share * world, backward (DDP averages), step.
+    """One update as train.train does it: loss share * world, backward (DDP averages), step.
     SGD rather than AdamW: Adam's first step is ~lr * sign(grad), which turns float rounding
     noise in near-zero gradients into lr-sized differences."""
     opt = torch.optim.SGD(param_groups(rice, 0.1, 0.1, 0.0))

@@ -13,8 +13,8 @@ from torch import nn
 
 from model.config import ViTConfig
 from model.rice import RICE, PairwiseMatchingDecoderV2, RICEConfig
-from model.train import build_model, build_parser, encoder_config, rice_config
 from model.vit import VisionTransformer
+from train.train import build_model, build_parser, encoder_config, rice_config
 
 TINY_VIT = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=4, embed_dim=16)
 

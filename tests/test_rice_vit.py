@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from model.config import PreprocessConfig, ViTConfig
-from model.data import lpr4m_live_id, read_lpr4m, read_movingfashion
-from model.evaluate import rank_gallery
 from model.preprocess import prepare_frame
 from model.vit import CLIPImportError, VisionTransformer, convert_clip_state, load_clip_weights, vit_config_from_clip_state
+from train.data import lpr4m_live_id, read_lpr4m, read_movingfashion
+from train.evaluate import rank_gallery
 
 TINY = ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=1, embed_dim=16)
 

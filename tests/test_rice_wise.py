@@ -9,7 +9,7 @@ import torch
 
 from model.checkpoint import LoadedEncoder, load_encoder, save_checkpoint
 from model.config import EfficientNetConfig, EncoderConfig
-from model.wise import interpolate, zero_shot_state
+from train.wise import interpolate, zero_shot_state
 
 
 def test_interpolation_ends_are_zero_shot_and_fine_tuned(tmp_path: Path, encoder: LoadedEncoder) -> None:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.train import PRESETS, apply_preset, build_parser, rice_config, run
+from train.train import PRESETS, apply_preset, build_parser, rice_config, run
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from model.data import read_manifest
 from tests.conftest import jpeg
 from tools.cli import main
 from tools.client import RiceClient
 from tools.democatalog import DemoProduct
+from train.data import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -253,13 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     livebench.add_arguments(lb)
     lb.set_defaults(func=cmd_livebench)
     # The offline jobs live in model/ (no web code); the CLI only mounts their parsers.
-    from model import evaluate as evaluate_job
-    from model import train as train_job
+    from train import evaluate as evaluate_job
+    from train import train as train_job
 
     t = sub.add_parser(
         "train",
         help="train RICE (ICL/PMD/PFR) on a JSONL manifest; one CPU process, or N via torchrun",
-        description="Also: torchrun --nproc-per-node N -m model.train ... (gloo on CPU, NCCL on GPU). "
+        description="Also: torchrun --nproc-per-node N -m train.train ... (gloo on CPU, NCCL on GPU). "
         "The final checkpoint is served with `rice serve --checkpoint OUT/final.pt`.",
     )
     train_job.build_parser(t)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="R@1/5/10 of clip queries against product images (global or per-shop galleries), JSON")
     evaluate_job.build_parser(e)
     e.set_defaults(func=evaluate_job.run)
-    from model import lpr4m
+    from train import lpr4m
 
     c = sub.add_parser(
         "lpr4m",
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lpr4m.add_arguments(c)
     c.set_defaults(func=lpr4m.run)
-    from model import authors
+    from train import authors
 
     a = sub.add_parser(
         "import-checkpoint", help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format"
@@ -404,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rice {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(f"rice {args.command}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name != "train" and not (exc.name or "").startswith("train."):
+            raise
+        # the serving image carries the CLI but not the training package (train/)
+        why = "this installation has no training code (the serving image); run it from a source checkout with `pip install .[train]`"
+        print(f"rice {args.command}: {why}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"rice {args.command}: interrupted", file=sys.stderr)

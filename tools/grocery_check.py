@@ -14,11 +14,11 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from model.checkpoint import load_encoder
-from model.grocery import read_grocery
-from model.recall import recall_at_k
 from service.app import create_app
 from service.settings import Settings
 from tools.clipsynth import camera_motion_clip, encode_video
+from train.grocery import read_grocery
+from train.recall import recall_at_k
 
 
 def run_grocery_check(

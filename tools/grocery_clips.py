@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data import ClipRow, read_image, write_manifest
-from model.grocery import GroceryData, GroceryPhoto, read_grocery
 from tools.clipsynth import camera_motion_clip, write_video
 from tools.livescene import SCALES, livestream_clip
+from train.data import ClipRow, read_image, write_manifest
+from train.grocery import GroceryData, GroceryPhoto, read_grocery
 
 
 def _render(job: tuple[list[str], str, int, int, int]) -> None:

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from model.calibrate import auroc, pick_threshold, rates_at
-from model.data import read_image
-from model.grocery import GroceryData, read_grocery
-from model.recall import recall_at_k
 from tools.clipsynth import encode_video
 from tools.livescene import SCALES, livestream_clip
+from train.calibrate import auroc, pick_threshold, rates_at
+from train.data import read_image
+from train.grocery import GroceryData, read_grocery
+from train.recall import recall_at_k
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from model.data import ClipRow, write_manifest
 from model.media import VIDEO_SUFFIXES
 from tools.ingest import CatalogError, CatalogImage, read_catalog
+from train.data import ClipRow, write_manifest
 
 
 def clip_sku(clip: Path, clips_root: Path, skus: set[str]) -> str | None:

@@ -1,7 +1,7 @@
 """Convert an LPR4M download into the project's manifests, streaming: memory does not grow with the release.
 
     rice lpr4m --annotations DIR --images DIR [DIR ...] --out DIR
-    python -m model.lpr4m --annotations DIR --images DIR [DIR ...] --out DIR
+    python -m train.lpr4m --annotations DIR --images DIR [DIR ...] --out DIR
 
 Writes OUT/train-part-XX.jsonl (one per annotation part; `rice train --train 'OUT/train-part-*.jsonl'`),
 OUT/test_queries.jsonl (+ test_queries.meta.json: every ground-truth clip id, for R@k over all of
@@ -18,7 +18,7 @@ fewer training frames it samples among the N kept. `--frames 0` keeps every fram
 Two layouts, told apart automatically:
 - The public full release (adxcreative/RICE): four URL lists downloaded with img2dataset, either
   `--output_format files` or `webdataset`. --images are its output folders. Shards are walked in order
-  and indexed into OUT/index.sqlite (`model.img2dataset`): status from each shard's parquet (a failed
+  and indexed into OUT/index.sqlite (`train.img2dataset`): status from each shard's parquet (a failed
   download has only its parquet row), images by `<shard>/<key>.jpg` or by byte offset inside
   `<shard>.tar`: tars are read in place, nothing is extracted. --annotations holds
   `training_videoinfo_full_part_XX.txt` (11 tab-separated columns: video_id, frame ids, boxes,
@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.data import lpr4m_image_id, lpr4m_live_id, lpr4m_main_views, lpr4m_view_rank
-from model.img2dataset import DownloadIndex
 from model.preprocess import IMAGE_SUFFIXES, sample_indices
+from train.data import lpr4m_image_id, lpr4m_live_id, lpr4m_main_views, lpr4m_view_rank
+from train.img2dataset import DownloadIndex
 
 SUBSET_MARKERS = ("query", "gallery", "training_image")
 CONDITIONS = ("scale", "duration", "number")  # full-release columns [9]-[11] (1-based)
@@ -433,7 +433,7 @@ def convert(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `rice lpr4m` / `python -m model.lpr4m`."""
+    """Arguments of `rice lpr4m` / `python -m train.lpr4m`."""
     parser.add_argument("--annotations", required=True, help="folder with the LPR4M annotation files (searched recursively)")
     parser.add_argument(
         "--images",

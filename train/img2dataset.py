@@ -6,7 +6,7 @@ error_message, ...) and either `<shard>/<key>.jpg` (+ .json, .txt; `--output_for
 `<shard>.tar` holding the same members (`webdataset`). A failed download leaves NOTHING but its
 parquet row, so failures are counted from the parquet. Tar members are not extracted: the index keeps
 each image's byte offset and size, and a frame is referenced as `<tar path>#<offset>+<size>`
-(`read_member_ref` / `model.data.read_image` read it in place).
+(`read_member_ref` / `train.data.read_image` read it in place).
 
 The index is a SQLite file (name -> shard, member file or tar offset): memory stays at one shard's
 parquet and listing whatever the release's size, shards already indexed are skipped on a re-run, and

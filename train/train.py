@@ -1,8 +1,8 @@
 """RICE training: one CPU process, or N processes under torchrun (gloo on CPU, NCCL on GPU) with
 DistributedDataParallel. Read top to bottom: config -> data -> model -> optimiser -> loop -> eval.
 
-    python -m model.train --train train.jsonl --val val.jsonl --out runs/x
-    torchrun --nproc-per-node 2 -m model.train --train train.jsonl --out runs/x
+    python -m train.train --train train.jsonl --val val.jsonl --out runs/x
+    torchrun --nproc-per-node 2 -m train.train --train train.jsonl --out runs/x
 
 `OUT/last.pt` is written every --ckpt-every steps (and at the end) and resumes exactly with
 --resume; `OUT/final.pt` is the servable checkpoint (`rice serve --checkpoint OUT/final.pt`).
@@ -37,14 +37,14 @@ from tqdm import tqdm
 from model.backbones import backbone_names, build_backbone, get_spec
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.config import FRAME_FITS, IMAGE_FITS, EncoderConfig, PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest, read_manifests
-from model.evaluate import evaluate_rows, read_sku_file
 from model.normalize import normalize
 from model.rice import RICE, RICEConfig, world_info
+from train.data import ClipDataset, ClipRow, gallery_of, loader_options, read_manifest, read_manifests
+from train.evaluate import evaluate_rows, read_sku_file
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `rice train` / `python -m model.train`."""
+    """Arguments of `rice train` / `python -m train.train`."""
     a = parser.add_argument
     a(
         "--preset",

@@ -1,7 +1,7 @@
 """Import the RICE authors' released checkpoints (mmf v2, `rice_final.pth`) into this project's format.
 
     rice import-checkpoint rice_final.pth --out rice_authors.pt
-    python -m model.authors rice_final.pth --out rice_authors.pt
+    python -m train.authors rice_final.pth --out rice_authors.pt
 
 Their file is a state dict (possibly under "model", with "module." prefixes) whose visual tower sits
 under `image_encoder.model.*`, in one of the two layouts their encoder factory builds:
@@ -144,7 +144,7 @@ def convert_authors_checkpoint(src: str | Path, out: str | Path, decoder_heads: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `rice import-checkpoint` / `python -m model.authors`."""
+    """Arguments of `rice import-checkpoint` / `python -m train.authors`."""
     parser.add_argument("src", help="the authors' checkpoint (e.g. rice_final.pth from their README's table)")
     parser.add_argument("--out", required=True, help="where to write the converted checkpoint (this project's format)")
     parser.add_argument("--decoder-heads", type=int, help="their decoder's heads (default: read from the PFR convs, else 8)")

@@ -6,7 +6,7 @@ present clips with at least the target precision, weighting present and absent c
 absent share (so the threshold does not depend on how many of each the held-out set happened to
 have). The lowest such threshold keeps as many present clips as the precision allows.
 
-`python -m model.calibrate --scores REPORT.json --precision 0.9 --checkpoint CKPT` stores the
+`python -m train.calibrate --scores REPORT.json --precision 0.9 --checkpoint CKPT` stores the
 threshold in the checkpoint (field `match_threshold`), where the service reads it from.
 """
 

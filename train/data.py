@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from model.config import PreprocessConfig
-from model.img2dataset import read_member_ref
 from model.preprocess import IMAGE_SUFFIXES, fit_frame, image_frame_fit, pad_to_square, prepare_frame, sample_indices, train_size
+from train.img2dataset import read_member_ref
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def read_lpr4m(
     gallery JSONs in annotations/; SKU = image id (`lpr4m_image_id`: views `<image_id>-<k>.jpg` are one
     product image; only the main view enters the gallery, as in the official evaluation), shop =
     livestream (per-shop galleries). `annotations` defaults to root/annotations. The public full
-    release is converted by `model.lpr4m` instead."""
+    release is converted by `train.lpr4m` instead."""
     root = Path(root)
     ann = Path(annotations) if annotations is not None else root / "annotations"
     if split == "train":
@@ -267,7 +267,7 @@ def loader_options(workers: int) -> dict[str, Any]:
     loader per epoch after running the model), and a forked child inherits their locks held by
     threads that do not exist in it, so its first cv2/torch call can block forever (`rice evaluate`
     hung with its default 2 workers). A forkserver (spawn where there is none) starts workers from a
-    clean process that imported model.data before any thread pool ran; each worker then unpickles
+    clean process that imported train.data before any thread pool ran; each worker then unpickles
     the dataset (rows are plain dataclasses)."""
     if workers <= 0:
         return {"num_workers": 0}
@@ -275,7 +275,7 @@ def loader_options(workers: int) -> dict[str, Any]:
     ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
         # Import torch/cv2 once in the server (no thread pool has started there), not in every worker.
-        ctx.set_forkserver_preload(["model.data"])
+        ctx.set_forkserver_preload(["train.data"])
     return {"num_workers": workers, "multiprocessing_context": ctx, "worker_init_fn": worker_init}
 
 

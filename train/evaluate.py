@@ -1,7 +1,7 @@
 """Retrieval evaluation: R@1/5/10 of clip queries against product images, with per-shop galleries
 (LPR4M protocol: a query only sees its own shop's images) or one global gallery; JSON output.
 
-`python -m model.evaluate --queries val.jsonl [--gallery gallery.jsonl] [--checkpoint ckpt.pt]`
+`python -m train.evaluate --queries val.jsonl [--gallery gallery.jsonl] [--checkpoint ckpt.pt]`
 Without --checkpoint the service's default (zero-shot) encoder is evaluated. Preprocessing is the
 checkpoint's own and matches the service and training: frames by its frame_fit (Resize 256 + CenterCrop
 224 of the squashed frame for `squash` checkpoints), gallery images by its image_fit (letterbox or squash).
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import PreprocessConfig
-from model.data import ClipDataset, ClipRow, gallery_of, loader_options, read_image, read_manifest
 from model.encoder import clip_embedding
 from model.normalize import normalize
 from model.preprocess import prepare_frame
-from model.recall import recall_at_k
+from train.data import ClipDataset, ClipRow, gallery_of, loader_options, read_image, read_manifest
+from train.recall import recall_at_k
 
 
 @torch.no_grad()
@@ -184,7 +184,7 @@ def read_id_file(path: str) -> set[str]:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `rice evaluate` / `python -m model.evaluate`."""
+    """Arguments of `rice evaluate` / `python -m train.evaluate`."""
     parser.add_argument("--queries", required=True, help="JSONL manifest of query clips (clip, image, sku[, shop, group])")
     parser.add_argument("--gallery", help="JSONL manifest of gallery images (default: the queries' distinct images)")
     parser.add_argument("--checkpoint", help="RICE checkpoint (default: the service's zero-shot encoder)")

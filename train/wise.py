@@ -6,7 +6,7 @@ interpolated weights keep most of the gain on trained products and recover never
 The zero-shot end is the packaged ImageNet backbone with the projection at the identity: the point
 `--identity-proj` training starts from, so both ends share one architecture.
 
-    python -m model.wise --checkpoint runs/full/final.pt --alpha 0.5 --out runs/full/wise50.pt
+    python -m train.wise --checkpoint runs/full/final.pt --alpha 0.5 --out runs/full/wise50.pt
 """
 
 from __future__ import annotations
