@@ -16,6 +16,7 @@ from index.records import Store, StoreUnavailable
 from index.replica import GalleryReplica
 from index.stores import open_store
 from model.checkpoint import LoadedEncoder
+from model.verdict import VerdictModel, builtin_verdict
 from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
@@ -25,6 +26,7 @@ from pipeline.regions import RegionSearch, parse_grid, region_fusion
 from pipeline.stages import Pipeline
 from pipeline.stream_decode import StreamLimits
 from pipeline.timeline_run import TimelineConfig, TimelineRunner
+from pipeline.verify import FeatureCache, Verify
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -109,6 +111,7 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         # The worker stops itself at decode_timeout_s (a clean 422); this is for a decoder stuck in native code.
         time_budget_s=settings.decode_timeout_s + DECODE_KILL_GRACE_S,
     )
+    verify = verify_stage(settings, loaded, replica)
     pipeline = Pipeline(
         batcher,
         replica,
@@ -123,19 +126,44 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         match_threshold=match_threshold(settings, loaded),
         pooling_stages=[QualityPooling()] if settings.frame_weighting == "agreement" else [],
         extra_stages=[
-            RegionSearch(
-                batcher,
-                replica,
-                settings.region_frames,
-                region_fusion(settings.region_fusion),
-                parse_grid(settings.region_grid),
-                on_reject=reject,
-            )
-        ]
-        if settings.regions
-        else [],
+            *(
+                [
+                    RegionSearch(
+                        batcher,
+                        replica,
+                        settings.region_frames,
+                        region_fusion(settings.region_fusion),
+                        parse_grid(settings.region_grid),
+                        on_reject=reject,
+                    )
+                ]
+                if settings.regions
+                else []
+            ),
+            verify,
+        ],
+        view_side=settings.verify_side if settings.verify else 0,
+        search_k=settings.verify_top_k,
+        match_probability=match_probability(settings, verify.verdict),
     )
     return AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
+
+
+def verify_stage(settings: Settings, loaded: LoadedEncoder, replica: GalleryReplica) -> Verify:
+    """The verification stage: geometric checks when RICE_VERIFY is on; the verdict always (the
+    checkpoint's verdict model, else the built-in encoder's; none for a checkpoint without one)."""
+    verdict: VerdictModel | None = getattr(loaded, "verdict", None)
+    if verdict is None and loaded.source.startswith("built-in"):
+        verdict = builtin_verdict()
+    cache = FeatureCache(replica.features, settings.feature_cache_items)
+    return Verify(cache, verdict, settings.verify_top_k, settings.verify_frames, geometric=settings.verify)
+
+
+def match_probability(settings: Settings, verdict: VerdictModel | None) -> float:
+    """RICE_MATCH_PROBABILITY, else the verdict model's calibrated threshold."""
+    if settings.match_probability is not None:
+        return settings.match_probability
+    return verdict.threshold if verdict is not None else 0.5
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:
