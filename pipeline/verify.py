@@ -122,6 +122,26 @@ def _verify(views: np.ndarray, catalog: list[LocalFeatures | None], view_scale: 
     return out
 
 
+def candidates_from_results(results: list[dict[str, object]], frames_checked: int) -> list[Candidate]:
+    """An answer's `results` (JSON, with verification evidence) -> the verdict's candidates, in rank order:
+    what `Verify` computed, rebuilt by a client or a benchmark from the answer alone."""
+
+    def num(r: dict[str, object], key: str, default: float) -> float:
+        v = r.get(key)
+        return float(v) if isinstance(v, (int, float)) else default
+
+    return [
+        Candidate(
+            num(r, "embedding_score", num(r, "score", 0.0)),
+            int(num(r, "inliers", 0)),
+            num(r, "coverage", 0.0),
+            num(r, "frames_verified", 0) / max(frames_checked, 1),
+            bool(r.get("verifiable")),
+        )
+        for r in results
+    ]
+
+
 def fused_score(embedding_score: float, inliers: int) -> float:
     return embedding_score + BONUS * float(np.clip((inliers - CHANCE_INLIERS) / SPAN_INLIERS, 0.0, 1.0))
 

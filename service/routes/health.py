@@ -86,6 +86,8 @@ async def info(state: State) -> dict[str, Any]:
         "preprocess": e.config.preprocess.__dict__,
         "gallery": gallery,
         "match_threshold": state.pipeline.match_threshold,
+        "match_probability": state.pipeline.match_probability,  # the verdict's threshold (RICE_MATCH_PROBABILITY)
+        "verify": s.verify,
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_num_frames": s.max_num_frames,
