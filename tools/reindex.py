@@ -5,7 +5,8 @@ that mixes two models).
 Item ids are the ones `rice ingest` gives (derived from SKU + path), and metadata is carried
 over from the items the served model already has (or, when the served model's gallery is empty,
 from the fullest other namespace), so the new namespace mirrors the old one; a CSV catalog's own
-metadata column wins. Thumbnails are written for every item too.
+metadata column wins. Thumbnails and local features (for verification, from the full-resolution
+image) are written for every item too, so items bulk-imported without them gain them here.
 
 Works on both stores: the embedded SQLite file (run it on the machine that holds RICE_GALLERY_PATH)
 and Redis. It also fixes the model-switch trap: a server already serving the new model with an
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from index.records import Namespaces, Record, Store, Thumbnails
+from index.records import FeatureStore, Namespaces, Record, Store, Thumbnails
 from model.checkpoint import load_encoder
-from pipeline.decode import decode_image
+from pipeline.decode import decode_catalog
 from pipeline.engine import EncoderEngine
 from pipeline.thumbnail import thumbnail_jpeg
 from service.errors import ServiceError
@@ -52,9 +53,11 @@ def embed_catalog(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     thumbnails: dict[str, bytes] | None = None,
+    features: dict[str, bytes] | None = None,
 ) -> tuple[list[tuple[CatalogImage, np.ndarray]], dict[str, str]]:
     """Decode (letterboxed, as ingestion does) and embed every catalog image; bad files are reported.
-    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame."""
+    `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame;
+    `features` each item's local features (`pipeline.local_features`), from the same decode."""
     pre = engine.config.preprocess
     done: list[tuple[CatalogImage, np.ndarray]] = []
     failed: dict[str, str] = {}
@@ -62,8 +65,11 @@ def embed_catalog(
         chunk, frames = [], []
         for it in items[start : start + batch_size]:
             try:
-                frames.append(decode_image(it.path.read_bytes(), pre, settings.max_frame_pixels, whole=True))
+                decoded = decode_catalog(it.path.read_bytes(), pre, settings.max_frame_pixels)
+                frames.append(decoded.frame)
                 chunk.append(it)
+                if features is not None:
+                    features[it.item_id] = decoded.features.tobytes()
                 if thumbnails is not None:
                     thumbnails[it.item_id] = thumbnail_jpeg(frames[-1])
             except (OSError, ServiceError) as exc:
@@ -133,11 +139,15 @@ def run_reindex(
     if source:
         old = {r.item_id: r for r in store.changes_since(source, 0) if not r.deleted}
     thumbnails: dict[str, bytes] = {}
-    embedded, report.failed = embed_catalog(items, engine, settings, progress=progress, thumbnails=thumbnails)
+    features: dict[str, bytes] = {}
+    embedded, report.failed = embed_catalog(items, engine, settings, progress=progress, thumbnails=thumbnails, features=features)
     report.embedded = len(embedded)
     if isinstance(store, Thumbnails):  # before the items: an item any replica can find has its thumbnail
         for item_id, jpeg in thumbnails.items():
             store.put_thumbnail(item_id, jpeg)
+    if isinstance(store, FeatureStore):
+        for item_id, data in features.items():
+            store.put_features(item_id, data)
     if embedded:
         write_namespace(store, engine.model_version, embedded, old)
     if urls:
