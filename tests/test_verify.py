@@ -259,3 +259,26 @@ def test_features_are_replicated_and_removed_everywhere_through_redis(two_replic
         assert set(c.app.state.rice.replica.features(["shared-5", "shared-6"])) == {"shared-6"}  # type: ignore[attr-defined]
     body = _recognize(a, scene_with(product_image(5)), min_gallery_version=deleted["gallery_version"])
     assert [r["sku"] for r in body["results"]] == ["sku-6"]  # type: ignore[union-attr]
+
+
+def test_verdict_stored_in_a_checkpoint_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model import calibrate
+    from model.checkpoint import CheckpointError, load_encoder, save_checkpoint, set_checkpoint_fields
+    from model.config import EfficientNetConfig, EncoderConfig
+    from model.encoder import build_backbone
+    from service.state import match_probability
+
+    cfg = EncoderConfig(efficientnet=EfficientNetConfig(pretrained=False))
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, build_backbone(cfg), cfg)
+    assert load_encoder(ckpt).verdict is None
+    model = VerdictModel((0.1,) * len(SIGNALS), -0.2, (0.0,) * len(SIGNALS), (1.0,) * len(SIGNALS), 0.42)
+    (tmp_path / "v.json").write_text(model.to_json())
+    monkeypatch.setattr("sys.argv", ["calibrate", "--verdict", str(tmp_path / "v.json"), "--checkpoint", str(ckpt)])
+    calibrate.main()
+    loaded = load_encoder(ckpt)
+    assert loaded.verdict == model
+    assert match_probability(Settings(), loaded.verdict) == 0.42 and match_probability(Settings(match_probability=0.7), model) == 0.7
+    set_checkpoint_fields(ckpt, {"verdict": "{}"})
+    with pytest.raises(CheckpointError):
+        load_encoder(ckpt)
