@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.gallery import Hit
+from index.records import StoreUnavailable
 from model.verdict import Candidate, VerdictModel, signals
 from pipeline.local_features import MIN_INLIERS, LocalFeatures, Match, extract, match, root_sift
 from pipeline.stages import Query
@@ -170,9 +171,12 @@ class Verify:
         catalog: dict[str, LocalFeatures | None] = {}
         picks = pick_frames(q, self.frames)
         if self.geometric:
-            catalog = await loop.run_in_executor(self._pool, self.cache.get, [h.item_id for h in cands])
+            try:
+                catalog = await loop.run_in_executor(self._pool, self.cache.get, [h.item_id for h in cands])
+            except StoreUnavailable as exc:  # the local index still answers: rank by the embedding alone
+                log.warning("local features unavailable, answering without verification: %s", exc)
             views, scale = (q.views, q.view_scale) if q.views is not None else (q.frames.mean(axis=3).astype(np.uint8), 1.0)
-            evidence = await loop.run_in_executor(self._pool, _verify, views[picks], [catalog[h.item_id] for h in cands], scale)
+            evidence = await loop.run_in_executor(self._pool, _verify, views[picks], [catalog.get(h.item_id) for h in cands], scale)
         ranked = sorted(zip(cands, evidence, strict=True), key=lambda he: -fused_score(he[0].score, he[1].inliers))
         checked = max(len(picks), 1)
         candidates = []

@@ -282,3 +282,37 @@ def test_verdict_stored_in_a_checkpoint_is_served(tmp_path: Path, monkeypatch: p
     set_checkpoint_fields(ckpt, {"verdict": "{}"})
     with pytest.raises(CheckpointError):
         load_encoder(ckpt)
+
+
+def test_verify_stage_reranks_by_geometry_and_degrades_without_the_store() -> None:
+    import asyncio
+
+    from index.gallery import Hit
+    from index.records import StoreUnavailable
+    from pipeline.stages import Query
+    from pipeline.verify import Verify
+
+    feats = {f"i{s}": extract_catalog(cv2.cvtColor(product_image(s), cv2.COLOR_BGR2GRAY)).to_bytes() for s in (1, 2)}
+    scene = scene_with(product_image(2))
+    model = VerdictModel((0.5,) * len(SIGNALS), 0.0, (0.0,) * len(SIGNALS), (1.0,) * len(SIGNALS), 0.5)
+
+    def query() -> Query:
+        q = Query("image", b"", top_k=1, search_k=10)
+        q.frames = np.zeros((1, 224, 224, 3), np.uint8)
+        q.views = cv2.cvtColor(scene, cv2.COLOR_BGR2GRAY)[None]
+        q.hits = [Hit("s1", 0.62, "i1", None, {}), Hit("s2", 0.60, "i2", None, {}), Hit("bulk", 0.5, "b", None, {})]
+        return q
+
+    q = query()
+    asyncio.run(Verify(FeatureCache(lambda ids: {i: feats[i] for i in ids if i in feats}), model)(q))
+    assert [h.sku for h in q.hits] == ["s2", "s1", "bulk"]  # the embedding's runner-up, verified, moves up
+    assert q.evidence["s2"]["inliers"] >= 20 and q.evidence["s2"]["box"] is not None and q.evidence["s2"]["embedding_score"] == 0.6
+    assert q.evidence["bulk"]["verifiable"] is False and q.match_probability is not None and 0 < q.match_probability < 1
+
+    def down(ids: list[str]) -> dict[str, bytes]:
+        raise StoreUnavailable("redis: connection refused")
+
+    q = query()
+    asyncio.run(Verify(FeatureCache(down), model)(q))  # the store is down: the embedding's order, still a verdict
+    assert [h.sku for h in q.hits] == ["s1", "s2", "bulk"] and q.evidence["s1"]["inliers"] == 0
+    assert q.match_probability is not None and Verify.kinds == frozenset({"clip", "image"})
