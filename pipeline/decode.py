@@ -49,6 +49,7 @@ class DecodedClip:
 class DecodedImage:
     frame: np.ndarray  # uint8 [crop, crop, 3], RGB, for the encoder
     view: np.ndarray  # uint8 [h, w], grey, long side at most view_side: for verification
+    scale: float  # source pixels per view pixel (>= 1)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def decode_image(data: bytes, pre: PreprocessConfig, max_pixels: int, whole: boo
 def decode_image_view(data: bytes, pre: PreprocessConfig, max_pixels: int, view_side: int) -> DecodedImage:
     """A still to recognise -> its encoder frame and its grey view for verification, from one decode."""
     img = _decode_bgr(data, max_pixels)
-    return DecodedImage(prepare_frame(img, pre), view_of(img, view_side))
+    view = view_of(img, view_side)
+    return DecodedImage(prepare_frame(img, pre), view, max(img.shape[:2]) / max(view.shape))
 
 
 def decode_catalog(data: bytes, pre: PreprocessConfig, max_pixels: int) -> CatalogImage:

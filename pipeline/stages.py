@@ -111,7 +111,7 @@ class Decode:
             q.frames, q.catalog_features = cat.frame[None], cat.features.tobytes()
         elif self.view_side:
             img: DecodedImage = await self.pool.run(decode_image_view, q.data, self.preprocess, self.max_image_pixels, self.view_side)
-            q.frames, q.views = img.frame[None], img.view[None]
+            q.frames, q.views, q.view_scale = img.frame[None], img.view[None], img.scale
         else:
             frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels)
             q.frames = frame[None]

@@ -220,6 +220,8 @@ def test_http_answers_are_verified_localised_and_carry_a_probability(tmp_path: P
         assert top["inliers"] >= 20 and top["verifiable"] is True and top["score"] > top["embedding_score"]
         assert top["box"]["frame"] == 0
         assert np.abs(np.array(top["box"]["polygon"]) - planted_corners()).max() < 8  # in the query image's pixels
+        big = _recognize(c, cv2.resize(scene_with(product_image(2)), (1600, 1200)))["results"][0]  # verified at 640 px
+        assert np.abs(np.array(big["box"]["polygon"]) - 2.5 * planted_corners()).max() < 20  # in the upload's pixels
         bulk = next(r for r in results if r["sku"] == "bulk")
         assert bulk["verifiable"] is False and bulk["inliers"] == 0 and bulk["box"] is None
         p = body["match_probability"]
