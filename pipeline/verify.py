@@ -102,8 +102,9 @@ def pick_frames(q: Query, n: int) -> np.ndarray:
     return np.sort(np.argsort(-(q.frame_emb @ q.vector))[:n])
 
 
-def _verify(views: np.ndarray, catalog: list[LocalFeatures | None], view_scale: float) -> list[_Evidence]:
-    """Grey views [F, h, w] x catalog features per candidate -> evidence per candidate. Blocking (OpenCV)."""
+def _verify(views: np.ndarray, catalog: list[LocalFeatures | None], view_scale: float | None) -> list[_Evidence]:
+    """Grey views [F, h, w] x catalog features per candidate -> evidence per candidate. Blocking (OpenCV).
+    `view_scale`: source pixels per view pixel; None when the views are not the source frames (no box)."""
     out = [_Evidence() for _ in catalog]
     if not any(c is not None and not c.featureless for c in catalog):
         return out
@@ -118,8 +119,8 @@ def _verify(views: np.ndarray, catalog: list[LocalFeatures | None], view_scale: 
                 ev.frames_verified += 1
             if m.inliers > ev.inliers:
                 ev.inliers, ev.coverage, ev.inlier_ratio, ev.frame = m.inliers, m.coverage, m.inlier_ratio, f
-                box = m.box(cat.width, cat.height)
-                ev.box = [[round(x * view_scale, 1), round(y * view_scale, 1)] for x, y in box]
+                if view_scale is not None:
+                    ev.box = [[round(x * view_scale, 1), round(y * view_scale, 1)] for x, y in m.box(cat.width, cat.height)]
     return out
 
 
@@ -175,7 +176,9 @@ class Verify:
                 catalog = await loop.run_in_executor(self._pool, self.cache.get, [h.item_id for h in cands])
             except StoreUnavailable as exc:  # the local index still answers: rank by the embedding alone
                 log.warning("local features unavailable, answering without verification: %s", exc)
-            views, scale = (q.views, q.view_scale) if q.views is not None else (q.frames.mean(axis=3).astype(np.uint8), 1.0)
+            # keyframe sampling decodes no views: verify on the encoder's centre crops, which are not the
+            # source frame's pixels, so no box
+            views, scale = (q.views, q.view_scale) if q.views is not None else (q.frames.mean(axis=3).astype(np.uint8), None)
             evidence = await loop.run_in_executor(self._pool, _verify, views[picks], [catalog.get(h.item_id) for h in cands], scale)
         ranked = sorted(zip(cands, evidence, strict=True), key=lambda he: -fused_score(he[0].score, he[1].inliers))
         checked = max(len(picks), 1)
