@@ -96,6 +96,25 @@ class Thumbnails(Protocol):
 
 
 @runtime_checkable
+class FeatureStore(Protocol):
+    """A store that also keeps each item's local features (opaque bytes, `pipeline.local_features`),
+    keyed by item id like thumbnails: made from the product image, shared by every namespace's copy,
+    kept by a reindex, removed with the item."""
+
+    def put_features(self, item_id: str, data: bytes) -> None:
+        """Store (or replace) the local features of `item_id`."""
+        ...
+
+    def features(self, item_ids: list[str]) -> dict[str, bytes]:
+        """The stored features of those items that have some (one round trip)."""
+        ...
+
+    def delete_features(self, item_ids: list[str]) -> None:
+        """Remove the features of items no namespace holds any more."""
+        ...
+
+
+@runtime_checkable
 class Namespaces(Protocol):
     """A store that can say how many live items each namespace (model version) holds."""
 

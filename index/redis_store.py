@@ -14,6 +14,7 @@ Keys, all under one prefix whose `{...}` hash tag keeps them in one cluster slot
   `n:<ns>:vec` (item -> raw float32 bytes; absent = tombstone), `n:<ns>:ver` (zset item ->
   version, for changes_since), and `namespaces` (the set of them).
 - `thumbs`: item id -> catalog thumbnail (JPEG bytes), shared by every namespace's copy of the item.
+- `feats`: item id -> local features (`pipeline.local_features` bytes, at most 40 KB), shared likewise.
 - `sku:<sku>`: live members (`<len(ns)>:<ns><item_id>`) of a SKU, for delete_sku.
 
 Every mutation is one Lua script (atomic, replicated and AOF-logged as a unit): it checks what
@@ -353,6 +354,27 @@ class RedisStore:
             for item_id in item_ids:
                 if not any(self._r.hexists(self._key("n", ns, "vec"), item_id) for ns in nss):
                     self._r.hdel(self._key("thumbs"), item_id)
+
+    def put_features(self, item_id: str, data: bytes) -> None:
+        """Store (or replace) an item's local features; every replica reads them from here."""
+        with _reachable():
+            self._r.hset(self._key("feats"), item_id, data)
+
+    def features(self, item_ids: list[str]) -> dict[str, bytes]:
+        """The features of those items that have some: one HMGET."""
+        if not item_ids:
+            return {}
+        with _reachable():
+            values = self._r.hmget(self._key("feats"), item_ids)
+        return {i: bytes(v) for i, v in zip(item_ids, values, strict=True) if v is not None}
+
+    def delete_features(self, item_ids: list[str]) -> None:
+        """Remove features of items that no namespace holds live any more."""
+        with _reachable():
+            nss = [x.decode() for x in self._r.smembers(self._key("namespaces"))]
+            for item_id in item_ids:
+                if not any(self._r.hexists(self._key("n", ns, "vec"), item_id) for ns in nss):
+                    self._r.hdel(self._key("feats"), item_id)
 
     def namespace_counts(self) -> dict[str, int]:
         """Live items per namespace (HLEN of each vector hash: O(1) each)."""

@@ -26,7 +26,7 @@ from index.ann import AnnConfig, IndexPlacer
 from index.errors import StoreUnavailable
 from index.follower import Follower
 from index.gallery import Gallery, Hit
-from index.records import ChangeLog, Namespaces, Record, Store, Thumbnails
+from index.records import ChangeLog, FeatureStore, Namespaces, Record, Store, Thumbnails
 
 log = logging.getLogger("rice.replica")
 
@@ -127,12 +127,15 @@ class GalleryReplica:
         item_id: str | None,
         metadata: dict[str, Any],
         thumbnail: bytes | None = None,
+        features: bytes | None = None,
     ) -> tuple[str, int]:
-        """Upsert one item. Its thumbnail (when the store keeps them) is written first, so an item
-        that any replica can find always has one."""
+        """Upsert one item. Its thumbnail and local features (when the store keeps them) are written
+        first, so an item that any replica can find always has them."""
         item_id = item_id or uuid.uuid4().hex
         if thumbnail is not None and isinstance(self.store, Thumbnails):
             await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
+        if features is not None and isinstance(self.store, FeatureStore):
+            await asyncio.to_thread(self.store.put_features, item_id, features)
         rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
         version = await self._write(self.store.upsert, self.namespace, [rec])
         return item_id, int(version)
@@ -140,6 +143,8 @@ class GalleryReplica:
     async def _forget_thumbnails(self, ids: list[str]) -> None:
         if isinstance(self.store, Thumbnails):
             await asyncio.to_thread(self.store.delete_thumbnails, ids)
+        if isinstance(self.store, FeatureStore):
+            await asyncio.to_thread(self.store.delete_features, ids)
 
     async def add_bulk(self, records: list[Record]) -> int:
         """Store many records under one gallery version, all or nothing (a bulk import), then make
@@ -159,6 +164,10 @@ class GalleryReplica:
     def thumbnail(self, item_id: str) -> bytes | None:
         """The item's catalog thumbnail from the store (None when it has none or keeps none). Blocking."""
         return self.store.thumbnail(item_id) if isinstance(self.store, Thumbnails) else None
+
+    def features(self, item_ids: list[str]) -> dict[str, bytes]:
+        """The stored local features of those items that have some (none when the store keeps none). Blocking."""
+        return self.store.features(item_ids) if isinstance(self.store, FeatureStore) else {}
 
     def other_namespaces(self) -> dict[str, int]:
         """Live items of other models' namespaces, asked only while this one is empty (the

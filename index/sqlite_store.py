@@ -36,6 +36,7 @@ CREATE INDEX IF NOT EXISTS items_by_item ON items (item_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
 CREATE TABLE IF NOT EXISTS thumbnails (item_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS local_features (item_id TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
@@ -146,6 +147,25 @@ class SQLiteStore:
             # Only ids that no namespace still holds live: a thumbnail is shared by every model's copy.
             self._db.executemany(
                 "DELETE FROM thumbnails WHERE item_id = ? AND NOT EXISTS (SELECT 1 FROM items WHERE item_id = ? AND deleted = 0)",
+                [(i, i) for i in item_ids],
+            )
+
+    def put_features(self, item_id: str, data: bytes) -> None:
+        with self._locked():
+            self._db.execute("INSERT OR REPLACE INTO local_features (item_id, data) VALUES (?, ?)", (item_id, data))
+
+    def features(self, item_ids: list[str]) -> dict[str, bytes]:
+        if not item_ids:
+            return {}
+        marks = ",".join("?" * len(item_ids))
+        with self._locked():
+            rows = self._db.execute(f"SELECT item_id, data FROM local_features WHERE item_id IN ({marks})", item_ids).fetchall()
+        return {str(i): bytes(d) for i, d in rows}
+
+    def delete_features(self, item_ids: list[str]) -> None:
+        with self._locked():
+            self._db.executemany(
+                "DELETE FROM local_features WHERE item_id = ? AND NOT EXISTS (SELECT 1 FROM items WHERE item_id = ? AND deleted = 0)",
                 [(i, i) for i in item_ids],
             )
 

@@ -23,6 +23,7 @@ from model.backbones import build_backbone
 from model.config import EncoderConfig
 from model.efficientnet import packaged_weights_path
 from model.rice import RICE, RICEConfig
+from model.verdict import VerdictModel
 
 FORMAT = "rice-checkpoint/1"
 
@@ -49,6 +50,7 @@ class LoadedEncoder:
     source: str  # the checkpoint path, or a description of the built-in weights
     rice: RICE | None = None
     match_threshold: float | None = None
+    verdict: VerdictModel | None = None  # the calibrated verdict (`model.verdict`), when the checkpoint has one
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +157,12 @@ def load_encoder(path: str | os.PathLike[str] | None) -> LoadedEncoder:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored config: {exc}") from exc
     threshold = payload.get("match_threshold")
+    verdict = None
+    if payload.get("verdict") is not None:  # stored by `python -m model.verdict --checkpoint`
+        try:
+            verdict = VerdictModel.from_json(str(payload["verdict"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed verdict model: {exc}") from exc
     return LoadedEncoder(
         backbone,
         config,
@@ -162,6 +170,7 @@ def load_encoder(path: str | os.PathLike[str] | None) -> LoadedEncoder:
         str(path),
         _rice_heads(payload, backbone, path),
         None if threshold is None else float(threshold),
+        verdict,
     )
 
 

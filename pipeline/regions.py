@@ -157,5 +157,6 @@ class RegionSearch:
             raise
         per_region = emb.reshape(len(picks), len(boxes), -1).transpose(1, 0, 2)  # [R, F, D]
         vectors = np.stack([q.vector, *(clip_vector(r) for r in per_region)])  # [1 + R, D]
-        hits, q.gallery_version = await self.search.search_many(vectors, max(q.top_k, cfg.depth), q.shop_id)
-        q.hits = fuse_hits(hits[0], hits[1:], q.top_k, cfg.fusion)
+        k = max(q.top_k, q.search_k, cfg.depth)
+        hits, q.gallery_version = await self.search.search_many(vectors, k, q.shop_id)
+        q.hits = fuse_hits(hits[0], hits[1:], max(q.top_k, q.search_k), cfg.fusion)

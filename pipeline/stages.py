@@ -25,7 +25,7 @@ from index.gallery import Hit
 from model.config import PreprocessConfig
 from model.encoder import pool_clip
 from pipeline.batcher import Batcher, Priority
-from pipeline.decode import DecodeLimits, decode_clip, decode_image
+from pipeline.decode import CatalogImage, DecodedImage, DecodeLimits, decode_catalog, decode_clip, decode_image, decode_image_view
 from pipeline.decode_pool import DecodePool
 from pipeline.keyframes import decode_keyframes
 from pipeline.search_batcher import SearchBatcher
@@ -50,6 +50,12 @@ class Query:
     min_score: float | None = None  # the request's match threshold; None = the model's
     priority: Priority = "interactive"  # timeline jobs embed in the background, behind clients
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
+    views: np.ndarray | None = None  # [N, h, w] uint8 grey, larger than frames: for verification (view_side)
+    view_scale: float = 1.0  # source pixels per view pixel
+    catalog_features: bytes | None = None  # local features of a catalog upload (catalog kind)
+    search_k: int = 0  # SKUs searched (and re-ranked) when more than top_k: verification needs candidates
+    evidence: dict[str, dict[str, object]] = field(default_factory=dict)  # sku -> verification evidence
+    match_probability: float | None = None  # the verdict, when a verification stage ran
     frame_emb: np.ndarray | None = None  # [N, D], after embed
     vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
     hits: list[Hit] = field(default_factory=list)
@@ -65,6 +71,8 @@ class Recognition:
     timings_ms: dict[str, float]
     match: bool  # the top hit scores at least `match_threshold`: "none of these" is a valid answer
     match_threshold: float
+    evidence: dict[str, dict[str, object]] = field(default_factory=dict)  # sku -> verification (pipeline.verify)
+    match_probability: float | None = None  # the verdict (pipeline.verify), when verification ran
 
 
 class Stage(Protocol):
@@ -88,19 +96,32 @@ class Decode:
     name = "decode"
     kinds: frozenset[Kind] = frozenset({"clip", "image", "catalog"})
 
-    def __init__(self, pool: DecodePool, preprocess: PreprocessConfig, limits: DecodeLimits, max_image_pixels: int) -> None:
+    def __init__(
+        self, pool: DecodePool, preprocess: PreprocessConfig, limits: DecodeLimits, max_image_pixels: int, view_side: int = 0
+    ) -> None:
         self.pool, self.preprocess, self.limits, self.max_image_pixels = pool, preprocess, limits, max_image_pixels
+        self.view_side = view_side  # > 0: also a grey view per frame at this long side (verification)
 
     def close(self) -> None:
         self.pool.close()
 
     async def __call__(self, q: Query) -> None:
         if q.kind == "clip":
-            decode = decode_keyframes if q.sampling == "keyframes" else decode_clip
-            clip = await self.pool.run(decode, q.data, q.num_frames, self.preprocess, self.limits)
-            q.frames = clip.frames
-        else:  # a catalog image shows the whole product: letterbox it rather than crop
-            frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels, q.kind == "catalog")
+            if q.sampling == "keyframes":
+                clip = await self.pool.run(decode_keyframes, q.data, q.num_frames, self.preprocess, self.limits)
+            else:
+                clip = await self.pool.run(decode_clip, q.data, q.num_frames, self.preprocess, self.limits, self.view_side)
+            q.frames, q.views = clip.frames, clip.views
+            if clip.views is not None:
+                q.view_scale = max(clip.width, clip.height) / max(clip.views.shape[1:3])
+        elif q.kind == "catalog":  # a catalog image shows the whole product: letterbox it rather than crop
+            cat: CatalogImage = await self.pool.run(decode_catalog, q.data, self.preprocess, self.max_image_pixels)
+            q.frames, q.catalog_features = cat.frame[None], cat.features.tobytes()
+        elif self.view_side:
+            img: DecodedImage = await self.pool.run(decode_image_view, q.data, self.preprocess, self.max_image_pixels, self.view_side)
+            q.frames, q.views, q.view_scale = img.frame[None], img.view[None], img.scale
+        else:
+            frame = await self.pool.run(decode_image, q.data, self.preprocess, self.max_image_pixels)
             q.frames = frame[None]
 
 
@@ -139,7 +160,7 @@ class Search:
 
     async def __call__(self, q: Query) -> None:
         assert q.vector is not None
-        q.hits, q.gallery_version = await self.batcher.search(q.vector, q.top_k, q.shop_id)
+        q.hits, q.gallery_version = await self.batcher.search(q.vector, max(q.top_k, q.search_k), q.shop_id)
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,8 @@ class PipelineConfig:
 
     match_threshold: float  # top-1 score from which an answer is a match (a request's min_score replaces it)
     preprocess: PreprocessConfig  # the served model's frame preparation (the timeline decoder uses it too)
+    match_probability: float = 0.5  # the verdict's threshold, when a verification stage gives a probability
+    search_k: int = 0  # candidates a re-ranking stage (verification) looks at, beyond top_k
 
 
 class Pipeline:
@@ -206,9 +229,14 @@ class Pipeline:
     async def embed_catalog(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """One catalog image -> (embedding [D], the letterboxed RGB frame [H, W, 3] it was made from,
         e.g. for a thumbnail: already decoded in the pool, so the upload is never decoded twice)."""
+        vector, frame, _ = await self.embed_catalog_item(data)
+        return vector, frame
+
+    async def embed_catalog_item(self, data: bytes) -> tuple[np.ndarray, np.ndarray, bytes]:
+        """`embed_catalog`, plus the local features of the full-resolution upload (bytes for the store)."""
         q = await self.run(Query("catalog", data))
-        assert q.vector is not None and q.frames is not None
-        return q.vector, q.frames[0]
+        assert q.vector is not None and q.frames is not None and q.catalog_features is not None
+        return q.vector, q.frames[0], q.catalog_features
 
     async def recognize_clip(
         self,
@@ -219,17 +247,23 @@ class Pipeline:
         min_score: float | None = None,
         sampling: Sampling = "uniform",
     ) -> Recognition:
-        q = Query("clip", data, top_k, shop_id, num_frames, sampling=sampling, min_score=min_score)
+        q = Query("clip", data, top_k, shop_id, num_frames, sampling=sampling, min_score=min_score, search_k=self.config.search_k)
         return self._answer(await self.run(q))
 
     async def recognize_image(self, data: bytes, top_k: int, shop_id: str | None, min_score: float | None = None) -> Recognition:
-        return self._answer(await self.run(Query("image", data, top_k, shop_id, min_score=min_score)))
+        q = Query("image", data, top_k, shop_id, min_score=min_score, search_k=self.config.search_k)
+        return self._answer(await self.run(q))
 
     def _answer(self, q: Query) -> Recognition:
         assert q.frames is not None
         threshold = self.match_threshold if q.min_score is None else q.min_score
-        match = bool(q.hits) and q.hits[0].score >= threshold
-        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold)
+        hits = q.hits[: q.top_k]
+        if q.match_probability is not None and q.min_score is None:
+            match = q.match_probability >= self.config.match_probability  # the verdict decides unless the client set min_score
+        else:
+            match = bool(hits) and hits[0].score >= threshold
+        evidence = {h.sku: q.evidence[h.sku] for h in hits if h.sku in q.evidence}
+        return Recognition(hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold, evidence, q.match_probability)
 
 
 _KINDS: tuple[Kind, ...] = ("clip", "image", "catalog", "window")

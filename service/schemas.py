@@ -7,18 +7,40 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class Box(BaseModel):
+    frame: int = Field(description="index of the frame (among the frames_used) where the product was found")
+    polygon: list[list[float]] = Field(description="the catalog image's corners [[x, y] x 4] in that frame's pixels")
+
+
 class SkuResult(BaseModel):
     sku: str
-    score: float = Field(description="cosine similarity of the query to the SKU's best-matching image")
+    score: float = Field(
+        description="the ranking score: the embedding score plus a bonus for geometric verification (RANSAC inliers); "
+        "equals embedding_score when the SKU was not verified"
+    )
     item_id: str = Field(description="the gallery image that matched best")
     shop_id: str | None
     metadata: dict[str, Any]
+    embedding_score: float | None = Field(None, description="cosine similarity of the query to the SKU's best-matching image")
+    inliers: int | None = Field(None, description="RANSAC inliers of the catalog image's local features in the best frame")
+    coverage: float | None = Field(None, description="share of the catalog image's keypoint cells those inliers cover")
+    frames_verified: int | None = Field(None, description="frames in which the catalog image was found")
+    verifiable: bool | None = Field(None, description="whether the item has usable local features (false: featureless or bulk-imported)")
+    box: Box | None = Field(None, description="where the product is, for a verified SKU")
 
 
 class RecognizeResponse(BaseModel):
     results: list[SkuResult]
-    match: bool = Field(description="whether the top result scores at least match_threshold: false means 'none of these'")
-    match_threshold: float = Field(description="the top-1 score from which an answer is a match (the model's calibrated one, or min_score)")
+    match: bool = Field(
+        description="whether the top result is the product shown: match_probability >= the served probability threshold "
+        "(or, when the request sets min_score or no verdict ran, the top-1 score >= match_threshold); false means 'none of these'"
+    )
+    match_threshold: float = Field(
+        description="the top-1 score threshold (min_score, else the model's); it decides match only without a verdict"
+    )
+    match_probability: float | None = Field(
+        None, description="the calibrated probability (0..1) that the top result is the product shown (null when no verdict ran)"
+    )
     gallery_version: int = Field(description="the gallery version this answer was searched in")
     model_version: str
     frames_used: int

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     frame_weighting: str = Field(
         "agreement", pattern="^(mean|agreement)$", description="clip vector: plain mean of frames, or weighted by agreement"
     )
+    verify: bool = Field(True, description="verify the top SKUs with local features (SIFT + RANSAC) against their catalog images")
+    verify_top_k: int = Field(10, ge=1, le=100, description="SKUs of the search that verification checks and re-ranks")
+    verify_frames: int = Field(3, ge=1, le=32, description="frames of a clip matched against the catalog images")
+    verify_side: int = Field(640, ge=128, le=2048, description="long side of the frames verification sees (one extra array per frame)")
+    feature_cache_items: int = Field(4096, ge=1, description="catalog items whose local features are kept in memory (LRU)")
+    match_probability: float | None = Field(
+        None, ge=0, le=1, description="match_probability from which an answer is a match; unset = the verdict model's calibrated one"
+    )
 
     # gallery
     gallery_path: str = Field("data/gallery.db", description="embedded SQLite gallery file (':memory:' for none)")

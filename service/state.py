@@ -21,6 +21,7 @@ from index.records import Store
 from index.replica import GalleryReplica
 from index.stores import open_store
 from model.checkpoint import BUILTIN_SOURCE, LoadedEncoder
+from model.verdict import VerdictModel, builtin_verdict
 from pipeline.batcher import Batcher
 from pipeline.decode import DecodeLimits
 from pipeline.decode_pool import DecodePool
@@ -30,6 +31,7 @@ from pipeline.regions import RegionSearch
 from pipeline.search_batcher import SearchBatcher
 from pipeline.stages import Decode, Embed, Kind, Pipeline, PipelineConfig, Search, Stage
 from pipeline.timeline_run import TimelineRunner
+from pipeline.verify import FeatureCache, Verify
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -122,11 +124,19 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
         time_budget_s=settings.decode_timeout_s + DECODE_KILL_GRACE_S,
     )
     search = SearchBatcher(replica.search, settings.search_threads, settings.search_max_batch, on_batch=metrics.search_batch_size.observe)
-    parts = StageParts(settings, engine, batcher, search, decode_pool, limits, reject)
+    parts = StageParts(settings, loaded, engine, replica, batcher, search, decode_pool, limits, reject)
     stages = [stage for make in STAGES if (stage := make(parts)) is not None]
+    verify = next((s for s in stages if isinstance(s, Verify)), None)
+    verdict = verify.verdict if verify is not None else None
+    config = PipelineConfig(
+        match_threshold(settings, loaded),
+        engine.config.preprocess,
+        match_probability(settings, verdict),
+        settings.verify_top_k if verify is not None else 0,
+    )
     pipeline = Pipeline(
         stages,
-        PipelineConfig(match_threshold(settings, loaded), engine.config.preprocess),
+        config,
         observe_stage=lambda stage, seconds: metrics.stage_seconds.labels(stage).observe(seconds),
     )
     state = AppState(settings, metrics, engine, batcher, replica, pipeline, *timeline_runners(settings, pipeline), time.time())
@@ -141,7 +151,9 @@ class StageParts:
     """What the stage factories build their stages from."""
 
     settings: Settings
+    loaded: LoadedEncoder
     engine: EncoderEngine
+    replica: GalleryReplica
     batcher: Batcher
     search: SearchBatcher
     decode_pool: DecodePool
@@ -150,7 +162,8 @@ class StageParts:
 
 
 def decode_stage(p: StageParts) -> Stage:
-    return Decode(p.decode_pool, p.engine.config.preprocess, p.limits, p.settings.max_frame_pixels)
+    view_side = p.settings.verify_side if p.settings.verify else 0  # grey views for verification, from the same decode
+    return Decode(p.decode_pool, p.engine.config.preprocess, p.limits, p.settings.max_frame_pixels, view_side)
 
 
 def embed_stage(p: StageParts) -> Stage:
@@ -173,12 +186,6 @@ def region_stage(p: StageParts) -> Stage | None:
     return RegionSearch(p.batcher, p.search, s.region_config(), p.reject, kinds)
 
 
-# The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the
-# stages that declare its kind; a factory returns None when its setting switches the stage off.
-# Adding a stage: one module with the stage class, one factory line here.
-STAGES: tuple[Callable[[StageParts], Stage | None], ...] = (decode_stage, embed_stage, quality_stage, search_stage, region_stage)
-
-
 def set_process_threads(settings: Settings) -> None:
     """The only place that changes process-wide thread counts: torch's intra-op pool and faiss's OpenMP team."""
     if settings.torch_threads > 0:
@@ -194,6 +201,37 @@ def onnx_dir(settings: Settings) -> str:
     if settings.gallery_path == ":memory:":
         return str(Path("data") / "onnx")
     return str(Path(settings.gallery_path).parent / "onnx")
+
+
+def verify_stage(p: StageParts) -> Stage:
+    """The verification stage: geometric checks when RICE_VERIFY is on; the verdict always (the
+    checkpoint's verdict model, else the built-in encoder's; none for a checkpoint without one).
+    Last in the list: it re-ranks and judges what every stage before it found."""
+    verdict: VerdictModel | None = getattr(p.loaded, "verdict", None)
+    if verdict is None and p.loaded.source.startswith("built-in"):
+        verdict = builtin_verdict()
+    cache = FeatureCache(p.replica.features, p.settings.feature_cache_items)
+    return Verify(cache, verdict, p.settings.verify_top_k, p.settings.verify_frames, geometric=p.settings.verify)
+
+
+# The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the
+# stages that declare its kind; a factory returns None when its setting switches the stage off.
+# Adding a stage: one module with the stage class, one factory line here.
+STAGES: tuple[Callable[[StageParts], Stage | None], ...] = (
+    decode_stage,
+    embed_stage,
+    quality_stage,
+    search_stage,
+    region_stage,
+    verify_stage,
+)
+
+
+def match_probability(settings: Settings, verdict: VerdictModel | None) -> float:
+    """RICE_MATCH_PROBABILITY, else the verdict model's calibrated threshold."""
+    if settings.match_probability is not None:
+        return settings.match_probability
+    return verdict.threshold if verdict is not None else 0.5
 
 
 def job_batch_frames(settings: Settings, engine: EncoderEngine) -> int:

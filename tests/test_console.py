@@ -140,6 +140,13 @@ def test_a_still_goes_to_the_image_endpoint(browser: WebDriver, served: str, pro
     browser.find_element(By.ID, "recognize-button").click()
     _wait(browser, lambda b: "1 frame(s)" in _text(b, "timings"), "an image answer")
     assert _attrs(browser, "#results li.result", "data-sku")[0] == target.sku
+    assert "match probability" in _text(browser, "verdict")
+    # verified: the catalog image's corners drawn over the still (the product fills it: about its corners)
+    _wait(browser, lambda b: len(_attrs(b, "#box-overlay polygon", "points")) == 1, "the product's box over the still")
+    corners = [[float(v) for v in p.split(",")] for p in _attrs(browser, "#box-overlay polygon", "points")[0].split()]
+    h, w = target.image.shape[:2]
+    assert len(corners) == 4 and np.abs(np.array(corners) - [[0, 0], [w, 0], [w, h], [0, h]]).max() < 0.05 * max(h, w)
+    assert _attrs(browser, "#located", "hidden") == [None] and "matching keypoints" in _text(browser, "located-caption")
 
     browser.find_element(By.ID, "shop-id").send_keys("no-such-shop")  # an unknown shop is not "an empty gallery"
     browser.find_element(By.ID, "recognize-button").click()

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from model.verdict import SIGNALS, VerdictModel
 from tools.democatalog import DemoProduct
 from tools.livebench import build_cases, render_case, run_livebench, split_products
 from tools.livescene import SCALES, compose_scene, livestream_clip
@@ -82,7 +83,8 @@ def test_cases_split_products_and_keep_absent_clips_free_of_catalog_products(tmp
 @pytest.mark.integration
 def test_livebench_runs_through_the_app(tmp_path: Path, products: list[DemoProduct]) -> None:
     root = _grocery_folder(tmp_path, products)
-    report = run_livebench(root, split="val", heldout_every=2, num_frames=4, calibrate_precision=0.9)
+    verdict_path = tmp_path / "verdict.json"
+    report = run_livebench(root, split="val", heldout_every=2, num_frames=4, calibrate_precision=0.9, fit_verdict=str(verdict_path))
     assert report["gallery_products"] == 6
     assert report["clips"] == {"trained": 12, "never_trained": 6, "absent": 6}
     assert all(report["recall"]["trained"][s]["clips"] == 4 for s in SCALES)
@@ -94,6 +96,11 @@ def test_livebench_runs_through_the_app(tmp_path: Path, products: list[DemoProdu
     assert report["frames_per_s"] > 0 and report["ms_per_clip"]["encode"] > 0
     # large close-ups of distinct generated packages: the zero-shot encoder gets most of them
     assert report["recall"]["trained"]["large"]["R@5"] >= 0.5
+    # the verdict: served in every answer, its open-set figures reported, and refitted on this run
+    assert all(0 <= r["probability"] <= 1 and len(r["signals"]) == len(SIGNALS) for r in report["rows"])
+    assert 0.0 <= report["verdict"]["open_set"]["all"]["auroc"] <= 1.0
+    fitted = VerdictModel.from_json(verdict_path.read_text())
+    assert fitted.threshold == report["fitted_verdict"]["calibration"]["threshold"]
 
 
 def test_live_training_clips_keep_held_out_products_out_of_the_clutter(tmp_path: Path, products: list[DemoProduct]) -> None:

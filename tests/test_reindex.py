@@ -68,6 +68,7 @@ def test_reindex_switches_models_under_load_without_mixed_answers(
         store = SQLiteStore(settings.gallery_path)
         try:
             report = run_reindex(str(tmp_path / "new.pt"), items, store, settings, [url], None)
+            assert len(store.features([it.item_id for it in items])) == len(products)  # local features written too
             final = client.post("/v1/recognize", files={"file": ("c.mp4", clip)}).json()
             deadline = time.monotonic() + 20  # keep the load on until it has seen the new model
             while time.monotonic() < deadline and not any(b.get("model_version") == new_version for _, b in answers):

@@ -65,7 +65,8 @@ def cmd_livebench(args: argparse.Namespace) -> int:
 def cmd_grocery_check(args: argparse.Namespace) -> int:
     from tools.grocery_check import run_grocery_check
 
-    report = run_grocery_check(args.data, args.checkpoint, args.split, num_frames=args.num_frames, seed=args.seed)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    report = run_grocery_check(args.data, args.checkpoint, args.split, num_frames=args.num_frames, seed=args.seed, overrides=overrides)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="val")
     g.add_argument("--num-frames", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run, e.g. verify=false")
     g.set_defaults(func=cmd_grocery_check)
 
     from tools import livebench

@@ -29,15 +29,17 @@ def run_grocery_check(
     num_frames: int = 10,
     seed: int = 0,
     skus: set[str] | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """R@1/5/10 of clips (and of single photos, for reference) against the catalog images.
-    `skus` restricts gallery and queries to those products (for held-out evaluations)."""
+    `skus` restricts gallery and queries to those products (for held-out evaluations);
+    `overrides`: service settings for this run (e.g. {"verify": "false"})."""
     data = read_grocery(data_root)
     products = [p for p in data.products if skus is None or p.sku in skus]
     group = {p.sku: p.group for p in products}
     photos = [ph for ph in data.photos(split) if ph.sku in group]
     rng = np.random.default_rng(seed)
-    settings = Settings(gallery_path=":memory:", checkpoint=checkpoint)
+    settings = Settings(gallery_path=":memory:", checkpoint=checkpoint, **(overrides or {}))  # type: ignore[arg-type]
     t0 = time.perf_counter()
     ranked_clip: list[list[str]] = []
     ranked_photo: list[list[str]] = []
@@ -69,6 +71,7 @@ def run_grocery_check(
         "data": str(data_root),
         "split": split,
         "model_version": model_version,
+        "settings": overrides or {},
         "products": len(products),
         "queries": len(photos),
         "clip": recall_at_k(ranked_clip, truth),

@@ -25,12 +25,15 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model.verdict import fit as fit_verdict_model
+from model.verdict import signals
+from pipeline.verify import candidates_from_results
 from tools.clipsynth import encode_video
 from tools.livescene import SCALES, livestream_clip
 from train.calibrate import auroc, pick_threshold, rates_at
@@ -111,23 +114,26 @@ def _recall(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Recall per group and scale, and the open-set figures at `threshold`, from per-clip rows."""
+def summarize(rows: list[dict[str, Any]], threshold: float, key: str = "top1") -> dict[str, Any]:
+    """Recall per group, scale and product kind, and the open-set figures of `key` (the top-1 score,
+    or the verdict's "probability") at `threshold`, from per-clip rows."""
     report: dict[str, Any] = {"recall": {}, "open_set": {}}
     for group in ("trained", "never_trained"):
         in_group = [r for r in rows if r["group"] == group]
         report["recall"][group] = {"all": _recall(in_group)}
         for scale in SCALES:
             report["recall"][group][scale] = _recall([r for r in in_group if r["scale"] == scale])
+        for kind in ("packaged", "fresh"):
+            report["recall"][group][kind] = _recall([r for r in in_group if r.get("kind") == kind])
     present = [r for r in rows if r["group"] != "absent"]
-    absent = np.array([r["top1"] for r in rows if r["group"] == "absent"])
+    absent = np.array([r[key] for r in rows if r["group"] == "absent"])
     if len(present) and len(absent):
         for name, subset in (("all", present), ("never_trained", [r for r in present if r["group"] == "never_trained"])):
-            scores = np.array([r["top1"] for r in subset])
+            scores = np.array([r[key] for r in subset])
             if not len(scores):
                 continue
             precision, accepted, rejected = rates_at(scores, absent, threshold)
-            correct = [r for r in subset if r["top1"] >= threshold]
+            correct = [r for r in subset if r[key] >= threshold]
             report["open_set"][name] = {
                 "auroc": round(auroc(scores, absent), 4),
                 "precision": round(precision, 4),  # present among match answers (present and absent weighted equally)
@@ -137,8 +143,8 @@ def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
                 "accepted_correct": round(float(np.mean([r["ranked"][0] == r["sku"] for r in correct])), 4) if correct else None,
             }
         for scale in SCALES:
-            scores = np.array([r["top1"] for r in present if r["scale"] == scale])
-            scale_absent = np.array([r["top1"] for r in rows if r["group"] == "absent" and r["scale"] == scale])
+            scores = np.array([r[key] for r in present if r["scale"] == scale])
+            scale_absent = np.array([r[key] for r in rows if r["group"] == "absent" and r["scale"] == scale])
             if len(scores) and len(scale_absent):
                 report["open_set"][f"auroc_{scale}"] = round(auroc(scores, scale_absent), 4)
     return report
@@ -157,10 +163,14 @@ def run_livebench(
     threshold: float | None = None,
     calibrate_precision: float | None = None,
     progress: bool = False,
+    fit_verdict: str | None = None,
+    size: int = 256,
 ) -> dict[str, Any]:
     """Run the benchmark through an in-process app; see the module docstring. `threshold` overrides
     the served threshold for the open-set figures (sent as `min_score`); `calibrate_precision` also
-    reports the threshold this run's scores would calibrate to."""
+    reports the threshold this run's scores would calibrate to. `fit_verdict`: fit the verdict model
+    (`model.verdict`) on this run's clips, its threshold for `calibrate_precision` (default 0.9), and
+    write it to that JSON file."""
     from fastapi.testclient import TestClient
 
     from model.checkpoint import load_encoder
@@ -168,6 +178,7 @@ def run_livebench(
     from service.settings import Settings
 
     data = read_grocery(data_root)
+    kind = {p.sku: "packaged" if p.packaged else "fresh" for p in data.products}
     _, absent = split_products(data, heldout_every, absent_half)
     cases = build_cases(data, split, heldout_every, absent_half, every=every, seed=seed)
     settings = Settings(gallery_path=":memory:", checkpoint=checkpoint, **(overrides or {}))  # type: ignore[arg-type]
@@ -186,7 +197,7 @@ def run_livebench(
         if threshold is not None:
             params["min_score"] = threshold
         for n, case in enumerate(cases):
-            clip = render_case(case)
+            clip = render_case(case, size=size)
             t = time.perf_counter()
             r = client.post("/v1/recognize", params=params, files={"file": ("clip.mp4", clip, "video/mp4")})
             served_s += time.perf_counter() - t
@@ -198,7 +209,23 @@ def run_livebench(
             ranked = [x["sku"] for x in body["results"]]
             top1 = body["results"][0]["score"] if body["results"] else -1.0
             scores = [round(x["score"], 5) for x in body["results"]]
-            rows.append({"sku": case.sku, "group": case.group, "scale": case.scale, "ranked": ranked, "top1": top1, "scores": scores})
+            checked = min(settings.verify_frames, body["frames_used"])
+            x = signals(candidates_from_results(body["results"], checked))
+            prob = body.get("match_probability")
+            rows.append(
+                {
+                    "sku": case.sku,
+                    "group": case.group,
+                    "kind": kind[case.sku],
+                    "scale": case.scale,
+                    "ranked": ranked,
+                    "top1": top1,
+                    "scores": scores,
+                    "probability": -1.0 if prob is None else prob,
+                    "signals": [round(float(v), 5) for v in x],
+                    "inliers": [res.get("inliers") for res in body["results"]],
+                }
+            )
             if progress and (n + 1) % 50 == 0:
                 print(f"{n + 1}/{len(cases)} clips", file=sys.stderr)
         operating = info["match_threshold"] if threshold is None else threshold
@@ -207,6 +234,7 @@ def run_livebench(
         "split": split,
         "model_version": info["model_version"],
         "settings": overrides or {},
+        "frame_size": size,
         "gallery_products": len(data.products) - len(absent),
         "clips": {g: sum(r["group"] == g for r in rows) for g in ("trained", "never_trained", "absent")},
         "match_threshold": operating,
@@ -219,9 +247,30 @@ def run_livebench(
     absent_scores = [r["top1"] for r in rows if r["group"] == "absent"]
     if calibrate_precision is not None and present and absent_scores:
         report["calibration"] = asdict(pick_threshold(np.array(present), np.array(absent_scores), calibrate_precision))
+    if any(r["probability"] >= 0 for r in rows):  # a verdict ran: its open-set figures at the served threshold
+        report["verdict"] = {
+            "threshold": info.get("match_probability"),
+            **summarize(rows, float(info.get("match_probability") or 0.5), "probability"),
+        }
+        report["verdict"].pop("recall")
+    if fit_verdict:
+        report["fitted_verdict"] = _fit_verdict(rows, calibrate_precision or 0.9, fit_verdict)
     report["open_set_scores"] = {"present": present, "absent": absent_scores}
     report["rows"] = rows
     return report
+
+
+def _fit_verdict(rows: list[dict[str, Any]], precision: float, path: str) -> dict[str, Any]:
+    """Fit the verdict on the clips' signals: 1 = the product is present and ranked first."""
+    x = np.array([r["signals"] for r in rows])
+    y = np.array([r["group"] != "absent" and bool(r["ranked"]) and r["ranked"][0] == r["sku"] for r in rows], np.float64)
+    model = fit_verdict_model(x, y)
+    prob = model.probability(x)
+    present = np.array([r["group"] != "absent" for r in rows])
+    cal = pick_threshold(prob[present], prob[~present], precision)
+    model = replace(model, threshold=cal.threshold)
+    Path(path).write_text(model.to_json() + "\n")
+    return {"path": path, "auroc_fit": round(auroc(prob[present], prob[~present]), 4), "calibration": asdict(cal)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,6 +286,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", type=float, metavar="PRECISION", help="also report the threshold for this precision")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run, e.g. regions=off")
     p.add_argument("--out", help="also write the report (with per-clip scores) to this JSON file")
+    p.add_argument("--size", type=int, default=256, help="clip frame side in pixels (a 720p stream gives verification more)")
+    p.add_argument("--fit-verdict", metavar="JSON", help="fit the verdict model on this run's clips and write it here")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,6 +305,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.threshold,
         args.calibrate,
         progress=True,
+        fit_verdict=args.fit_verdict,
+        size=args.size,
     )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -29,9 +29,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from index.blobs import Blobs
-from index.records import Namespaces, Record, Store, Thumbnails
+from index.records import FeatureStore, Namespaces, Record, Store, Thumbnails
 from model.checkpoint import load_encoder
-from pipeline.decode import decode_image
+from pipeline.decode import decode_catalog
 from pipeline.engine import EncoderEngine
 from pipeline.originals import original_jpeg
 from pipeline.thumbnail import thumbnail_jpeg
@@ -128,10 +128,12 @@ def embed_catalog(
     progress: Callable[[int], None] | None = None,
     thumbnails: dict[str, bytes] | None = None,
     on_image: Callable[[E, bytes, bytes], None] | None = None,
+    features: dict[str, bytes] | None = None,
 ) -> tuple[list[tuple[E, np.ndarray]], dict[str, str]]:
     """Decode (letterboxed, as ingestion does) and embed every image; bad ones are reported.
     `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame;
-    `on_image(item, image bytes, thumbnail)` is called for each decoded image (nothing is kept)."""
+    `features` each item's local features (`pipeline.local_features`, for verification), from the
+    same decode; `on_image(item, image bytes, thumbnail)` is called for each decoded image."""
     pre = engine.config.preprocess
     done: list[tuple[E, np.ndarray]] = []
     failed: dict[str, str] = {}
@@ -140,8 +142,11 @@ def embed_catalog(
         for it in items[start : start + batch_size]:
             try:
                 data = it.data()
-                frames.append(decode_image(data, pre, settings.max_frame_pixels, whole=True))
+                decoded = decode_catalog(data, pre, settings.max_frame_pixels)
+                frames.append(decoded.frame)
                 chunk.append(it)
+                if features is not None:
+                    features[it.item_id] = decoded.features.tobytes()
                 if thumbnails is not None or on_image is not None:
                     thumb = thumbnail_jpeg(frames[-1])
                     if thumbnails is not None:
@@ -248,7 +253,14 @@ def run_reindex(
     if on_total is not None:
         on_total(len(sources))
     # before the items are written: an item any replica can find has its images
-    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=_image_keeper(store, originals))
+    features: dict[str, bytes] = {}
+    keeper = _image_keeper(store, originals)
+    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=keeper, features=features)
+    if isinstance(store, FeatureStore):  # a catalog image's features; a gallery item's only when it had none (a bulk import)
+        have = store.features([s.item_id for s, _ in embedded if s.catalog is None])
+        for s, _ in embedded:
+            if s.catalog is not None or s.item_id not in have:
+                store.put_features(s.item_id, features[s.item_id])
     report.embedded = len(embedded)
     report.from_catalog = sum(s.catalog is not None for s, _ in embedded)
     report.from_thumbnails = sum(s.from_thumbnail for s, _ in embedded)

@@ -7,7 +7,9 @@ absent share (so the threshold does not depend on how many of each the held-out 
 have). The lowest such threshold keeps as many present clips as the precision allows.
 
 `python -m train.calibrate --scores REPORT.json --precision 0.9 --checkpoint CKPT` stores the
-threshold in the checkpoint (field `match_threshold`), where the service reads it from.
+threshold in the checkpoint (field `match_threshold`), where the service reads it from;
+`--verdict VERDICT.json` (from `rice livebench --fit-verdict`) stores the verdict model too (field
+`verdict`), which then gives `match_probability` for that checkpoint.
 """
 
 from __future__ import annotations
@@ -83,11 +85,25 @@ def pick_threshold(present: np.ndarray, absent: np.ndarray, target_precision: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", required=True, help="JSON with 'present' and 'absent' top-1 score lists (a livebench report)")
+    parser.add_argument("--scores", help="JSON with 'present' and 'absent' top-1 score lists (a livebench report)")
     parser.add_argument("--precision", type=float, default=0.9, help="target precision of match answers")
     parser.add_argument("--absent-share", type=float, default=0.5, help="share of queries assumed to show no catalog product")
     parser.add_argument("--checkpoint", help="store the threshold in this checkpoint (field match_threshold)")
+    parser.add_argument("--verdict", help="also store this verdict model (`rice livebench --fit-verdict` JSON) in the checkpoint")
     args = parser.parse_args()
+    if args.verdict:
+        if not args.checkpoint:
+            parser.error("--verdict needs --checkpoint")
+        from model.checkpoint import set_checkpoint_fields
+        from model.verdict import VerdictModel
+
+        text = Path(args.verdict).read_text()
+        VerdictModel.from_json(text)  # refuse to store what the service could not read
+        set_checkpoint_fields(args.checkpoint, {"verdict": text})
+        if not args.scores:
+            return
+    if not args.scores:
+        parser.error("--scores is required (or --verdict with --checkpoint)")
     report = json.loads(Path(args.scores).read_text())
     scores = report.get("open_set_scores", report)
     cal = pick_threshold(np.array(scores["present"]), np.array(scores["absent"]), args.precision, args.absent_share)

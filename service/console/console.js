@@ -111,20 +111,53 @@ async function recognize(blob, asImage, options = recognizeOptions()) {
   form.append("file", blob, blob.name || "query");
   const path = asImage ? "/v1/recognize/image" : "/v1/recognize";
   const answer = await (await api(`${path}?${params}`, { method: "POST", body: form })).json();
-  renderRecognition(answer, shop);
+  renderRecognition(answer, shop, asImage ? blob : null);
 }
 
-function renderRecognition(answer, shop) {
+const SVG = "http://www.w3.org/2000/svg";
+let queryUrl = null;
+
+// Where the top SKU was found (results[0].box: a frame index and the catalog image's corners in that
+// frame's pixels): drawn over a still; for a clip, the frame is named (the browser holds no decoded frames).
+function renderBox(top, image) {
+  const figure = $("located");
+  const overlay = $("box-overlay");
+  overlay.replaceChildren();
+  if (queryUrl) URL.revokeObjectURL(queryUrl);
+  queryUrl = null;
+  const box = top && top.box;
+  figure.hidden = !box;
+  if (!box) return;
+  const points = box.polygon.map(([x, y]) => `${x},${y}`).join(" ");
+  $("located-caption").textContent = `${top.sku} found with ${top.inliers} matching keypoints` + (image ? "" : ` in frame ${box.frame}`);
+  const img = $("query-image");
+  img.hidden = !image;
+  if (!image) return;
+  img.onload = () => {
+    overlay.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+    const poly = document.createElementNS(SVG, "polygon");
+    poly.setAttribute("points", points);
+    overlay.append(poly);
+  };
+  queryUrl = URL.createObjectURL(image);
+  img.src = queryUrl;
+}
+
+function renderRecognition(answer, shop, image = null) {
   const verdict = $("verdict");
   const top = answer.results[0];
   if (!top) {
     if (galleryItems === 0 || !shop) verdict.textContent = "No results: the gallery is empty (see the warning above, if any)";
     else verdict.textContent = `No results: shop "${shop}" has no items (the gallery holds ${galleryItems})`;
+  } else if (answer.match_probability != null) {
+    const p = `match probability ${answer.match_probability.toFixed(2)}`;
+    verdict.textContent = answer.match ? `Match: ${top.sku} (${p})` : `No match: best ${top.sku} (${p})`;
   } else if (answer.match) {
     verdict.textContent = `Match: ${top.sku} (score ${top.score.toFixed(3)} ≥ ${answer.match_threshold.toFixed(2)})`;
   } else {
     verdict.textContent = `No match: best ${top.sku} scores ${top.score.toFixed(3)} < ${answer.match_threshold.toFixed(2)}`;
   }
+  renderBox(top, image);
   verdict.className = answer.match ? "match" : "no-match";
   verdict.dataset.match = String(answer.match);
   const list = $("results");

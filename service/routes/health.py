@@ -90,6 +90,8 @@ async def info(state: State) -> dict[str, Any]:
         "match_threshold": state.pipeline.match_threshold,
         "match_threshold_calibrated": state.calibration_warning is None,  # by RICE_MATCH_THRESHOLD or the checkpoint
         "calibration_warning": state.calibration_warning,
+        "match_probability": state.pipeline.config.match_probability,  # the verdict's threshold (RICE_MATCH_PROBABILITY)
+        "verify": s.verify,
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_num_frames": s.max_num_frames,

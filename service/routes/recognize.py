@@ -12,6 +12,8 @@ from service.errors import NotReady
 from service.routes.deps import State, check_at_most, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
+_EVIDENCE = ("embedding_score", "inliers", "coverage", "frames_verified", "verifiable", "box")
+
 router = APIRouter(tags=["recognize"], dependencies=[Depends(require_read)])
 
 
@@ -30,7 +32,10 @@ _SAMPLING_DOC = (
     "uniform: num_frames spread over the clip (decodes every frame up to the last kept); "
     "keyframes: up to num_frames of the clip's keyframes, decoding only those (several times cheaper; frames_used may be lower)"
 )
-_MIN_SCORE_DOC = "top-1 score from which the answer is a match (match: true); default: the served model's calibrated threshold"
+_MIN_SCORE_DOC = (
+    "top-1 score (results[0].score) from which the answer is a match (match: true), instead of the calibrated verdict "
+    "(match_probability >= RICE_MATCH_PROBABILITY); default: the verdict"
+)
 
 
 async def _wait_for_gallery(state: State, version: int) -> None:
@@ -50,11 +55,22 @@ def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
     if r.hits:
         m.top1_score.labels(kind).observe(r.hits[0].score)
     return RecognizeResponse(
-        results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
+        results=[
+            SkuResult(
+                sku=h.sku,
+                score=h.score,
+                item_id=h.item_id,
+                shop_id=h.shop_id,
+                metadata=h.metadata,
+                **{k: v for k, v in r.evidence.get(h.sku, {}).items() if k in _EVIDENCE},
+            )
+            for h in r.hits
+        ],
         gallery_version=r.gallery_version,
         model_version=state.engine.model_version,
         match=r.match,
         match_threshold=r.match_threshold,
+        match_probability=None if r.match_probability is None else round(r.match_probability, 4),
         frames_used=r.frames_used,
         timings_ms={k: round(v, 3) for k, v in r.timings_ms.items()},
     )
