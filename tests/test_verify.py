@@ -233,7 +233,7 @@ def test_http_answers_are_verified_localised_and_carry_a_probability(tmp_path: P
         # deleted: its features go with it, and a gallery of only a bulk item still answers
         for seed in (1, 2, 3):
             assert c.delete(f"/v1/gallery/items/item-{seed}").status_code == 200
-        store = c.app.state.rice.replica.store  # type: ignore[attr-defined]
+        store = c.app.state.serving.current.replica.store  # type: ignore[attr-defined]
         assert isinstance(store, SQLiteStore) and store.features(["item-1", "item-2", "item-3"]) == {}
         body = _recognize(c, scene_with(product_image(2)))
         assert [r["sku"] for r in body["results"]] == ["bulk"] and 0 <= body["match_probability"] <= 1
@@ -255,20 +255,20 @@ def test_features_are_replicated_and_removed_everywhere_through_redis(two_replic
     top = body["results"][0]  # type: ignore[index]
     assert top["sku"] == "sku-5" and top["inliers"] >= 20 and top["box"] is not None  # features written through a, read by b
     for c in (a, b):
-        assert set(c.app.state.rice.replica.features(["shared-5", "shared-6"])) == {"shared-5", "shared-6"}  # type: ignore[attr-defined]
+        assert set(c.app.state.serving.current.replica.features(["shared-5", "shared-6"])) == {"shared-5", "shared-6"}  # type: ignore[attr-defined]
     deleted = b.delete("/v1/gallery/items/shared-5").json()  # deleted through the other replica
     for c in (a, b):
-        assert set(c.app.state.rice.replica.features(["shared-5", "shared-6"])) == {"shared-6"}  # type: ignore[attr-defined]
+        assert set(c.app.state.serving.current.replica.features(["shared-5", "shared-6"])) == {"shared-6"}  # type: ignore[attr-defined]
     body = _recognize(a, scene_with(product_image(5)), min_gallery_version=deleted["gallery_version"])
     assert [r["sku"] for r in body["results"]] == ["sku-6"]  # type: ignore[union-attr]
 
 
 def test_verdict_stored_in_a_checkpoint_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from model import calibrate
     from model.checkpoint import CheckpointError, load_encoder, save_checkpoint, set_checkpoint_fields
     from model.config import EfficientNetConfig, EncoderConfig
     from model.encoder import build_backbone
     from service.state import match_probability
+    from train import calibrate
 
     cfg = EncoderConfig(efficientnet=EfficientNetConfig(pretrained=False))
     ckpt = tmp_path / "m.pt"
