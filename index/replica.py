@@ -126,13 +126,14 @@ class GalleryReplica:
         item_id: str | None,
         metadata: dict[str, Any],
         thumbnail: bytes | None = None,
+        source: str = "catalog",
     ) -> tuple[str, int]:
         """Upsert one item. Its thumbnail (when the store keeps them) is written first, so an item
         that any replica can find always has one."""
         item_id = item_id or uuid.uuid4().hex
         if thumbnail is not None and isinstance(self.store, Thumbnails):
             await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
-        rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
+        rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata, source=source)
         version = await self._write(self.store.upsert, self.namespace, [rec])
         return item_id, int(version)
 
@@ -147,6 +148,12 @@ class GalleryReplica:
 
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
         result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
+        await self._forget_thumbnails(result[1])
+        return result
+
+    async def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
+        """Remove several items under one version (e.g. a SKU's feedback views); ItemNotFound if none were live."""
+        result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, item_ids))
         await self._forget_thumbnails(result[1])
         return result
 

@@ -94,7 +94,7 @@ def fuse_hits(whole: list[Hit], regions: list[list[Hit]], top_k: int, fusion: Fu
         score = max(ws, rs) if fusion == "max" else (ws + rs) / 2
         base = r if r is not None and (w is None or rs > ws) else w
         assert base is not None
-        fused.append(Hit(base.sku, float(score), base.item_id, base.shop_id, base.metadata))
+        fused.append(Hit(base.sku, float(score), base.item_id, base.shop_id, base.metadata, base.source))
     fused.sort(key=lambda h: -h.score)
     return fused[:top_k]
 

@@ -63,6 +63,9 @@ class Recognition:
     timings_ms: dict[str, float]
     match: bool  # the top hit scores at least `match_threshold`: "none of these" is a valid answer
     match_threshold: float
+    vector: np.ndarray | None = None  # [D] the clip vector searched (kept for feedback, pipeline.feedback)
+    frame_emb: np.ndarray | None = None  # [N, D] its frame embeddings
+    frames: np.ndarray | None = None  # [N, H, W, 3] uint8 sampled frames
 
 
 class Stage(Protocol):
@@ -217,4 +220,4 @@ class Pipeline:
         assert q.frames is not None
         threshold = self.match_threshold if q.min_score is None else q.min_score
         match = bool(q.hits) and q.hits[0].score >= threshold
-        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold)
+        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold, q.vector, q.frame_emb, q.frames)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from index.feedback import RequestNotFound
 from index.jobs import JobNotFound
 from index.records import InvalidBulk, ItemNotFound, StoreUnavailable
 from pipeline.errors import (
@@ -26,6 +27,7 @@ from pipeline.errors import (
     UndecodableMedia,
     UnsupportedMedia,
 )
+from pipeline.feedback import UnknownSku
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -74,11 +76,13 @@ ERROR_STATUS: dict[type[Exception], int] = {
     NotFound: 404,
     ItemNotFound: 404,
     JobNotFound: 404,
+    RequestNotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidMedia: 422,
     UndecodableMedia: 422,
+    UnknownSku: 422,
     Overloaded: 429,
     NotReady: 503,
     StoreUnavailable: 503,

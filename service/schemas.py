@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +16,7 @@ class SkuResult(BaseModel):
 
 
 class RecognizeResponse(BaseModel):
+    request_id: str = Field(description="this answer's id: send POST /v1/feedback with it (within RICE_FEEDBACK_RECORD_TTL_S)")
     results: list[SkuResult]
     match: bool = Field(description="whether the top result scores at least match_threshold: false means 'none of these'")
     match_threshold: float = Field(description="the top-1 score from which an answer is a match (the model's calibrated one, or min_score)")
@@ -59,6 +60,7 @@ class GalleryItem(BaseModel):
     sku: str
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = Field("catalog", description="catalog (an ingested image) or feedback (a confirmed answer's clip vector, no image)")
 
 
 class GalleryPage(BaseModel):
@@ -86,6 +88,7 @@ class TimelineSegment(BaseModel):
 
 
 class TimelineResponse(BaseModel):
+    request_id: str | None = Field(None, description="this answer's id for POST /v1/feedback (timeline requests; not jobs)")
     duration_s: float
     segments: list[TimelineSegment] = Field(description="in order, covering the whole recording")
     match_threshold: float
@@ -109,3 +112,19 @@ class JobResponse(BaseModel):
     error: JobError | None = Field(None, description="why the job failed")
     created_at: float
     updated_at: float
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(description="the request_id of a recognition answer")
+    sku: str | None = Field(None, description="correct: the top-1 (or null); wrong: the right SKU, or null if unknown; none_of_these: null")
+    verdict: Literal["correct", "wrong", "none_of_these"]
+
+
+class FeedbackRecorded(BaseModel):
+    request_id: str
+    verdict: str
+    sku: str | None = Field(description="the SKU the verdict says was shown (null: none, or not said)")
+    replaced: str | None = Field(description="the earlier verdict on this request that this one replaced")
+    view_item_id: str | None = Field(description="the gallery view (source: feedback) this verdict added, under RICE_ENRICH")
+    removed: list[str] = Field(description="feedback views removed: this request's earlier one, or the oldest past the per-SKU cap")
+    gallery_version: int | None = Field(description="the gallery version after the enrichment write, when there was one")

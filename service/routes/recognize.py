@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from pipeline.feedback import new_request_id
 from pipeline.stages import Recognition
 from service.auth import require_read
 from service.errors import BadRequest, NotReady
-from service.routes.deps import State, read_upload
+from service.routes.deps import Keeper, State, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
 router = APIRouter(tags=["recognize"], dependencies=[Depends(require_read)])
@@ -46,12 +47,15 @@ async def _wait_for_gallery(state: State, version: int) -> None:
         )
 
 
-def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
+def _answer(state: State, keeper: Keeper, r: Recognition, kind: str, shop_id: str | None) -> RecognizeResponse:
     m = state.metrics  # recognition quality: what a dashboard watches drift in
     m.recognitions.labels(kind, "true" if r.match else "false").inc()
     if r.hits:
         m.top1_score.labels(kind).observe(r.hits[0].score)
+    request_id = new_request_id()
+    keeper.remember(request_id, kind, state.engine.model_version, shop_id, r)  # in the background: never delays the answer
     return RecognizeResponse(
+        request_id=request_id,
         results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
         gallery_version=r.gallery_version,
         model_version=state.engine.model_version,
@@ -66,6 +70,7 @@ def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
 async def recognize_clip(
     request: Request,
     state: State,
+    keeper: Keeper,
     file: Annotated[UploadFile | None, File(description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
@@ -78,13 +83,15 @@ async def recognize_clip(
     _check(state, top_k, num_frames)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling), "clip")
+    recognition = await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling)
+    return _answer(state, keeper, recognition, "clip", shop_id)
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)
 async def recognize_image(
     request: Request,
     state: State,
+    keeper: Keeper,
     file: Annotated[UploadFile | None, File(description="a still image (jpeg, png, webp, bmp); or the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
@@ -95,4 +102,4 @@ async def recognize_image(
     _check(state, top_k)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image")
+    return _answer(state, keeper, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image", shop_id)
