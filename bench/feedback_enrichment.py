@@ -81,9 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = read_grocery(args.data)
     _, absent = split_products(data, args.heldout_every, 0)
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    settings = Settings(
-        gallery_path=":memory:", checkpoint=args.checkpoint, enrich=args.policy, enrich_max_views=ks[-1], **overrides
-    )  # type: ignore[arg-type]
+    settings = Settings(gallery_path=":memory:", checkpoint=args.checkpoint, enrich=args.policy, enrich_max_views=ks[-1], **overrides)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     test_clips = [render_case(c) for c in tests]  # rendered once, sent at every K
     params = {"top_k": 10, "num_frames": args.num_frames}

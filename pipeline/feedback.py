@@ -52,6 +52,10 @@ class FeedbackConfig:
     keep_frames: bool = False  # also keep the sampled frames as JPEG (privacy: off by default)
     enrich: EnrichPolicy = "off"
     max_views: int = 10  # feedback views per SKU and shop; the oldest go first
+    # How long an answer waits for its record to be written: normally a millisecond, after which
+    # feedback works on every replica at once; a slow store never holds an answer longer than this
+    # (the write then finishes in the background).
+    record_wait_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,12 @@ class FeedbackKeeper:
 
     # -- at answer time -------------------------------------------------------------------------
 
-    def remember(self, request_id: str, kind: str, model_version: str, shop_id: str | None, r: Recognition) -> None:
-        """Keep the record of an answer in the background (the answer does not wait for it)."""
-        answer = [{"sku": h.sku, "score": round(h.score, 6), "item_id": h.item_id} for h in r.hits]
-        self.remember_answer(request_id, kind, model_version, shop_id, answer, r.vector, r.frame_emb, r.frames)
+    async def remember(self, request_id: str, kind: str, model_version: str, shop_id: str | None, r: Recognition) -> None:
+        """Keep the record of an answer, on a thread; waits at most `record_wait_s` for it."""
+        answer: list[dict[str, object]] = [{"sku": h.sku, "score": round(h.score, 6), "item_id": h.item_id} for h in r.hits]
+        await self.remember_answer(request_id, kind, model_version, shop_id, answer, r.vector, r.frame_emb, r.frames)
 
-    def remember_answer(
+    async def remember_answer(
         self,
         request_id: str,
         kind: str,
@@ -119,6 +123,7 @@ class FeedbackKeeper:
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        await asyncio.wait({task}, timeout=self.config.record_wait_s)  # the task goes on after a timeout
 
     def _write(
         self,

@@ -13,6 +13,7 @@ class SkuResult(BaseModel):
     item_id: str = Field(description="the gallery image that matched best")
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = Field("catalog", description="the matched item's: catalog (an image with a thumbnail) or feedback (a confirmed answer)")
 
 
 class RecognizeResponse(BaseModel):

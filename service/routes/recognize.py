@@ -47,16 +47,18 @@ async def _wait_for_gallery(state: State, version: int) -> None:
         )
 
 
-def _answer(state: State, keeper: Keeper, r: Recognition, kind: str, shop_id: str | None) -> RecognizeResponse:
+async def _answer(state: State, keeper: Keeper, r: Recognition, kind: str, shop_id: str | None) -> RecognizeResponse:
     m = state.metrics  # recognition quality: what a dashboard watches drift in
     m.recognitions.labels(kind, "true" if r.match else "false").inc()
     if r.hits:
         m.top1_score.labels(kind).observe(r.hits[0].score)
     request_id = new_request_id()
-    keeper.remember(request_id, kind, state.engine.model_version, shop_id, r)  # in the background: never delays the answer
+    await keeper.remember(request_id, kind, state.engine.model_version, shop_id, r)  # on a thread, bounded wait, never fails
     return RecognizeResponse(
         request_id=request_id,
-        results=[SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata) for h in r.hits],
+        results=[
+            SkuResult(sku=h.sku, score=h.score, item_id=h.item_id, shop_id=h.shop_id, metadata=h.metadata, source=h.source) for h in r.hits
+        ],
         gallery_version=r.gallery_version,
         model_version=state.engine.model_version,
         match=r.match,
@@ -84,7 +86,7 @@ async def recognize_clip(
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
     recognition = await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling)
-    return _answer(state, keeper, recognition, "clip", shop_id)
+    return await _answer(state, keeper, recognition, "clip", shop_id)
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)
@@ -102,4 +104,4 @@ async def recognize_image(
     _check(state, top_k)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, keeper, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image", shop_id)
+    return await _answer(state, keeper, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image", shop_id)

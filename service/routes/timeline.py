@@ -104,5 +104,5 @@ async def recognize_timeline(
     body["request_id"] = request_id = new_request_id()
     # A timeline's record keeps its segments' SKUs (no clip vector: its verdicts are counted, never enrich the gallery).
     answer: list[dict[str, object]] = [{"sku": s.sku, "score": s.score, "item_id": s.item_id} for s in timeline.segments if s.sku]
-    keeper.remember_answer(request_id, "timeline", state.engine.model_version, options.shop_id, answer)
+    await keeper.remember_answer(request_id, "timeline", state.engine.model_version, options.shop_id, answer)
     return TimelineResponse.model_validate(body)
