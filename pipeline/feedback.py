@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from pipeline.stages import Recognition
 log = logging.getLogger("rice.feedback")
 
 EnrichPolicy = Literal["off", "confirmed", "corrected"]
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what new_request_id makes
 VIEW_PREFIX = "fb-"
 
 
@@ -173,14 +175,10 @@ class FeedbackKeeper:
         unknown or expired request, 400 for a verdict that contradicts the answer, 422 for a SKU
         this model's gallery does not hold."""
         now = time.time()
-        previous = await asyncio.to_thread(self.store.get_feedback, request_id, now)
-        if previous is not None:
-            record = previous.record  # the request record may have expired; the verdict's copy has not
-        else:
-            try:
-                record = await asyncio.to_thread(self.store.get_request, request_id, now)
-            except RequestNotFound as exc:
-                raise NotFound(str(exc)) from exc
+        try:  # a request takes verdicts while its record lives (RICE_FEEDBACK_RECORD_TTL_S); the verdicts stay longer
+            record = await asyncio.to_thread(self.store.get_request, request_id, now)
+        except RequestNotFound as exc:
+            raise NotFound(str(exc)) from exc
         right = self._right_sku(record, verdict, sku)
         if right is not None and verdict == "wrong" and record.model_version == replica.namespace:
             known = await asyncio.to_thread(replica.gallery.views, right, "catalog", record.shop_id, record.shop_id is None)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 
-from index.records import ID_PATTERN, ID_RULE
+from pipeline.feedback import REQUEST_ID
 from service.auth import require_write
 from service.errors import BadRequest, NotFound
 from service.routes.deps import Keeper, State
@@ -23,8 +23,8 @@ async def feedback(body: FeedbackRequest, state: State, keeper: Keeper) -> Feedb
     feedback for any request answered within RICE_FEEDBACK_RECORD_TTL_S (404 after that); a second
     verdict on a request replaces the first. Under RICE_ENRICH the request's clip vector becomes a
     gallery view of the right SKU (`view_item_id`), at most RICE_ENRICH_MAX_VIEWS per SKU and shop."""
-    if not ID_PATTERN.match(body.request_id):
-        raise BadRequest(f"request_id must be {ID_RULE}")
+    if not REQUEST_ID.fullmatch(body.request_id):
+        raise BadRequest("request_id must be the 32 hexadecimal digits of an answer's request_id")
     judged = await keeper.judge(body.request_id, body.verdict, body.sku, state.replica)
     fb = judged.feedback
     return FeedbackRecorded(
