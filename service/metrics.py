@@ -109,6 +109,8 @@ class Metrics:
             self.top1_score.labels(kind)
             for verdict in ("true", "false"):
                 self.recognitions.labels(kind, verdict)
+        for verdict in ("correct", "wrong", "none_of_these"):  # the drift panel and alert divide by these
+            self.feedback_verdicts.labels("none", verdict)
         for event in ("added", "removed", "evicted"):
             self.feedback_views.labels(event)
         for code in ("invalid_media", "unsupported_media", "payload_too_large", "overloaded", "unauthorized", "forbidden"):
