@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tools import timeline_cli
 
     timeline_cli.add_parser(sub)
+    from tools import retrain
+
+    retrain.add_parser(sub)
     return p
 
 
