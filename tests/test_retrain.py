@@ -50,13 +50,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "served": served, "worse": root / "worse.pt", "catalog": root / "catalog.jsonl", "eval": root / "eval.jsonl"}
 
 
-def _retrain(s: dict[str, Path], out: Path, *extra: str) -> int:
-    argv = ["retrain", "--served", str(extra and extra[0] == "--swap" and s["worse"] or s["served"])]
-    extra = extra[1:] if extra and extra[0] == "--swap" else extra
-    return main([*argv, "--catalog-manifest", str(s["catalog"]), "--eval", str(s["eval"]), "--out", str(out), *extra])
+def _retrain(s: dict[str, Path], out: Path, *extra: str, served: str = "served") -> int:
+    argv = ["retrain", "--served", str(s[served]), "--catalog-manifest", str(s["catalog"]), "--eval", str(s["eval"]), "--out", str(out)]
+    return main([*argv, *extra])
 
 
-def test_a_worse_candidate_is_gated_and_the_report_says_why(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worse_candidate_is_gated_and_the_report_says_why(
+    setup: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("RICE_GALLERY_PATH", str(tmp_path / "g.db"))
     assert _retrain(setup, tmp_path / "out", "--candidate", str(setup["worse"])) == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -66,7 +69,11 @@ def test_a_worse_candidate_is_gated_and_the_report_says_why(setup: dict[str, Pat
     assert "# rice retrain: gated" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_a_better_candidate_is_promoted_by_reindex_and_switch(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_better_candidate_is_promoted_by_reindex_and_switch(
+    setup: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     catalog = tmp_path / "catalog"
     for r in read_manifest(setup["catalog"]):
         (catalog / r.sku).mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,7 @@ def test_a_better_candidate_is_promoted_by_reindex_and_switch(setup: dict[str, P
     with live_server(create_app(settings)) as srv:
         before = httpx.get(f"{srv.url}/v1/info").json()["model_version"]
         out = tmp_path / "out"
-        code = _retrain(setup, out, "--swap", "--candidate", str(setup["served"]), "--url", srv.url, "--catalog", str(catalog))
+        code = _retrain(setup, out, "--candidate", str(setup["served"]), "--url", srv.url, "--catalog", str(catalog), served="worse")
         report = json.loads((out / "report.json").read_text())
         assert code == 0 and report["decision"] == "promoted", report
         after = httpx.get(f"{srv.url}/v1/info").json()["model_version"]
