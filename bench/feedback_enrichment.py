@@ -80,12 +80,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     feedback, tests = plan(args.data, args.split, args.heldout_every, args.trained_every, ks[-1], args.test_clips, args.seed)
     data = read_grocery(args.data)
     _, absent = split_products(data, args.heldout_every, 0)
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    settings = Settings(gallery_path=":memory:", checkpoint=args.checkpoint, enrich=args.policy, enrich_max_views=ks[-1], **overrides)  # type: ignore[arg-type]
+    overrides: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
+    policy = {"enrich": args.policy, "enrich_view": args.view, "enrich_max_views": ks[-1]}
+    settings = Settings(gallery_path=":memory:", checkpoint=args.checkpoint, **policy, **overrides)
     t0 = time.perf_counter()
     test_clips = [render_case(c) for c in tests]  # rendered once, sent at every K
     params = {"top_k": 10, "num_frames": args.num_frames}
-    report: dict[str, Any] = {"policy": args.policy, "split": args.split, "settings": overrides, "rounds": []}
+    report: dict[str, Any] = {"policy": args.policy, "view": args.view, "split": args.split, "settings": overrides, "rounds": []}
     with TestClient(create_app(settings, encoder=load_encoder(args.checkpoint))) as client:
         for p in data.products:
             if p.sku not in absent:
@@ -158,6 +159,7 @@ def main() -> None:
     p.add_argument("--heldout-every", type=int, default=4, help="every k-th product (by class id) is never-trained; half of those absent")
     p.add_argument("--trained-every", type=int, default=4, help="take every k-th trained product (all never-trained and absent ones)")
     p.add_argument("--policy", default="corrected", choices=["confirmed", "corrected"], help="RICE_ENRICH for the run")
+    p.add_argument("--view", default="clip", choices=["clip", "closest"], help="RICE_ENRICH_VIEW for the run")
     p.add_argument("--num-frames", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run")

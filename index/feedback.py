@@ -47,6 +47,7 @@ class RequestRecord:
     vector: np.ndarray | None  # [D] float32 clip vector (None for a timeline)
     frame_emb: np.ndarray | None  # [N, D] float32 frame embeddings
     frames: list[bytes] = field(default_factory=list)  # JPEG per sampled frame, only with RICE_FEEDBACK_KEEP_FRAMES
+    regions: np.ndarray | None = None  # [R, D] float32 region vectors (the region stage's), when it ran
 
     @property
     def top1(self) -> str | None:
@@ -81,8 +82,11 @@ def pack_record(r: RequestRecord) -> tuple[str, bytes, bytes, bytes]:
         "dim": dim,
         "frames_n": frames_n,
         "jpeg_sizes": [len(j) for j in r.frames],
+        "regions_n": 0 if r.regions is None else int(r.regions.shape[0]),
     }
-    vec = b"" if r.vector is None else vector_to_bytes(r.vector)
+    # The vector blob holds the clip vector, then the region vectors: [1 + R, D].
+    regions = b"" if r.regions is None else vector_to_bytes(r.regions.reshape(-1))
+    vec = b"" if r.vector is None else vector_to_bytes(r.vector) + regions
     emb = b"" if r.frame_emb is None else vector_to_bytes(r.frame_emb.reshape(-1))
     return json.dumps(header), vec, emb, b"".join(r.frames)
 
@@ -91,13 +95,17 @@ def unpack_record(header: str | bytes, vec: bytes, emb: bytes, jpegs: bytes) -> 
     h = json.loads(header)
     dim, n = int(h["dim"]), int(h["frames_n"])
     vector = np.frombuffer(vec, dtype="<f4", count=dim).astype(np.float32) if dim else None
+    nr = int(h.get("regions_n", 0))
+    regions = np.frombuffer(vec, dtype="<f4", count=nr * dim, offset=dim * 4).astype(np.float32).reshape(nr, dim) if dim and nr else None
     frame_emb = np.frombuffer(emb, dtype="<f4", count=n * dim).astype(np.float32).reshape(n, dim) if dim and n else None
     frames, at = [], 0
     for size in h["jpeg_sizes"]:
         frames.append(bytes(jpegs[at : at + size]))
         at += size
     created = float(h["created_at"])
-    return RequestRecord(h["request_id"], h["kind"], h["model_version"], h["shop_id"], created, h["answer"], vector, frame_emb, frames)
+    return RequestRecord(
+        h["request_id"], h["kind"], h["model_version"], h["shop_id"], created, h["answer"], vector, frame_emb, frames, regions
+    )
 
 
 @runtime_checkable

@@ -267,6 +267,19 @@ class Gallery:
             found = [e for e in self._entries.values() if e.sku == sku and e.source == source and (any_shop or e.shop_id == shop_id)]
         return [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata, e.source) for e in sorted(found, key=lambda e: e.item_id)]
 
+    def closest(self, vectors: np.ndarray, sku: str, shop_id: str | None = None) -> tuple[int, float] | None:
+        """Which of `vectors` [V, D] is most similar to one of the SKU's catalog images (in `shop_id`,
+        or any shop when None): (its row, that similarity); None when the SKU has no catalog image."""
+        with self._lock.read():
+            slots = [
+                s for s, e in self._entries.items() if e.sku == sku and e.source == "catalog" and (shop_id is None or e.shop_id == shop_id)
+            ]
+            if not slots:
+                return None
+            sims = np.asarray(vectors, np.float32).reshape(-1, self.dim) @ self._rows()[slots].T  # [V, S]
+        best = sims.max(axis=1)
+        return int(best.argmax()), float(best.max())
+
     def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> tuple[int, list[Hit]]:
         """Browse the live items: (how many match, one page of them as score-less hits), in SKU then
         item id order. `sku` matches case-insensitively anywhere in the SKU; `shop_id` exactly.

@@ -37,6 +37,7 @@ from pipeline.stages import Recognition
 log = logging.getLogger("rice.feedback")
 
 EnrichPolicy = Literal["off", "confirmed", "corrected"]
+ViewChoice = Literal["clip", "closest"]
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what new_request_id makes
 VIEW_PREFIX = "fb-"
 
@@ -54,6 +55,9 @@ class FeedbackConfig:
     keep_frames: bool = False  # also keep the sampled frames as JPEG (privacy: off by default)
     enrich: EnrichPolicy = "off"
     max_views: int = 10  # feedback views per SKU and shop; the oldest go first
+    # Which vector becomes the view: the whole clip's, or of the clip and its region crops (when the
+    # region stage ran) the one closest to the SKU's catalog images: the product, not the scene.
+    view: ViewChoice = "clip"
     # How long an answer waits for its record to be written: normally a millisecond, after which
     # feedback works on every replica at once; a slow store never holds an answer longer than this
     # (the write then finishes in the background).
@@ -106,7 +110,7 @@ class FeedbackKeeper:
     async def remember(self, request_id: str, kind: str, model_version: str, shop_id: str | None, r: Recognition) -> None:
         """Keep the record of an answer, on a thread; waits at most `record_wait_s` for it."""
         answer: list[dict[str, object]] = [{"sku": h.sku, "score": round(h.score, 6), "item_id": h.item_id} for h in r.hits]
-        await self.remember_answer(request_id, kind, model_version, shop_id, answer, r.vector, r.frame_emb, r.frames)
+        await self.remember_answer(request_id, kind, model_version, shop_id, answer, r.vector, r.frame_emb, r.frames, r.regions)
 
     async def remember_answer(
         self,
@@ -118,10 +122,11 @@ class FeedbackKeeper:
         vector: np.ndarray | None = None,
         frame_emb: np.ndarray | None = None,
         frames: np.ndarray | None = None,
+        regions: np.ndarray | None = None,
     ) -> None:
         frames = frames if self.config.keep_frames else None
         task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(self._write, request_id, kind, model_version, shop_id, answer, vector, frame_emb, frames)
+            asyncio.to_thread(self._write, request_id, kind, model_version, shop_id, answer, vector, frame_emb, frames, regions)
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -137,9 +142,11 @@ class FeedbackKeeper:
         vector: np.ndarray | None,
         frame_emb: np.ndarray | None,
         frames: np.ndarray | None,
+        regions: np.ndarray | None,
     ) -> None:
         try:
-            record = RequestRecord(request_id, kind, model_version, shop_id, time.time(), answer, vector, frame_emb, _jpegs(frames))
+            now = time.time()
+            record = RequestRecord(request_id, kind, model_version, shop_id, now, answer, vector, frame_emb, _jpegs(frames), regions)
             self.store.put_request(record, self.config.record_ttl_s)
         except Exception:  # never the answer's problem: the request just cannot take feedback
             log.warning("could not keep the record of request %s for feedback", request_id, exc_info=True)
@@ -212,8 +219,14 @@ class FeedbackKeeper:
                     pass  # another replica removed it meanwhile
             return None, removed, version
         assert fb.sku is not None and fb.record.vector is not None
-        metadata = {"request_id": fb.request_id, "added_at": fb.at, "verdict": fb.verdict}
-        _, version = await replica.add(fb.record.vector, fb.sku, fb.record.shop_id, view_id, metadata, source="feedback")
+        vector, which = fb.record.vector, "clip"
+        if self.config.view == "closest" and fb.record.regions is not None:
+            candidates = np.vstack([fb.record.vector[None], fb.record.regions])  # [1 + R, D]
+            pick = await asyncio.to_thread(replica.gallery.closest, candidates, fb.sku, fb.record.shop_id)
+            if pick is not None and pick[0] > 0:
+                vector, which = candidates[pick[0]], f"region{pick[0] - 1}"
+        metadata = {"request_id": fb.request_id, "added_at": fb.at, "verdict": fb.verdict, "view": which}
+        _, version = await replica.add(vector, fb.sku, fb.record.shop_id, view_id, metadata, source="feedback")
         self.on_view("added")
         views = await asyncio.to_thread(replica.gallery.views, fb.sku, "feedback", fb.record.shop_id)
         views.sort(key=lambda h: (float(h.metadata.get("added_at", 0.0)), h.item_id))

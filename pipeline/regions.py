@@ -145,6 +145,7 @@ class RegionSearch:
             raise
         per_region = emb.reshape(len(picks), len(boxes), -1).transpose(1, 0, 2)  # [R, F, D]
         vectors = np.stack([q.vector, *(clip_vector(r) for r in per_region)])  # [1 + R, D]
+        q.regions = vectors[1:]  # kept with the request: a feedback view may be a region (pipeline.feedback)
         k = max(q.top_k, self.depth)
         hits, q.gallery_version = await loop.run_in_executor(self._pool, self.replica.search, vectors, k, q.shop_id)
         q.hits = fuse_hits(hits[0], hits[1:], q.top_k, self.fusion)

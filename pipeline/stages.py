@@ -50,6 +50,7 @@ class Query:
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8, after decode
     frame_emb: np.ndarray | None = None  # [N, D], after embed
     vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
+    regions: np.ndarray | None = None  # [R, D] region vectors, when the region stage ran (pipeline.regions)
     hits: list[Hit] = field(default_factory=list)
     gallery_version: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class Recognition:
     vector: np.ndarray | None = None  # [D] the clip vector searched (kept for feedback, pipeline.feedback)
     frame_emb: np.ndarray | None = None  # [N, D] its frame embeddings
     frames: np.ndarray | None = None  # [N, H, W, 3] uint8 sampled frames
+    regions: np.ndarray | None = None  # [R, D] region vectors (pipeline.regions), when that stage ran
 
 
 class Stage(Protocol):
@@ -220,4 +222,6 @@ class Pipeline:
         assert q.frames is not None
         threshold = self.match_threshold if q.min_score is None else q.min_score
         match = bool(q.hits) and q.hits[0].score >= threshold
-        return Recognition(q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold, q.vector, q.frame_emb, q.frames)
+        return Recognition(
+            q.hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold, q.vector, q.frame_emb, q.frames, q.regions
+        )

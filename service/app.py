@@ -112,6 +112,7 @@ def feedback_keeper(settings: Settings, metrics: Metrics, store: FeedbackStore) 
         settings.feedback_keep_frames,
         settings.enrich,
         settings.enrich_max_views,
+        view=settings.enrich_view,
     )
     return FeedbackKeeper(
         store,

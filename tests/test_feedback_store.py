@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,14 @@ def _record(i: int, created: float, dim: int = 8, frames: list[bytes] | None = N
 
 def test_a_record_comes_back_exactly_and_expires(store: FeedbackStore) -> None:
     now = time.time()
-    rec = _record(1, now, frames=[b"\xff\xd8jpeg-one", b"\xff\xd8two"])
+    regions = np.random.default_rng(9).standard_normal((2, 8)).astype(np.float32)
+    rec = replace(_record(1, now, frames=[b"\xff\xd8jpeg-one", b"\xff\xd8two"]), regions=regions)
     store.put_request(rec, ttl_s=0.5)
     got = store.get_request("req-1", now)
     assert got.vector is not None and rec.vector is not None and got.frame_emb is not None and rec.frame_emb is not None
     assert np.array_equal(got.vector, rec.vector) and np.array_equal(got.frame_emb, rec.frame_emb)  # raw float32, bit-exact
     assert got.frames == rec.frames and got.answer == rec.answer and got.top1 == "sku-1" and got.shop_id == "shop-a"
+    assert got.regions is not None and np.array_equal(got.regions, regions)
     with pytest.raises(RequestNotFound):
         store.get_request("req-unknown", now)
 
