@@ -182,6 +182,9 @@ class SQLiteFeedbackStore:
         self._writes = 0
         with self._locked():
             self._db.execute("PRAGMA journal_mode=WAL")
+            # Records are written on every answer: no fsync per commit (WAL + NORMAL survives a crash of
+            # the process; a power loss may drop the last records, which only means no feedback on them).
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
 
     @contextmanager
