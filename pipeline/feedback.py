@@ -57,7 +57,7 @@ class FeedbackConfig:
     max_views: int = 10  # feedback views per SKU and shop; the oldest go first
     # Which vector becomes the view: the whole clip's, or of the clip and its region crops (when the
     # region stage ran) the one closest to the SKU's catalog images: the product, not the scene.
-    view: ViewChoice = "clip"
+    view: ViewChoice = "closest"  # measured better than "clip" at K = 3 and 10 (docs/RESULTS.md)
     # How long an answer waits for its record to be written: normally a millisecond, after which
     # feedback works on every replica at once; a slow store never holds an answer longer than this
     # (the write then finishes in the background).

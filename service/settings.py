@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         "off", description="gallery views from feedback: off, correct verdicts (confirmed), or also wrong ones naming the SKU (corrected)"
     )
     enrich_view: Literal["clip", "closest"] = Field(
-        "clip", description="the view a verdict adds: the clip vector, or of it and its region crops the one closest to the SKU's images"
+        "closest", description="the view a verdict adds: the clip vector, or of it and its region crops the one closest to the SKU's images"
     )
     enrich_max_views: int = Field(10, ge=1, le=1000, description="feedback views kept per SKU and shop (the oldest go first)")
 

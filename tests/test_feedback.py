@@ -129,7 +129,9 @@ def test_feedback_and_enrichment_across_two_replicas(tmp_path: Path, redis_serve
 
 
 def test_frames_are_kept_only_when_configured_and_expired_ids_are_404(tmp_path: Path) -> None:
-    assert Settings().feedback_keep_frames is False and Settings().enrich == "off"  # the defaults users run
+    defaults = Settings()  # what users run
+    assert defaults.feedback_keep_frames is False and defaults.enrich == "off" and defaults.enrich_view == "closest"
+    assert (defaults.feedback_record_ttl_s, defaults.feedback_max_records, defaults.feedback_retention_days) == (86400.0, 10_000, 30.0)
     loaded, _ = gated_encoder()
     with live_server(create_app(_settings(tmp_path, "plain"), encoder=loaded)) as srv:
         answer = _recognize(srv.url, (10, 200, 10))

@@ -127,3 +127,17 @@ def test_a_gallery_file_from_before_the_source_column_opens_with_catalog_items(t
         assert [(r.item_id, r.source) for r in s.changes_since("m", 0)] == [("old", "catalog")]
     finally:
         s.close()
+
+
+def test_closest_picks_the_vector_nearest_to_the_skus_catalog_images_never_a_view() -> None:
+    from index.gallery import Gallery
+
+    g = Gallery(3)
+    e = np.eye(3, dtype=np.float32)
+    g.apply([Record("cat-a", "A", "s1", e[0], version=1), Record("cat-b", "B", "s1", e[1], version=1)])
+    g.apply([Record("fb-x", "A", "s1", e[2], source="feedback", version=2)])  # a view: not what "closest" aims at
+    clip, region0, region1 = np.array([0.5, 0.5, 0.7]), np.array([0.9, 0.1, 0.4]), np.array([0.1, 0.9, 0.4])
+    vectors = np.stack([v / np.linalg.norm(v) for v in (clip, region0, region1)]).astype(np.float32)
+    assert g.closest(vectors, "A")[0] == 1 and g.closest(vectors, "B")[0] == 2  # type: ignore[index]
+    assert g.closest(vectors, "A", "other-shop") is None and g.closest(vectors, "C") is None
+    assert [h.item_id for h in g.views("A", "feedback", "s1")] == ["fb-x"] and "fb-x" in g
