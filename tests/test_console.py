@@ -140,6 +140,11 @@ def test_a_still_goes_to_the_image_endpoint(browser: WebDriver, served: str, pro
     browser.find_element(By.ID, "recognize-button").click()
     _wait(browser, lambda b: "1 frame(s)" in _text(b, "timings"), "an image answer")
     assert _attrs(browser, "#results li.result", "data-sku")[0] == target.sku
+    # The feedback control under the answer: a verdict on it goes to POST /v1/feedback.
+    browser.find_element(By.CSS_SELECTOR, "#results li.result.top button").click()
+    _wait(browser, lambda b: "correct (" in _text(b, "feedback-status") and "recorded" in _text(b, "feedback-status"), "the verdict")
+    browser.find_element(By.ID, "none-of-these").click()
+    _wait(browser, lambda b: "none_of_these recorded" in _text(b, "feedback-status"), "the second verdict")
 
     browser.find_element(By.ID, "shop-id").send_keys("no-such-shop")  # an unknown shop is not "an empty gallery"
     browser.find_element(By.ID, "recognize-button").click()
