@@ -141,3 +141,14 @@ def test_closest_picks_the_vector_nearest_to_the_skus_catalog_images_never_a_vie
     assert g.closest(vectors, "A")[0] == 1 and g.closest(vectors, "B")[0] == 2  # type: ignore[index]
     assert g.closest(vectors, "A", "other-shop") is None and g.closest(vectors, "C") is None
     assert [h.item_id for h in g.views("A", "feedback", "s1")] == ["fb-x"] and "fb-x" in g
+
+
+def test_the_bulk_format_carries_the_source_and_refuses_an_unknown_one() -> None:
+    from index.bulk import BulkItem, parse_items
+    from index.records import InvalidBulk
+
+    lines = [BulkItem("a", "A", None, {}).to_json().encode(), BulkItem("fb-1", "A", None, {}, "feedback").to_json().encode()]
+    assert "source" not in lines[0].decode()  # catalog rows read as before
+    assert [it.source for it in parse_items(lines, 1024)] == ["catalog", "feedback"]
+    with pytest.raises(InvalidBulk, match="source must be one of catalog, feedback"):
+        parse_items([b'{"item_id": "x", "sku": "A", "source": "scraped"}'], 1024)

@@ -47,8 +47,11 @@ async def delete_views(
 ) -> Deleted:
     """Remove feedback views in bulk (one gallery version), e.g. after a bad batch of feedback. 404 when there are none."""
     gallery = state.replica.gallery
-    hits = await asyncio.to_thread(gallery.list_items, None, shop_id, 0, len(gallery) or 1)  # O(N): off the loop
-    ids = [h.item_id for h in hits[1] if h.source == source and (sku is None or h.sku == sku)]
+    if sku is not None:  # O(N) either way: off the loop
+        hits = await asyncio.to_thread(gallery.views, sku, source, shop_id, shop_id is None)
+    else:
+        hits = (await asyncio.to_thread(gallery.list_items, None, shop_id, 0, len(gallery) or 1))[1]
+    ids = [h.item_id for h in hits if h.source == source]
     if not ids:
         raise NotFound(f"no {source} views" + (f" of sku {sku!r}" if sku else "") + (f" in shop {shop_id!r}" if shop_id else ""))
     version, deleted = await state.replica.delete_items(ids)
