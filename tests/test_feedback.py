@@ -154,3 +154,13 @@ def test_frames_are_kept_only_when_configured_and_expired_ids_are_404(tmp_path: 
         assert frame is not None and frame.shape[2] == 3  # a real JPEG of the sampled frame
         expired = {"request_id": answer["request_id"], "verdict": "none_of_these"}
         wait_until(lambda: httpx.post(f"{srv.url}/v1/feedback", json=expired).status_code == 404, 10, "the record to expire")
+
+
+def test_a_record_that_cannot_be_kept_never_fails_the_answer(tmp_path: Path) -> None:
+    loaded, _ = gated_encoder()
+    with live_server(create_app(_settings(tmp_path, "broken"), encoder=loaded)) as srv:
+        srv.server.config.app.state.feedback.store.close()  # the store fails from now on (a real closed SQLite connection)
+        answer = _recognize(srv.url, (10, 200, 10))  # still answered
+        wait_until(lambda: metric(srv.url, "rice_feedback_record_errors_total") == 1, 10, "the failed write to be counted")
+        r = httpx.post(f"{srv.url}/v1/feedback", json={"request_id": answer["request_id"], "verdict": "none_of_these"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"  # the store, through the error table
