@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -186,6 +187,7 @@ class SQLiteFeedbackStore:
             # the process; a power loss may drop the last records, which only means no feedback on them).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._purge(time.time())  # what expired while no replica wrote (also every _PURGE_EVERY writes)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -152,3 +152,18 @@ def test_the_bulk_format_carries_the_source_and_refuses_an_unknown_one() -> None
     assert [it.source for it in parse_items(lines, 1024)] == ["catalog", "feedback"]
     with pytest.raises(InvalidBulk, match="source must be one of catalog, feedback"):
         parse_items([b'{"item_id": "x", "sku": "A", "source": "scraped"}'], 1024)
+
+
+def test_expired_sqlite_rows_are_deleted_not_only_hidden(tmp_path: Path) -> None:
+    import sqlite3
+
+    s = SQLiteFeedbackStore(tmp_path / "g.db")
+    now = time.time()
+    s.put_request(_record(1, now - 10), ttl_s=1)  # expired already
+    s.put_request(_record(2, now), ttl_s=3600)
+    s.put_feedback(Feedback("req-1", "correct", "sku-1", now - 10, _record(1, now - 10)), retention_s=1)
+    s.close()
+    SQLiteFeedbackStore(tmp_path / "g.db").close()  # opening purges
+    db = sqlite3.connect(tmp_path / "g.db")
+    assert db.execute("SELECT request_id FROM feedback_requests").fetchall() == [("req-2",)]
+    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone() == (0,)
