@@ -25,7 +25,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from index.errors import InvalidBulk
-from index.records import ID_PATTERN, ID_RULE, Record, metadata_to_json
+from index.records import ID_PATTERN, ID_RULE, SOURCES, Record, metadata_to_json
 
 FORMAT = "rice-gallery/1"
 VECTORS, ITEMS, MANIFEST = "vectors.npy", "items.jsonl", "manifest.json"
@@ -62,9 +62,13 @@ class BulkItem:
     sku: str
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = "catalog"  # written only when not "catalog", so older readers and files match
 
     def to_json(self) -> str:
-        return json.dumps({"item_id": self.item_id, "sku": self.sku, "shop_id": self.shop_id, "metadata": self.metadata}, sort_keys=True)
+        row = {"item_id": self.item_id, "sku": self.sku, "shop_id": self.shop_id, "metadata": self.metadata}
+        if self.source != "catalog":
+            row["source"] = self.source
+        return json.dumps(row, sort_keys=True)
 
 
 def read_vectors(f: IO[bytes]) -> np.ndarray:
@@ -131,8 +135,11 @@ def parse_items(lines: Iterable[bytes], max_metadata_bytes: int) -> list[BulkIte
             raise InvalidBulk(f"items line {line_no}: metadata must be a JSON object")
         if len(metadata_to_json(metadata).encode()) > max_metadata_bytes:
             raise InvalidBulk(f"items line {line_no}: metadata exceeds {max_metadata_bytes} bytes")
+        source = row.get("source", "catalog")
+        if source not in SOURCES:
+            raise InvalidBulk(f"items line {line_no}: source must be one of {', '.join(SOURCES)}")
         assert item_id is not None and sku is not None
-        out.append(BulkItem(item_id, sku, shop_id, metadata))
+        out.append(BulkItem(item_id, sku, shop_id, metadata, source))
     return out
 
 
@@ -158,7 +165,7 @@ def bulk_records(vectors: np.ndarray, items: list[BulkItem], dim: int) -> list[R
     if len(bad):
         raise InvalidBulk(f"vector row {int(bad[0])} (item {items[int(bad[0])].item_id!r}) is all zero or not finite")
     unit /= norms[:, None]
-    return [Record(it.item_id, it.sku, it.shop_id, unit[i], it.metadata) for i, it in enumerate(items)]
+    return [Record(it.item_id, it.sku, it.shop_id, unit[i], it.metadata, source=it.source) for i, it in enumerate(items)]
 
 
 def npy_header(count: int, dim: int) -> bytes:

@@ -81,6 +81,10 @@ class JobNotFound(NotFound, LookupError):
     """No job with that id."""
 
 
+class RequestNotFound(NotFound, LookupError):
+    """No request record with that id (feedback): never answered here, or expired."""
+
+
 class StoreUnavailable(NotReady, ConnectionError):
     """The store's server cannot be reached (or did not answer in time); nothing was acknowledged."""
 

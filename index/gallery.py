@@ -40,6 +40,7 @@ class Hit:
     item_id: str
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = "catalog"  # the matched item's: a catalog image or a feedback view
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class _Entry:
     sku: str
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = "catalog"
 
 
 def _listing_order(e: _Entry) -> tuple[str, str]:
@@ -86,6 +88,9 @@ class Gallery:
         self._lock = RWLock()  # searches share it; writes (apply, index swap) take it alone
         self._sku_items: Counter[str] = Counter()  # live images per SKU: stats without an O(N) pass
         self.version = 0  # the last gallery version applied
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._ids
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -163,7 +168,7 @@ class Gallery:
                     appended.append(vec)
                 write(slot, vec)
                 added.add(slot)
-                self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata))
+                self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata), r.source)
                 self._sku_items[r.sku] += 1
                 self._ids[r.item_id] = slot
                 self._by_shop[r.shop_id].add(slot)
@@ -179,13 +184,13 @@ class Gallery:
         source = self._ann if self._ann is not None else self._flat
         self._placed = self._placer(source) if source.ntotal else None
 
-    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any]]], np.ndarray]:
-        """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata)], vectors [N, D]).
+    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray]:
+        """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata, source)], vectors [N, D]).
 
         Waits for an import being applied to finish, then copies under the read lock (searches go on)."""
         with self._applying, self._lock.read():
             slots = np.fromiter(sorted(self._entries), np.int64, len(self._entries))
-            items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata)) for e in (self._entries[int(s)] for s in slots)]
+            items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata), e.source) for e in (self._entries[int(s)] for s in slots)]
             return self.version, items, self._rows()[slots].copy()
 
     def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
@@ -255,6 +260,26 @@ class Gallery:
                 "index_building": self._build is not None,
             }
 
+    def views(self, sku: str, source: str, shop_id: str | None = None, any_shop: bool = False) -> list[Hit]:
+        """The live items of exactly `sku` from `source` (in `shop_id`, or in every shop with `any_shop`),
+        as score-less hits in item id order: e.g. a SKU's feedback views, to cap or to remove them."""
+        with self._lock.read():
+            found = [e for e in self._entries.values() if e.sku == sku and e.source == source and (any_shop or e.shop_id == shop_id)]
+        return [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata, e.source) for e in sorted(found, key=lambda e: e.item_id)]
+
+    def closest(self, vectors: np.ndarray, sku: str, shop_id: str | None = None) -> tuple[int, float] | None:
+        """Which of `vectors` [V, D] is most similar to one of the SKU's catalog images (in `shop_id`,
+        or any shop when None): (its row, that similarity); None when the SKU has no catalog image."""
+        with self._lock.read():
+            slots = [
+                s for s, e in self._entries.items() if e.sku == sku and e.source == "catalog" and (shop_id is None or e.shop_id == shop_id)
+            ]
+            if not slots:
+                return None
+            sims = np.asarray(vectors, np.float32).reshape(-1, self.dim) @ self._rows()[slots].T  # [V, S]
+        best = sims.max(axis=1)
+        return int(best.argmax()), float(best.max())
+
     def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> tuple[int, list[Hit]]:
         """Browse the live items: (how many match, one page of them as score-less hits), in SKU then
         item id order. `sku` matches case-insensitively anywhere in the SKU; `shop_id` exactly.
@@ -268,7 +293,7 @@ class Gallery:
         # An early page needs only its first offset + limit entries: a bounded heap, not a full sort.
         wanted = offset + limit
         first = heapq.nsmallest(wanted, found, key=_listing_order) if wanted < len(found) // 8 else sorted(found, key=_listing_order)
-        return len(found), [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata) for e in first[offset : offset + limit]]
+        return len(found), [Hit(e.sku, 0.0, e.item_id, e.shop_id, e.metadata, e.source) for e in first[offset : offset + limit]]
 
     def search(self, queries: np.ndarray, k: int, shop_id: str | None = None) -> tuple[list[list[Hit]], int]:
         """Top-k SKUs per query [Q, D] (best image per SKU). Returns (hits per query, version seen)."""
@@ -333,7 +358,7 @@ class Gallery:
         best: dict[str, Hit] = {}
         for score, e in live:  # -1 padding and zeroed (free) rows have no entry
             if e.sku not in best:
-                best[e.sku] = Hit(e.sku, float(score), e.item_id, e.shop_id, e.metadata)
+                best[e.sku] = Hit(e.sku, float(score), e.item_id, e.shop_id, e.metadata, e.source)
                 if len(best) == k:
                     break
         return list(best.values())

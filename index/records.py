@@ -21,6 +21,11 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = 0
     deleted: bool = False
+    source: str = "catalog"  # "catalog" (ingested images) or "feedback" (a confirmed answer's clip vector, index.feedback)
+
+
+# Where a gallery item came from; only catalog items have a catalog image (thumbnail).
+SOURCES = ("catalog", "feedback")
 
 
 def vector_to_bytes(v: np.ndarray) -> bytes:

@@ -256,8 +256,8 @@ class RedisStore:
         items, args = [], []
         for r in records:
             meta = metadata_to_json(r.metadata)
-            items.append([r.item_id, r.sku, r.shop_id, meta])
-            args += [r.item_id, r.sku, json.dumps({"sku": r.sku, "shop_id": r.shop_id, "dim": dim, "meta": meta})]
+            items.append(_log_item(r, meta))
+            args += [r.item_id, r.sku, _header(r, dim, meta)]
         vecs = b"".join(vector_to_bytes(np.asarray(r.vector).reshape(-1)) for r in records)
         head = [self.prefix, namespace, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), dim, json.dumps(items), vecs, len(records)]
         with _reachable():
@@ -276,8 +276,8 @@ class RedisStore:
                     hdrs, items = [], []
                     for r in chunk:
                         meta = metadata_to_json(r.metadata)
-                        hdrs.append([r.item_id, r.sku, json.dumps({"sku": r.sku, "shop_id": r.shop_id, "dim": dim, "meta": meta})])
-                        items.append([r.item_id, r.sku, r.shop_id, meta])
+                        hdrs.append([r.item_id, r.sku, _header(r, dim, meta)])
+                        items.append(_log_item(r, meta))
                     vecs = b"".join(vector_to_bytes(np.asarray(r.vector).reshape(-1)) for r in chunk)
                     pipe = self._r.pipeline(transaction=False)
                     pipe.set(f"{stage}{i}:hdrs", json.dumps(hdrs), ex=_STAGE_TTL_S)
@@ -449,10 +449,24 @@ class RedisStore:
             return False
 
 
+def _header(r: Record, dim: int, meta: str) -> str:
+    """An item's state-hash header; `source` only when not "catalog", so older headers read the same."""
+    h: dict[str, Any] = {"sku": r.sku, "shop_id": r.shop_id, "dim": dim, "meta": meta}
+    if r.source != "catalog":
+        h["source"] = r.source
+    return json.dumps(h)
+
+
+def _log_item(r: Record, meta: str) -> list[Any]:
+    """An item's row in a stream entry: [item_id, sku, shop_id, metadata] (+ source when not "catalog")."""
+    return [r.item_id, r.sku, r.shop_id, meta] + ([] if r.source == "catalog" else [r.source])
+
+
 def _record(item_id: str, header: dict[str, Any], vector: bytes | None, version: int) -> Record:
     dim = int(header["dim"])
     vec = None if vector is None else np.frombuffer(vector, dtype="<f4", count=dim).astype(np.float32)
-    return Record(item_id, header["sku"], header["shop_id"], vec, json.loads(header["meta"]), version, vector is None)
+    source = header.get("source", "catalog")
+    return Record(item_id, header["sku"], header["shop_id"], vec, json.loads(header["meta"]), version, vector is None, source)
 
 
 def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]], namespace: str) -> list[LogEntry]:
@@ -490,7 +504,7 @@ def _entry(fields: dict[bytes, bytes], namespace: str) -> LogEntry:
     dim = int(fields[b"dim"])
     vecs = np.frombuffer(fields[b"vecs"], dtype="<f4").reshape(len(items), dim) if items else np.zeros((0, dim), np.float32)
     records = [
-        Record(item_id, sku, shop_id, vecs[i].astype(np.float32), json.loads(meta), version)
-        for i, (item_id, sku, shop_id, meta) in enumerate(items)
+        Record(row[0], row[1], row[2], vecs[i].astype(np.float32), json.loads(row[3]), version, source=(row[4:] or ["catalog"])[0])
+        for i, row in enumerate(items)
     ]
     return LogEntry(version, ns, records, written_at)

@@ -128,6 +128,7 @@ class GalleryReplica:
         metadata: dict[str, Any],
         thumbnail: bytes | None = None,
         features: bytes | None = None,
+        source: str = "catalog",
     ) -> tuple[str, int]:
         """Upsert one item. Its thumbnail and local features (when the store keeps them) are written
         first, so an item that any replica can find always has them."""
@@ -136,7 +137,7 @@ class GalleryReplica:
             await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
         if features is not None and isinstance(self.store, FeatureStore):
             await asyncio.to_thread(self.store.put_features, item_id, features)
-        rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata)
+        rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata, source=source)
         version = await self._write(self.store.upsert, self.namespace, [rec])
         return item_id, int(version)
 
@@ -153,6 +154,12 @@ class GalleryReplica:
 
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
         result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
+        await self._forget_thumbnails(result[1])
+        return result
+
+    async def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
+        """Remove several items under one version (e.g. a SKU's feedback views); ItemNotFound if none were live."""
+        result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, item_ids))
         await self._forget_thumbnails(result[1])
         return result
 

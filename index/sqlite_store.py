@@ -38,6 +38,8 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
 CREATE TABLE IF NOT EXISTS thumbnails (item_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS local_features (item_id TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
+# Added after the first release: a gallery file written before it gets the column on open.
+_SOURCE_COLUMN = "ALTER TABLE items ADD COLUMN source TEXT NOT NULL DEFAULT 'catalog'"
 
 
 class SQLiteStore:
@@ -54,6 +56,8 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss too
             self._db.executescript(_SCHEMA)
+            if "source" not in {row[1] for row in self._db.execute("PRAGMA table_info(items)")}:
+                self._db.execute(_SOURCE_COLUMN)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -77,17 +81,26 @@ class SQLiteStore:
             if r.vector is None:
                 raise ValueError("upsert needs a vector for every record")
             rows.append(
-                (namespace, r.item_id, r.sku, r.shop_id, metadata_to_json(r.metadata), int(r.vector.shape[0]), vector_to_bytes(r.vector))
+                (
+                    namespace,
+                    r.item_id,
+                    r.sku,
+                    r.shop_id,
+                    metadata_to_json(r.metadata),
+                    int(r.vector.shape[0]),
+                    vector_to_bytes(r.vector),
+                    r.source,
+                )
             )
         with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 v = self._next_version()
                 self._db.executemany(
-                    "INSERT INTO items (namespace, item_id, sku, shop_id, metadata, dim, vector, version, deleted) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (namespace, item_id) DO UPDATE SET "
+                    "INSERT INTO items (namespace, item_id, sku, shop_id, metadata, dim, vector, source, version, deleted) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (namespace, item_id) DO UPDATE SET "
                     "sku=excluded.sku, shop_id=excluded.shop_id, metadata=excluded.metadata, dim=excluded.dim, "
-                    "vector=excluded.vector, version=excluded.version, deleted=0",
+                    "vector=excluded.vector, source=excluded.source, version=excluded.version, deleted=0",
                     [(*row, v) for row in rows],
                 )
                 self._db.execute("COMMIT")
@@ -123,14 +136,14 @@ class SQLiteStore:
     def changes_since(self, namespace: str, version: int) -> list[Record]:
         with self._locked():
             rows = self._db.execute(
-                "SELECT item_id, sku, shop_id, metadata, dim, vector, version, deleted FROM items "
+                "SELECT item_id, sku, shop_id, metadata, dim, vector, version, deleted, source FROM items "
                 "WHERE namespace = ? AND version > ? ORDER BY version",
                 (namespace, version),
             ).fetchall()
         out = []
-        for item_id, sku, shop_id, metadata, dim, vector, v, deleted in rows:
+        for item_id, sku, shop_id, metadata, dim, vector, v, deleted, source in rows:
             vec = None if deleted else vector_from_bytes(vector, dim)
-            out.append(Record(item_id, sku, shop_id, vec, json.loads(metadata), int(v), bool(deleted)))
+            out.append(Record(item_id, sku, shop_id, vec, json.loads(metadata), int(v), bool(deleted), source))
         return out
 
     def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from index.feedback import FeedbackStore, SQLiteFeedbackStore
 from index.jobs import JobStore, SQLiteJobStore
 from index.records import Store
+from index.redis_feedback import RedisFeedbackStore
 from index.redis_jobs import RedisJobStore
 from index.redis_store import RedisStore
 from index.sqlite_store import SQLiteStore
@@ -21,3 +23,10 @@ def open_job_store(redis_url: str | None, redis_prefix: str, sqlite_path: str) -
     if redis_url:
         return RedisJobStore(redis_url, redis_prefix)
     return SQLiteJobStore(sqlite_path)
+
+
+def open_feedback_store(redis_url: str | None, redis_prefix: str, sqlite_path: str, max_records: int) -> FeedbackStore:
+    """Request records and verdicts beside the gallery: the same Redis (many replicas) or SQLite file."""
+    if redis_url:
+        return RedisFeedbackStore(redis_url, redis_prefix, max_records)
+    return SQLiteFeedbackStore(sqlite_path, max_records)

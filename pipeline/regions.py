@@ -96,7 +96,7 @@ def fuse_hits(whole: list[Hit], regions: list[list[Hit]], top_k: int, fusion: Fu
         score = max(ws, rs) if fusion == "max" else (ws + rs) / 2
         base = r if r is not None and (w is None or rs > ws) else w
         assert base is not None
-        fused.append(Hit(base.sku, float(score), base.item_id, base.shop_id, base.metadata))
+        fused.append(Hit(base.sku, float(score), base.item_id, base.shop_id, base.metadata, base.source))
     fused.sort(key=lambda h: -h.score)
     return fused[:top_k]
 
@@ -157,6 +157,7 @@ class RegionSearch:
             raise
         per_region = emb.reshape(len(picks), len(boxes), -1).transpose(1, 0, 2)  # [R, F, D]
         vectors = np.stack([q.vector, *(clip_vector(r) for r in per_region)])  # [1 + R, D]
+        q.regions = vectors[1:]  # kept with the request: a feedback view may be a region (pipeline.feedback)
         k = max(q.top_k, q.search_k, cfg.depth)
         hits, q.gallery_version = await self.search.search_many(vectors, k, q.shop_id)
         q.hits = fuse_hits(hits[0], hits[1:], max(q.top_k, q.search_k), cfg.fusion)

@@ -58,6 +58,7 @@ class Query:
     match_probability: float | None = None  # the verdict, when a verification stage ran
     frame_emb: np.ndarray | None = None  # [N, D], after embed
     vector: np.ndarray | None = None  # [D] L2-normalised clip embedding, after embed
+    regions: np.ndarray | None = None  # [R, D] region vectors, when the region stage ran (pipeline.regions)
     hits: list[Hit] = field(default_factory=list)
     gallery_version: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -73,6 +74,10 @@ class Recognition:
     match_threshold: float
     evidence: dict[str, dict[str, object]] = field(default_factory=dict)  # sku -> verification (pipeline.verify)
     match_probability: float | None = None  # the verdict (pipeline.verify), when verification ran
+    vector: np.ndarray | None = None  # [D] the clip vector searched (kept for feedback, pipeline.feedback)
+    frame_emb: np.ndarray | None = None  # [N, D] its frame embeddings
+    frames: np.ndarray | None = None  # [N, H, W, 3] uint8 sampled frames
+    regions: np.ndarray | None = None  # [R, D] region vectors (pipeline.regions), when that stage ran
 
 
 class Stage(Protocol):
@@ -263,7 +268,20 @@ class Pipeline:
         else:
             match = bool(hits) and hits[0].score >= threshold
         evidence = {h.sku: q.evidence[h.sku] for h in hits if h.sku in q.evidence}
-        return Recognition(hits, q.gallery_version, len(q.frames), q.timings_ms, match, threshold, evidence, q.match_probability)
+        return Recognition(
+            hits,
+            q.gallery_version,
+            len(q.frames),
+            q.timings_ms,
+            match,
+            threshold,
+            evidence,
+            q.match_probability,
+            q.vector,
+            q.frame_emb,
+            q.frames,
+            q.regions,
+        )
 
 
 _KINDS: tuple[Kind, ...] = ("clip", "image", "catalog", "window")

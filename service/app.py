@@ -9,16 +9,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from index.blobs import open_originals
+from index.feedback import FeedbackStore
 from index.records import Store
-from index.stores import open_job_store
+from index.stores import open_feedback_store, open_job_store
 from model.checkpoint import LoadedEncoder, load_encoder
+from pipeline.feedback import FeedbackConfig, FeedbackKeeper
 from pipeline.jobs import JobEvents, JobWorker
 from service.auth import ApiKeys
 from service.docs import install_offline_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import CancelOnDisconnect, UploadLimit, request_counter
-from service.routes import admin, console, gallery, gallery_browse, health, jobs, originals, recognize, timeline
+from service.routes import admin, console, feedback, gallery, gallery_browse, health, jobs, originals, recognize, timeline
 from service.serving import Serving
 from service.settings import Settings
 from service.state import store_for
@@ -49,10 +51,16 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         current = lambda: (serving.current.job_timeline, serving.current.engine.model_version)  # noqa: E731  # the model serving now
         app.state.job_worker = JobWorker(job_store, current, job_config, job_events)
         app.state.job_worker.start()
+        feedback_store = open_feedback_store(
+            settings.redis_url, settings.redis_feedback_prefix, settings.gallery_path, settings.feedback_max_records
+        )
+        app.state.feedback = feedback_keeper(settings, metrics, feedback_store)
         try:
             yield
         finally:
             await app.state.job_worker.stop()  # this replica's running jobs go back to the queue
+            await app.state.feedback.flush()  # records of answers already sent
+            feedback_store.close()
             job_store.close()
             await serving.close()
             if store is None:
@@ -94,5 +102,25 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
     app.include_router(originals.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(feedback.router)
     console.mount(app)
     return app
+
+
+def feedback_keeper(settings: Settings, metrics: Metrics, store: FeedbackStore) -> FeedbackKeeper:
+    """Request records and verdicts, under the settings' limits and enrichment policy, counted."""
+    config = FeedbackConfig(
+        settings.feedback_record_ttl_s,
+        settings.feedback_retention_days * 86400.0,
+        settings.feedback_keep_frames,
+        settings.enrich,
+        settings.enrich_max_views,
+        view=settings.enrich_view,
+    )
+    return FeedbackKeeper(
+        store,
+        config,
+        on_record_error=metrics.feedback_record_errors.inc,
+        on_verdict=lambda shop, verdict: metrics.feedback_verdicts.labels(shop or "none", verdict).inc(),
+        on_view=lambda event: metrics.feedback_views.labels(event).inc(),
+    )

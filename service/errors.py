@@ -28,11 +28,13 @@ from index.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestNotFound,
     ServiceError,
     StoreUnavailable,
     UndecodableMedia,
     UnsupportedMedia,
 )
+from pipeline.feedback import UnknownSku
 from pipeline.jobs import UploadMissing
 
 if TYPE_CHECKING:
@@ -81,11 +83,13 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     NotFound: 404,
     ItemNotFound: 404,
     JobNotFound: 404,
+    RequestNotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidMedia: 422,
     UndecodableMedia: 422,
+    UnknownSku: 422,
     Overloaded: 429,
     UploadMissing: 500,
     NotReady: 503,

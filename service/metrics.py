@@ -92,6 +92,15 @@ class Metrics:
         self.timeline_seconds = Counter(
             "rice_timeline_recording_seconds_total", "Seconds of recording turned into timelines (requests and jobs)", registry=r
         )
+        self.feedback_verdicts = Counter(
+            "rice_feedback_verdicts_total", "Feedback verdicts by shop (none: no shop filter) and verdict", ["shop", "verdict"], registry=r
+        )
+        self.feedback_record_errors = Counter(
+            "rice_feedback_record_errors_total", "Answers whose request record could not be kept (they cannot take feedback)", registry=r
+        )
+        self.feedback_views = Counter(
+            "rice_feedback_views_total", "Gallery views from feedback: added, removed, evicted (cap)", ["event"], registry=r
+        )
         self.model_info = Info("rice_model", "The served model (version, source, device, dtype, runtime)", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see gaps
             self.stage_seconds.labels(stage)
@@ -103,5 +112,9 @@ class Metrics:
             self.top1_score.labels(kind)
             for verdict in ("true", "false"):
                 self.recognitions.labels(kind, verdict)
+        for verdict in ("correct", "wrong", "none_of_these"):  # the drift panel and alert divide by these
+            self.feedback_verdicts.labels("none", verdict)
+        for event in ("added", "removed", "evicted"):
+            self.feedback_views.labels(event)
         for code in ("invalid_media", "unsupported_media", "payload_too_large", "overloaded", "unauthorized", "forbidden"):
             self.errors.labels(code)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -27,9 +27,11 @@ class SkuResult(BaseModel):
     frames_verified: int | None = Field(None, description="frames in which the catalog image was found")
     verifiable: bool | None = Field(None, description="whether the item has usable local features (false: featureless or bulk-imported)")
     box: Box | None = Field(None, description="where the product is, for a verified SKU")
+    source: str = Field("catalog", description="the matched item's: catalog (an image with a thumbnail) or feedback (a confirmed answer)")
 
 
 class RecognizeResponse(BaseModel):
+    request_id: str = Field(description="this answer's id: send POST /v1/feedback with it (within RICE_FEEDBACK_RECORD_TTL_S)")
     results: list[SkuResult]
     match: bool = Field(
         description="whether the top result is the product shown: match_probability >= the served probability threshold "
@@ -81,6 +83,7 @@ class GalleryItem(BaseModel):
     sku: str
     shop_id: str | None
     metadata: dict[str, Any]
+    source: str = Field("catalog", description="catalog (an ingested image) or feedback (a confirmed answer's clip vector, no image)")
 
 
 class GalleryPage(BaseModel):
@@ -108,6 +111,7 @@ class TimelineSegment(BaseModel):
 
 
 class TimelineResponse(BaseModel):
+    request_id: str | None = Field(None, description="this answer's id for POST /v1/feedback (timeline requests; not jobs)")
     duration_s: float
     segments: list[TimelineSegment] = Field(description="in order, covering the whole recording")
     match_threshold: float
@@ -131,3 +135,19 @@ class JobResponse(BaseModel):
     error: JobError | None = Field(None, description="why the job failed")
     created_at: float
     updated_at: float
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(description="the request_id of a recognition answer")
+    sku: str | None = Field(None, description="correct: the top-1 (or null); wrong: the right SKU, or null if unknown; none_of_these: null")
+    verdict: Literal["correct", "wrong", "none_of_these"]
+
+
+class FeedbackRecorded(BaseModel):
+    request_id: str
+    verdict: str
+    sku: str | None = Field(description="the SKU the verdict says was shown (null: none, or not said)")
+    replaced: str | None = Field(description="the earlier verdict on this request that this one replaced")
+    view_item_id: str | None = Field(description="the gallery view (source: feedback) this verdict added, under RICE_ENRICH")
+    removed: list[str] = Field(description="feedback views removed: this request's earlier one, or the oldest past the per-SKU cap")
+    gallery_version: int | None = Field(description="the gallery version after the enrichment write, when there was one")

@@ -135,6 +135,22 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, description="times a job may be started before it is failed (it keeps killing its replica)")
     redis_jobs_prefix: str = Field("rice:{jobs}:", description="prefix of every timeline job key in Redis")
 
+    # feedback and gallery enrichment (docs/RESULTS.md, "Feedback and gallery enrichment (issue 20)")
+    feedback_record_ttl_s: float = Field(
+        86400.0, gt=0, description="how long an answer can still take POST /v1/feedback (its request record expires then)"
+    )
+    feedback_max_records: int = Field(10_000, ge=1, description="request records kept at most (the oldest go first): bounds the store")
+    feedback_keep_frames: bool = Field(False, description="also keep each answer's sampled frames as JPEG for feedback (privacy: off)")
+    feedback_retention_days: float = Field(30.0, gt=0, description="how long verdicts (with the request's vectors) are kept")
+    redis_feedback_prefix: str = Field("rice:{feedback}:", description="prefix of every request record and verdict key in Redis")
+    enrich: Literal["off", "confirmed", "corrected"] = Field(
+        "off", description="gallery views from feedback: off, correct verdicts (confirmed), or also wrong ones naming the SKU (corrected)"
+    )
+    enrich_view: Literal["clip", "closest"] = Field(
+        "closest", description="the view a verdict adds: the clip vector, or of it and its region crops the one closest to the SKU's images"
+    )
+    enrich_max_views: int = Field(10, ge=1, le=1000, description="feedback views kept per SKU and shop (the oldest go first)")
+
     # serving
     dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="encoder compute dtype; auto = fp16 on CUDA, fp32 on CPU")
     cuda_graphs: bool = Field(True, description="capture the encoder as CUDA graphs per batch size at warm-up (CUDA only)")

@@ -147,6 +147,11 @@ def test_a_still_goes_to_the_image_endpoint(browser: WebDriver, served: str, pro
     h, w = target.image.shape[:2]
     assert len(corners) == 4 and np.abs(np.array(corners) - [[0, 0], [w, 0], [w, h], [0, h]]).max() < 0.05 * max(h, w)
     assert _attrs(browser, "#located", "hidden") == [None] and "matching keypoints" in _text(browser, "located-caption")
+    # The feedback control under the answer: a verdict on it goes to POST /v1/feedback.
+    browser.find_element(By.CSS_SELECTOR, "#results li.result.top button").click()
+    _wait(browser, lambda b: "correct (" in _text(b, "feedback-status") and "recorded" in _text(b, "feedback-status"), "the verdict")
+    browser.find_element(By.ID, "none-of-these").click()
+    _wait(browser, lambda b: "none_of_these recorded" in _text(b, "feedback-status"), "the second verdict")
 
     browser.find_element(By.ID, "shop-id").send_keys("no-such-shop")  # an unknown shop is not "an empty gallery"
     browser.find_element(By.ID, "recognize-button").click()

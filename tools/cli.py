@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     timeline_cli.add_parser(sub)
     manifest.add_parser(sub)
     onnx_export.add_parser(sub)
+    from tools import retrain
+
+    retrain.add_parser(sub)
     return p
 
 

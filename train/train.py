@@ -65,6 +65,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--per-shop", action="store_true", help="evaluate with per-shop galleries (LPR4M protocol)")
     a("--out", required=True, help="output folder: last.pt, final.pt, metrics.jsonl, eval.json")
     a("--resume", action="store_true", help="continue from OUT/last.pt")
+    a("--init", help="start from this checkpoint's weights (its backbone and, when they match, its heads): e.g. the served model")
     a("--exclude-skus", help="file of SKUs left out of training (held-out products, e.g. heldout_skus.txt)")
     a("--skus", help="file of SKUs (one per line): train only on these products")
     a("--limit", type=int, default=0, help="train on at most the first N manifest rows left after --skus/--exclude-skus (0: all)")
@@ -307,6 +308,17 @@ def selection_rows(args: argparse.Namespace, exclude: set[str]) -> tuple[list[Cl
     return queries, read_manifest(gallery_file) if gallery_file else gallery_of(queries)
 
 
+def init_from(model: RICE, path: str) -> None:
+    """Warm start (`rice retrain` from the served model): the checkpoint's backbone weights must fit the
+    built backbone exactly (same --backbone and shape flags); its heads are taken when they fit."""
+    payload = read_checkpoint(path)
+    model.backbone.load_state_dict(payload["encoder"], strict=True)
+    heads = payload.get("heads") or {}
+    own = model.state_dict()
+    fitting = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Keep BatchNorm statistics at their pretrained values: small batches of a few products would skew them."""
     for m in model.modules():
@@ -399,7 +411,10 @@ def run(args: argparse.Namespace) -> int:
     total = args.max_steps or max(1, round(args.epochs * per_epoch))
 
     # model and optimiser
-    model = build_model(args, cfg).to(device)
+    model = build_model(args, cfg)
+    if getattr(args, "init", None) and not (args.resume and (out_dir / "last.pt").is_file()):
+        init_from(model, args.init)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(
         param_groups(model, args.lr_backbone, args.lr_head, args.weight_decay), betas=(0.9, args.adam_beta2), eps=1e-6
     )

@@ -163,21 +163,41 @@ function renderRecognition(answer, shop, image = null) {
   const list = $("results");
   list.replaceChildren();
   answer.results.forEach((r, i) => {
+    // A feedback view (a confirmed answer's clip) has no catalog image to show.
+    const picture = r.source === "feedback" ? el("span", { class: "small view", text: "feedback view" }) : thumbnail(r.item_id);
+    const pick = el("button", { type: "button", class: "small", text: i === 0 ? "correct" : "this one" });
+    pick.addEventListener("click", () => sendFeedback(answer.request_id, i === 0 ? "correct" : "wrong", i === 0 ? null : r.sku));
     const card = el(
       "li",
       { class: i === 0 ? `result top${answer.match ? " match" : ""}` : "result", "data-sku": r.sku },
-      thumbnail(r.item_id),
+      picture,
       el("span", { class: "sku", text: `${i + 1}. ${r.sku}` }),
       el("span", { class: "score", text: `score ${r.score.toFixed(3)}` }),
       el("div", { class: "bar", style: `width: ${Math.max(0, Math.min(1, r.score)) * 100}%` }),
       el("span", { class: "small", text: `${r.shop_id || "no shop"} · ${r.item_id}` }),
+      pick,
     );
     list.append(card);
   });
+  const none = el("button", { type: "button", id: "none-of-these", text: "none of these" });
+  none.addEventListener("click", () => sendFeedback(answer.request_id, "none_of_these", null));
+  $("feedback").replaceChildren(el("span", { class: "muted", text: "Feedback (write key): " }), none, el("span", { id: "feedback-status" }));
   const t = answer.timings_ms;
   const stages = Object.entries(t).map(([k, v]) => `${k} ${v.toFixed(1)} ms`).join(" · ");
   $("timings").textContent = `${stages} · ${answer.frames_used} frame(s) · gallery v${answer.gallery_version} · model ${answer.model_version}`;
   $("result").hidden = false;
+}
+
+// POST /v1/feedback: a verdict on the answer shown (needs a key with the write right when keys are set).
+async function sendFeedback(requestId, verdict, sku) {
+  try {
+    const body = JSON.stringify({ request_id: requestId, verdict, sku });
+    const r = await (await api("/v1/feedback", { method: "POST", body, headers: { "Content-Type": "application/json" } })).json();
+    $("feedback-status").textContent = ` ${r.verdict}${r.sku ? ` (${r.sku})` : ""} recorded${r.view_item_id ? `, view ${r.view_item_id} added` : ""}`;
+    showError("");
+  } catch (err) {
+    showError(err.message);
+  }
 }
 
 async function browse() {

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
+from pipeline.feedback import FeedbackKeeper
 from service.errors import BadRequest, NotReady, PayloadTooLarge
 from service.serving import Serving
 from service.state import AppState
@@ -51,6 +52,17 @@ async def get_state(request: Request) -> AsyncIterator[AppState]:
 
 
 State = Annotated[AppState, Depends(get_state)]
+
+
+def get_feedback(request: Request) -> FeedbackKeeper:
+    """Request records and verdicts (model-independent: one per app, not per served model)."""
+    keeper = getattr(request.app.state, "feedback", None)
+    if keeper is None:
+        raise NotReady("the service is starting")
+    return keeper
+
+
+Keeper = Annotated[FeedbackKeeper, Depends(get_feedback)]
 
 
 async def read_upload(upload: UploadFile | None, request: Request, max_bytes: int, field: str) -> bytes:

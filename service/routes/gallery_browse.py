@@ -26,7 +26,7 @@ async def list_items(
     replica = state.replica
     gallery = replica.gallery  # one gallery for the whole answer, even if a resync swaps it meanwhile
     total, hits = await asyncio.to_thread(gallery.list_items, sku, shop_id, offset, limit)  # O(N): off the loop
-    items = [GalleryItem(item_id=h.item_id, sku=h.sku, shop_id=h.shop_id, metadata=h.metadata) for h in hits]
+    items = [GalleryItem(item_id=h.item_id, sku=h.sku, shop_id=h.shop_id, metadata=h.metadata, source=h.source) for h in hits]
     return GalleryPage(total=total, offset=offset, limit=limit, items=items, gallery_version=gallery.version, namespace=replica.namespace)
 
 

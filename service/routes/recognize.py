@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from pipeline.feedback import new_request_id
 from pipeline.stages import Recognition
 from service.auth import require_read
 from service.errors import NotReady
-from service.routes.deps import State, check_at_most, read_upload
+from service.routes.deps import Keeper, State, check_at_most, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
 _EVIDENCE = ("embedding_score", "inliers", "coverage", "frames_verified", "verifiable", "box")
@@ -49,12 +50,15 @@ async def _wait_for_gallery(state: State, version: int) -> None:
         )
 
 
-def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
+async def _answer(state: State, keeper: Keeper, r: Recognition, kind: str, shop_id: str | None) -> RecognizeResponse:
     m = state.metrics  # recognition quality: what a dashboard watches drift in
     m.recognitions.labels(kind, "true" if r.match else "false").inc()
     if r.hits:
         m.top1_score.labels(kind).observe(r.hits[0].score)
+    request_id = new_request_id()
+    await keeper.remember(request_id, kind, state.engine.model_version, shop_id, r)  # on a thread, bounded wait, never fails
     return RecognizeResponse(
+        request_id=request_id,
         results=[
             SkuResult(
                 sku=h.sku,
@@ -62,6 +66,7 @@ def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
                 item_id=h.item_id,
                 shop_id=h.shop_id,
                 metadata=h.metadata,
+                source=h.source,
                 **{k: v for k, v in r.evidence.get(h.sku, {}).items() if k in _EVIDENCE},
             )
             for h in r.hits
@@ -80,6 +85,7 @@ def _answer(state: State, r: Recognition, kind: str) -> RecognizeResponse:
 async def recognize_clip(
     request: Request,
     state: State,
+    keeper: Keeper,
     file: Annotated[UploadFile | None, File(description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
@@ -92,13 +98,15 @@ async def recognize_clip(
     _check(state, top_k, num_frames)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling), "clip")
+    recognition = await state.pipeline.recognize_clip(data, top_k, shop_id, num_frames, min_score, sampling)
+    return await _answer(state, keeper, recognition, "clip", shop_id)
 
 
 @router.post("/v1/recognize/image", response_model=RecognizeResponse)
 async def recognize_image(
     request: Request,
     state: State,
+    keeper: Keeper,
     file: Annotated[UploadFile | None, File(description="a still image (jpeg, png, webp, bmp); or the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
     shop_id: str | None = Query(None, description="search only this shop's gallery"),
@@ -109,4 +117,4 @@ async def recognize_image(
     _check(state, top_k)
     await _wait_for_gallery(state, min_gallery_version)
     data = await read_upload(file, request, state.settings.max_upload_bytes, "file")
-    return _answer(state, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image")
+    return await _answer(state, keeper, await state.pipeline.recognize_image(data, top_k, shop_id, min_score), "image", shop_id)

@@ -14,10 +14,11 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from pipeline.feedback import new_request_id
 from pipeline.timeline_run import TimelineOptions, timeline_answer
 from service.auth import require_read
 from service.errors import BadRequest, PayloadTooLarge
-from service.routes.deps import State, check_at_most
+from service.routes.deps import Keeper, State, check_at_most
 from service.schemas import TimelineResponse
 
 router = APIRouter(tags=["timeline"], dependencies=[Depends(require_read)])
@@ -81,6 +82,7 @@ async def save_upload(upload: UploadFile | None, request: Request, path: Path, m
 async def recognize_timeline(
     request: Request,
     state: State,
+    keeper: Keeper,
     options: Options,
     file: Annotated[UploadFile | None, File(description=_UPLOAD_DOC)] = None,
 ) -> TimelineResponse:
@@ -97,4 +99,9 @@ async def recognize_timeline(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     state.metrics.timeline_seconds.inc(timeline.duration_s)
-    return TimelineResponse.model_validate(timeline_answer(timeline, state.engine.model_version))
+    body = timeline_answer(timeline, state.engine.model_version)
+    body["request_id"] = request_id = new_request_id()
+    # A timeline's record keeps its segments' SKUs (no clip vector: its verdicts are counted, never enrich the gallery).
+    answer: list[dict[str, object]] = [{"sku": s.sku, "score": s.score, "item_id": s.item_id} for s in timeline.segments if s.sku]
+    await keeper.remember_answer(request_id, "timeline", state.engine.model_version, options.shop_id, answer)
+    return TimelineResponse.model_validate(body)
