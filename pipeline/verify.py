@@ -197,8 +197,8 @@ class Verify:
                 "verifiable": verifiable,
                 "box": {"frame": int(picks[ev.frame]), "polygon": ev.box} if ev.box is not None and ev.frame is not None else None,
             }
-        q.hits = [Hit(h.sku, round(fused_score(h.score, ev.inliers), 6), h.item_id, h.shop_id, h.metadata) for h, ev in ranked] + q.hits[
-            self.top_k :
-        ]
+        q.hits = [
+            Hit(h.sku, round(fused_score(h.score, ev.inliers), 6), h.item_id, h.shop_id, h.metadata, h.source) for h, ev in ranked
+        ] + q.hits[self.top_k :]
         if self.verdict is not None:
             q.match_probability = float(self.verdict.probability(signals(candidates)))
