@@ -96,6 +96,12 @@ def test_serving_never_imports_the_training_package() -> None:
     assert not wrong, "\n".join(sorted(wrong))
 
 
+def test_routes_only_wire_they_never_reach_into_the_index_layer() -> None:
+    """Routes talk to the serving state and service modules (e.g. service.catalog_io), not to index/."""
+    wrong = [f"{m} imports {d}" for m, deps in _graph().items() if m.startswith("service.routes.") for d in deps if d.startswith("index")]
+    assert not wrong, "\n".join(sorted(wrong))
+
+
 def test_only_the_http_layer_and_tools_know_the_web_stack() -> None:
     wrong = []
     for layer in ("model", "index", "pipeline"):

@@ -26,7 +26,16 @@ from tools.longclip import plan_recording, write_recording
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 README = Path(__file__).resolve().parents[1] / "README.md"
-NEEDS_DATA = ("train", "evaluate", "grocery-check", "livebench", "lpr4m", "import-checkpoint", "serve", "demo")  # datasets, or a foreground server
+NEEDS_DATA = (
+    "train",
+    "evaluate",
+    "grocery-check",
+    "livebench",
+    "lpr4m",
+    "import-checkpoint",
+    "serve",
+    "demo",
+)  # datasets, or a foreground server
 
 
 def readme_commands() -> list[str]:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
 from pipeline.feedback import FeedbackKeeper
+from service.catalog_io import Blobs
 from service.errors import BadRequest, NotReady, PayloadTooLarge
 from service.serving import Serving
 from service.state import AppState
@@ -32,6 +33,12 @@ def get_serving(request: Request) -> Serving:
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+def originals_of(request: Request) -> Blobs | None:
+    """The blob store of items' originals (none when the gallery is in memory only)."""
+    blobs: Blobs | None = getattr(request.app.state, "originals", None)
+    return blobs
 
 
 def current_state(request: Request) -> AppState:

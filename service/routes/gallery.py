@@ -6,28 +6,24 @@ import asyncio
 import io
 import json
 import uuid
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
-from index.bulk import BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
-from index.records import ID_PATTERN, ID_RULE, Record
 from pipeline.thumbnail import thumbnail_jpeg
+from service import catalog_io
 from service.auth import require_read, require_write
+from service.catalog_io import ImageChoice
 from service.errors import BadRequest, Conflict
-from service.routes.deps import State, read_upload
-from service.routes.originals import ImageChoice, export_images, forget_originals, import_images, keep_original
+from service.routes.deps import State, originals_of, read_upload
 from service.schemas import BulkImported, Deleted, GalleryStats, ItemCreated
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
 
 
-def _valid_id(value: str, what: str) -> str:
-    if not ID_PATTERN.match(value):
-        raise BadRequest(f"{what} must be {ID_RULE}")
-    return value
+_valid_id = catalog_io.valid_id
 
 
 def _reject_constant(name: str) -> None:
@@ -70,7 +66,7 @@ async def add_item(
     vector, frame, features = await state.pipeline.embed_catalog_item(data)
     thumbnail = await asyncio.to_thread(thumbnail_jpeg, frame)
     item_id = item_id or uuid.uuid4().hex
-    await keep_original(request, item_id, data)  # before the item: a findable item always has its original
+    await catalog_io.keep_original(originals_of(request), item_id, data)  # before the item: a findable item always has its original
     new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail, features)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
@@ -79,7 +75,7 @@ async def add_item(
 async def delete_item(item_id: str, state: State, request: Request) -> Deleted:
     """Remove one gallery image (404 if there is no such item)."""
     version, ids = await state.replica.delete_item(item_id)
-    await forget_originals(request, ids)
+    await catalog_io.forget_originals(originals_of(request), ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
@@ -89,7 +85,7 @@ async def delete_sku(
 ) -> Deleted:
     """Remove every image of a SKU (404 if it has none)."""
     version, ids = await state.replica.delete_sku(sku, shop_id)
-    await forget_originals(request, ids)
+    await catalog_io.forget_originals(originals_of(request), ids)
     return Deleted(deleted=ids, gallery_version=version)
 
 
@@ -97,13 +93,6 @@ async def delete_sku(
 async def stats(state: State) -> GalleryStats:
     """Size and version of this replica's gallery."""
     return GalleryStats(**await asyncio.to_thread(state.replica.stats))  # takes the gallery's read lock
-
-
-def _read_bulk(vectors: IO[bytes], items: IO[bytes], dim: int, max_metadata_bytes: int) -> list[Record]:
-    """Parse and check a whole import (on a thread: it is O(rows)); InvalidBulk (400) on any bad row."""
-    vectors.seek(0)
-    items.seek(0)
-    return bulk_records(read_vectors(vectors), parse_items(items, max_metadata_bytes), dim)
 
 
 @router.post("/bulk", status_code=201, response_model=BulkImported, dependencies=[Depends(require_write)])
@@ -125,9 +114,9 @@ async def bulk_import(
     if model_version != state.engine.model_version:
         raise Conflict(f"the vectors are from model {model_version!r}; this service serves {state.engine.model_version!r}")
     lines = io.BytesIO(items.encode()) if isinstance(items, str) else items.file
-    records = await asyncio.to_thread(_read_bulk, vectors.file, lines, state.replica.dim, state.settings.max_metadata_bytes)
+    records = await asyncio.to_thread(catalog_io.read_bulk, vectors.file, lines, state.replica.dim, state.settings.max_metadata_bytes)
     if images is not None:
-        await import_images(request, state, images, {r.item_id for r in records})
+        await catalog_io.import_images(state, originals_of(request), images.file, {r.item_id for r in records})
     version = await state.replica.add_bulk(records)
     return BulkImported(imported=len(records), gallery_version=version)
 
@@ -142,8 +131,7 @@ async def export(
     dim, count, gallery_version), items.jsonl, vectors.npy: the format POST /v1/gallery/bulk reads.
     Needs the write right: it hands out the whole catalog."""
     version, rows, vectors = await asyncio.to_thread(state.replica.gallery.export)
-    manifest = Manifest(state.engine.model_version, state.replica.dim, len(rows), version)
-    extra = export_images(request, state, [r[0] for r in rows], images)
-    body = export_tar(manifest, [BulkItem(*r) for r in rows], vectors, extra)
+    extra = catalog_io.export_images(state, originals_of(request), [r[0] for r in rows], images)
+    body = catalog_io.export_stream(state, version, rows, vectors, extra)
     headers = {"Content-Disposition": f'attachment; filename="gallery-v{version}.tar"'}
     return StreamingResponse(iterate_in_threadpool(body), media_type="application/x-tar", headers=headers)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from index.errors import NotReady
+from service.errors import NotReady
 from service.routes.deps import State, current_state
 
 router = APIRouter(tags=["health"])

@@ -18,8 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 from pydantic import BaseModel
 
-from index.jobs import JobRecord, JobStore
-from pipeline.jobs import JobWorker
+from pipeline.jobs import JobRecord, JobStore, JobWorker
 from service.auth import require_read
 from service.errors import NotReady
 from service.routes.deps import check_at_most, current_state
