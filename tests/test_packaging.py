@@ -41,3 +41,30 @@ def test_the_wheel_the_image_installs_has_no_training_code(tmp_path: Path) -> No
     # and the serving entry point imports without it
     code = "import sys; sys.path.insert(0, sys.argv[1]); import service.app; sys.exit(any(m.split('.')[0] == 'train' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code, str(src)], cwd=tmp_path, timeout=300).returncode == 0
+
+
+_WITHOUT_TRAIN = """
+import importlib.abc, sys
+class NoTrain(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "train" or name.startswith("train."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTrain())
+from tools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["--help"], 0, "livebench"),
+        (["train", "--epochs", "1"], 2, "no training code"),
+        (["grocery-check", "--data", "x"], 2, "no training code"),
+    ],
+)
+def test_the_cli_without_the_training_package_answers_in_one_line(argv: list[str], code: int, says: str) -> None:
+    """As in the serving image: `rice --help` works and a training command says what it needs, no traceback."""
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_TRAIN, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == code, run.stderr[-2000:]
+    assert says in run.stdout + run.stderr and "Traceback" not in run.stderr

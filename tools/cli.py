@@ -244,46 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run, e.g. verify=false")
     g.set_defaults(func=cmd_grocery_check)
 
-    from tools import livebench
-
-    lb = sub.add_parser(
-        "livebench",
-        help="livestream conditions (scales, hand, clutter, absent products) through the service: R@k and open-set figures",
-        description=livebench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    livebench.add_arguments(lb)
-    lb.set_defaults(func=cmd_livebench)
-    # The offline jobs live in model/ (no web code); the CLI only mounts their parsers.
-    from train import evaluate as evaluate_job
-    from train import train as train_job
-
-    t = sub.add_parser(
-        "train",
-        help="train RICE (ICL/PMD/PFR) on a JSONL manifest; one CPU process, or N via torchrun",
-        description="Also: torchrun --nproc-per-node N -m train.train ... (gloo on CPU, NCCL on GPU). "
-        "The final checkpoint is served with `rice serve --checkpoint OUT/final.pt`.",
-    )
-    train_job.build_parser(t)
-    t.set_defaults(func=train_job.run)
-    e = sub.add_parser("evaluate", help="R@1/5/10 of clip queries against product images (global or per-shop galleries), JSON")
-    evaluate_job.build_parser(e)
-    e.set_defaults(func=evaluate_job.run)
-    from train import lpr4m
-
-    c = sub.add_parser(
-        "lpr4m",
-        help="convert an LPR4M download (img2dataset files or webdataset tars, or the 750K subset) into train/test manifests",
-    )
-    lpr4m.add_arguments(c)
-    c.set_defaults(func=lpr4m.run)
-    from train import authors
-
-    a = sub.add_parser(
-        "import-checkpoint", help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format"
-    )
-    authors.add_arguments(a)
-    a.set_defaults(func=authors.run)
+    _add_training_commands(sub)
 
     i = sub.add_parser(
         "ingest",
@@ -353,15 +314,71 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
     out.add_argument("--csv", action="store_true", help=f"print CSV ({', '.join(CSV_FIELDS)}), one row per file")
     r.set_defaults(func=cmd_recognize)
-    from tools import manifest, onnx_export, timeline_cli
+    from tools import onnx_export, timeline_cli
 
     timeline_cli.add_parser(sub)
-    manifest.add_parser(sub)
     onnx_export.add_parser(sub)
-    from tools import retrain
-
-    retrain.add_parser(sub)
     return p
+
+
+# Subcommands that need the training package (train/): the serving image carries the CLI without it.
+TRAINING_COMMANDS = ("livebench", "train", "evaluate", "lpr4m", "import-checkpoint", "manifest", "retrain")
+
+
+def _add_training_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Mount the training subcommands; where train/ is not installed, each answers with one line."""
+    try:
+        from tools import livebench, manifest, retrain
+        from train import authors, lpr4m
+        from train import evaluate as evaluate_job
+        from train import train as train_job
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "train":
+            raise
+        for name in TRAINING_COMMANDS:
+            # no option prefix: whatever the user typed after the name is taken as is, then answered in one line
+            stub = sub.add_parser(name, help="needs the training code (pip install .[train])", add_help=False, prefix_chars="\x00")
+            stub.add_argument("rest", nargs="*")
+            stub.set_defaults(func=_needs_training)
+        return
+    lb = sub.add_parser(
+        "livebench",
+        help="livestream conditions (scales, hand, clutter, absent products) through the service: R@k and open-set figures",
+        description=livebench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    livebench.add_arguments(lb)
+    lb.set_defaults(func=cmd_livebench)
+    # The offline jobs live in train/ (no web code); the CLI only mounts their parsers.
+    t = sub.add_parser(
+        "train",
+        help="train RICE (ICL/PMD/PFR) on a JSONL manifest; one CPU process, or N via torchrun",
+        description="Also: torchrun --nproc-per-node N -m train.train ... (gloo on CPU, NCCL on GPU). "
+        "The final checkpoint is served with `rice serve --checkpoint OUT/final.pt`.",
+    )
+    train_job.build_parser(t)
+    t.set_defaults(func=train_job.run)
+    e = sub.add_parser("evaluate", help="R@1/5/10 of clip queries against product images (global or per-shop galleries), JSON")
+    evaluate_job.build_parser(e)
+    e.set_defaults(func=evaluate_job.run)
+    c = sub.add_parser(
+        "lpr4m",
+        help="convert an LPR4M download (img2dataset files or webdataset tars, or the 750K subset) into train/test manifests",
+    )
+    lpr4m.add_arguments(c)
+    c.set_defaults(func=lpr4m.run)
+    a = sub.add_parser(
+        "import-checkpoint", help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format"
+    )
+    authors.add_arguments(a)
+    a.set_defaults(func=authors.run)
+
+    manifest.add_parser(sub)
+    retrain.add_parser(sub)
+
+
+def _needs_training(args: argparse.Namespace) -> int:
+    raise ModuleNotFoundError("No module named 'train'", name="train")
 
 
 def main(argv: list[str] | None = None) -> int:
