@@ -60,10 +60,10 @@ class Settings(BaseSettings):
         0, ge=0, le=4, description="extra views of each catalog image embedded at ingestion (shrunk into a blurred surround, a crop)"
     )
     verify_min_side: int = Field(
-        512,
+        0,
         ge=0,
         le=2048,
-        description="frames with a shorter long side are upscaled to it for SIFT (small products in low-resolution streams)",
+        description="frames with a shorter long side are upscaled to it for SIFT (0 = never; e.g. 512 for low-resolution streams)",
     )
     feature_cache_items: int = Field(4096, ge=1, description="catalog items whose local features are kept in memory (LRU)")
     match_probability: float | None = Field(

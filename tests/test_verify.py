@@ -97,12 +97,12 @@ def test_matching_finds_the_planted_product_and_its_box() -> None:
 
 
 def test_small_frames_are_upscaled_for_detection_and_boxes_stay_in_source_pixels() -> None:
-    """A 200 px frame (the product about 100 px wide): nothing verifies at its own size, at the
-    default RICE_VERIFY_MIN_SIDE (512) it does, and the box is still in the source frame's pixels."""
+    """A 200 px frame (the product about 100 px wide): nothing verifies at its own size (the default,
+    RICE_VERIFY_MIN_SIDE=0), upscaled to 512 it does, and the box is still in the source frame's pixels."""
     catalog = LocalFeatures.from_bytes(extract_catalog(cv2.cvtColor(product_image(1), cv2.COLOR_BGR2GRAY)).to_bytes())
     small = cv2.cvtColor(cv2.resize(scene_with(product_image(1)), (200, 150), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
-    as_is = _verify(small[None], [catalog], 640 / 200, 0)[0]
-    upscaled = _verify(small[None], [catalog], 640 / 200, Settings().verify_min_side)[0]
+    as_is = _verify(small[None], [catalog], 640 / 200, Settings().verify_min_side)[0]
+    upscaled = _verify(small[None], [catalog], 640 / 200, 512)[0]
     assert as_is.inliers < 10 and upscaled.inliers >= 25 and upscaled.frames_verified == 1
     assert upscaled.box is not None and np.abs(np.array(upscaled.box) - planted_corners()).max() < 8
 
@@ -199,7 +199,7 @@ def _npy(a: np.ndarray) -> bytes:
 
 def test_settings_defaults() -> None:
     s = Settings()
-    assert s.verify_min_side == 512
+    assert s.verify_min_side == 0
     assert (s.verify, s.verify_top_k, s.verify_frames, s.verify_side, s.feature_cache_items, s.match_probability) == (
         True,
         10,
