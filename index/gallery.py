@@ -29,6 +29,7 @@ import numpy as np
 from index.ann import AnnConfig, IndexPlacer, IvfBuild
 from index.records import Record
 from index.rwlock import RWLock
+from index.views import base_id, is_view
 
 log = logging.getLogger("rice.index")
 
@@ -87,10 +88,16 @@ class Gallery:
         self._build: IvfBuild | None = None
         self._lock = RWLock()  # searches share it; writes (apply, index swap) take it alone
         self._sku_items: Counter[str] = Counter()  # live images per SKU: stats without an O(N) pass
+        self._views = 0  # live view records (`index.views`): vectors, not items
         self.version = 0  # the last gallery version applied
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._ids
+
+    def has(self, item_id: str) -> bool:
+        """Whether a record with this id is live here (an item or a view)."""
+        with self._lock.read():
+            return item_id in self._ids
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -146,6 +153,7 @@ class Gallery:
             old = self._ids.pop(r.item_id, None)
             if old is not None:
                 entry = self._entries.pop(old)
+                self._views -= is_view(entry.item_id)
                 self._sku_items[entry.sku] -= 1
                 if not self._sku_items[entry.sku]:
                     del self._sku_items[entry.sku]
@@ -169,6 +177,7 @@ class Gallery:
                 write(slot, vec)
                 added.add(slot)
                 self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata), r.source)
+                self._views += is_view(r.item_id)
                 self._sku_items[r.sku] += 1
                 self._ids[r.item_id] = slot
                 self._by_shop[r.shop_id].add(slot)
@@ -190,6 +199,8 @@ class Gallery:
         Waits for an import being applied to finish, then copies under the read lock (searches go on)."""
         with self._applying, self._lock.read():
             slots = np.fromiter(sorted(self._entries), np.int64, len(self._entries))
+            if self._views:  # views are regenerated from images at ingestion, not exported as items
+                slots = slots[[not is_view(self._entries[int(s)].item_id) for s in slots]]
             items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata), e.source) for e in (self._entries[int(s)] for s in slots)]
             return self.version, items, self._rows()[slots].copy()
 
@@ -251,7 +262,7 @@ class Gallery:
     def stats(self) -> dict[str, Any]:
         with self._lock.read():
             return {
-                "items": len(self._entries),
+                "items": len(self._entries) - self._views,
                 "skus": len(self._sku_items),
                 "shops": len([s for s in self._by_shop if s is not None]),
                 "dim": self.dim,
@@ -288,6 +299,8 @@ class Gallery:
         with self._lock.read():
             slots = self._entries if shop_id is None else self._by_shop.get(shop_id, set())
             found = [self._entries[s] for s in slots]
+        if self._views:
+            found = [e for e in found if not is_view(e.item_id)]
         if needle:
             found = [e for e in found if needle in e.sku.lower()]
         # An early page needs only its first offset + limit entries: a bounded heap, not a full sort.
@@ -358,7 +371,7 @@ class Gallery:
         best: dict[str, Hit] = {}
         for score, e in live:  # -1 padding and zeroed (free) rows have no entry
             if e.sku not in best:
-                best[e.sku] = Hit(e.sku, float(score), e.item_id, e.shop_id, e.metadata, e.source)
+                best[e.sku] = Hit(e.sku, float(score), base_id(e.item_id), e.shop_id, e.metadata, e.source)  # a view answers as its item
                 if len(best) == k:
                     break
         return list(best.values())

@@ -14,6 +14,7 @@ read-your-writes: a request may ask for a version at least as new as one it was 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -23,10 +24,11 @@ from typing import Any, cast
 import numpy as np
 
 from index.ann import AnnConfig, IndexPlacer
-from index.errors import StoreUnavailable
+from index.errors import ItemNotFound, StoreUnavailable
 from index.follower import Follower
 from index.gallery import Gallery, Hit
 from index.records import ChangeLog, FeatureStore, Namespaces, Record, Store, Thumbnails
+from index.views import is_view, view_ids
 
 log = logging.getLogger("rice.replica")
 
@@ -129,16 +131,29 @@ class GalleryReplica:
         thumbnail: bytes | None = None,
         features: bytes | None = None,
         source: str = "catalog",
+        views: np.ndarray | None = None,
     ) -> tuple[str, int]:
         """Upsert one item. Its thumbnail and local features (when the store keeps them) are written
-        first, so an item that any replica can find always has them."""
+        first, so an item that any replica can find always has them. `views` [V, D]: extra vectors
+        of the item (gallery-side views, `index.views`), written with it under one version; a
+        replaced item's views beyond V are removed."""
         item_id = item_id or uuid.uuid4().hex
         if thumbnail is not None and isinstance(self.store, Thumbnails):
             await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
         if features is not None and isinstance(self.store, FeatureStore):
             await asyncio.to_thread(self.store.put_features, item_id, features)
-        rec = Record(item_id, sku, shop_id, vector.astype(np.float32), metadata, source=source)
-        version = await self._write(self.store.upsert, self.namespace, [rec])
+        n = 0 if views is None else len(views)
+        stale = [v for v in view_ids(item_id)[n:] if self.gallery.has(v)]
+        if stale:  # a replaced item that had more views: they go first (the item itself stays findable)
+            with contextlib.suppress(ItemNotFound):  # another writer removed them already
+                await self._write(self.store.delete_items, stale)
+        recs = [Record(item_id, sku, shop_id, vector.astype(np.float32), metadata, source=source)]
+        if views is not None and n:
+            recs += [
+                Record(v, sku, shop_id, vec.astype(np.float32), metadata, source=source)
+                for v, vec in zip(view_ids(item_id, n), views, strict=True)
+            ]
+        version = await self._write(self.store.upsert, self.namespace, recs)
         return item_id, int(version)
 
     async def _forget_thumbnails(self, ids: list[str]) -> None:
@@ -153,9 +168,11 @@ class GalleryReplica:
         return int(await self._write(self.store.upsert, self.namespace, records))
 
     async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
-        result = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id]))
-        await self._forget_thumbnails(result[1])
-        return result
+        """Delete one item and its views (`index.views`); returns (version, [item_id])."""
+        version, ids = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id, *view_ids(item_id)]))
+        ids = [i for i in ids if not is_view(i)]
+        await self._forget_thumbnails(ids)
+        return version, ids
 
     async def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
         """Remove several items under one version (e.g. a SKU's feedback views); ItemNotFound if none were live."""
@@ -164,9 +181,10 @@ class GalleryReplica:
         return result
 
     async def delete_sku(self, sku: str, shop_id: str | None) -> tuple[int, list[str]]:
-        result = cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
-        await self._forget_thumbnails(result[1])
-        return result
+        version, ids = cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
+        ids = [i for i in ids if not is_view(i)]  # the SKU's views go with it
+        await self._forget_thumbnails(ids)
+        return version, ids
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """The item's catalog thumbnail from the store (None when it has none or keeps none). Blocking."""

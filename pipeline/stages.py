@@ -25,6 +25,7 @@ from index.gallery import Hit
 from model.config import PreprocessConfig
 from model.encoder import pool_clip
 from pipeline.batcher import Batcher, Priority
+from pipeline.catalog_views import catalog_views
 from pipeline.decode import CatalogImage, DecodedImage, DecodeLimits, decode_catalog, decode_clip, decode_image, decode_image_view
 from pipeline.decode_pool import DecodePool
 from pipeline.keyframes import decode_keyframes
@@ -242,6 +243,14 @@ class Pipeline:
         q = await self.run(Query("catalog", data))
         assert q.vector is not None and q.frames is not None and q.catalog_features is not None
         return q.vector, q.frames[0], q.catalog_features
+
+    async def embed_catalog_views(self, frame: np.ndarray, n: int) -> np.ndarray:
+        """The letterboxed catalog frame [H, W, 3] -> embeddings [n, D] of its first n gallery-side views
+        (`pipeline.catalog_views`), L2-normalised like every gallery vector."""
+        if n <= 0:
+            return np.zeros((0, 0), np.float32)
+        emb = await self.embedder.embed(catalog_views(frame, n))
+        return (emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
     async def recognize_clip(
         self,

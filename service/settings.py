@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     verify_top_k: int = Field(10, ge=1, le=100, description="SKUs of the search that verification checks and re-ranks")
     verify_frames: int = Field(3, ge=1, le=32, description="frames of a clip matched against the catalog images")
     verify_side: int = Field(640, ge=128, le=2048, description="long side of the frames verification sees (one extra array per frame)")
+    catalog_views: int = Field(
+        0, ge=0, le=4, description="extra views of each catalog image embedded at ingestion (shrunk into a blurred surround, a crop)"
+    )
+    verify_min_side: int = Field(
+        0,
+        ge=0,
+        le=2048,
+        description="frames with a shorter long side are upscaled to it for SIFT (0 = never; e.g. 512 for low-resolution streams)",
+    )
     feature_cache_items: int = Field(4096, ge=1, description="catalog items whose local features are kept in memory (LRU)")
     match_probability: float | None = Field(
         None, ge=0, le=1, description="match_probability from which an answer is a match; unset = the verdict model's calibrated one"

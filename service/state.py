@@ -211,7 +211,9 @@ def verify_stage(p: StageParts) -> Stage:
     if verdict is None and p.loaded.source.startswith("built-in"):
         verdict = builtin_verdict()
     cache = FeatureCache(p.replica.features, p.settings.feature_cache_items)
-    return Verify(cache, verdict, p.settings.verify_top_k, p.settings.verify_frames, geometric=p.settings.verify)
+    return Verify(
+        cache, verdict, p.settings.verify_top_k, p.settings.verify_frames, geometric=p.settings.verify, min_side=p.settings.verify_min_side
+    )
 
 
 # The stage list, in order. Every request kind (clip, image, catalog image, timeline window) runs the

@@ -19,7 +19,7 @@ from model.config import PreprocessConfig
 from model.verdict import SIGNALS, Candidate, VerdictModel, builtin_verdict, fit, signals
 from pipeline.decode import DecodeLimits, decode_catalog, decode_clip
 from pipeline.local_features import MAX_CATALOG_FEATURES, MAX_FEATURE_BYTES, LocalFeatures, extract, extract_catalog, match
-from pipeline.verify import FeatureCache, candidates_from_results, fused_score
+from pipeline.verify import FeatureCache, _verify, candidates_from_results, fused_score
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import RedisServer, jpeg, settings_for
@@ -94,6 +94,17 @@ def test_matching_finds_the_planted_product_and_its_box() -> None:
     other = extract_catalog(cv2.cvtColor(product_image(2), cv2.COLOR_BGR2GRAY))
     assert match(query, other).inliers < 10  # another print: no geometric agreement
     assert fused_score(0.5, m.inliers) > fused_score(0.55, match(query, other).inliers)
+
+
+def test_small_frames_are_upscaled_for_detection_and_boxes_stay_in_source_pixels() -> None:
+    """A 200 px frame (the product about 100 px wide): nothing verifies at its own size (the default,
+    RICE_VERIFY_MIN_SIDE=0), upscaled to 512 it does, and the box is still in the source frame's pixels."""
+    catalog = LocalFeatures.from_bytes(extract_catalog(cv2.cvtColor(product_image(1), cv2.COLOR_BGR2GRAY)).to_bytes())
+    small = cv2.cvtColor(cv2.resize(scene_with(product_image(1)), (200, 150), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
+    as_is = _verify(small[None], [catalog], 640 / 200, Settings().verify_min_side)[0]
+    upscaled = _verify(small[None], [catalog], 640 / 200, 512)[0]
+    assert as_is.inliers < 10 and upscaled.inliers >= 25 and upscaled.frames_verified == 1
+    assert upscaled.box is not None and np.abs(np.array(upscaled.box) - planted_corners()).max() < 8
 
 
 def test_feature_cache_is_bounded_and_fetches_once() -> None:
@@ -188,6 +199,7 @@ def _npy(a: np.ndarray) -> bytes:
 
 def test_settings_defaults() -> None:
     s = Settings()
+    assert s.verify_min_side == 0
     assert (s.verify, s.verify_top_k, s.verify_frames, s.verify_side, s.feature_cache_items, s.match_probability) == (
         True,
         10,

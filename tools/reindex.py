@@ -30,7 +30,9 @@ import numpy as np
 
 from index.blobs import Blobs
 from index.records import FeatureStore, Namespaces, Record, Store, Thumbnails
+from index.views import is_view, view_ids
 from model.checkpoint import load_encoder
+from pipeline.catalog_views import catalog_views
 from pipeline.decode import decode_catalog
 from pipeline.engine import EncoderEngine
 from pipeline.originals import original_jpeg
@@ -129,11 +131,14 @@ def embed_catalog(
     thumbnails: dict[str, bytes] | None = None,
     on_image: Callable[[E, bytes, bytes], None] | None = None,
     features: dict[str, bytes] | None = None,
+    views: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[tuple[E, np.ndarray]], dict[str, str]]:
     """Decode (letterboxed, as ingestion does) and embed every image; bad ones are reported.
     `thumbnails`, when given, receives each item's thumbnail, made from the same decoded frame;
     `features` each item's local features (`pipeline.local_features`, for verification), from the
-    same decode; `on_image(item, image bytes, thumbnail)` is called for each decoded image."""
+    same decode; `views` each item's `settings.catalog_views` gallery-side view vectors [V, D]
+    (`pipeline.catalog_views`, as ingestion makes them); `on_image(item, image bytes, thumbnail)` is
+    called for each decoded image."""
     pre = engine.config.preprocess
     done: list[tuple[E, np.ndarray]] = []
     failed: dict[str, str] = {}
@@ -158,6 +163,11 @@ def embed_catalog(
         if frames:
             emb = engine.encode(np.stack(frames))
             done.extend(zip(chunk, emb, strict=True))
+            n = settings.catalog_views
+            if views is not None and n > 0:
+                v = engine.encode(np.concatenate([catalog_views(f, n) for f in frames]))
+                v /= np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+                views.update({it.item_id: v[i * n : (i + 1) * n] for i, it in enumerate(chunk)})
         if progress:
             progress(len(items[start : start + batch_size]))
     return done, failed
@@ -201,6 +211,8 @@ def gallery_sources(store: Store, namespace: str, originals: Blobs | None) -> li
     thumbnail (an item with neither fails to embed, and is reported missing)."""
     live: dict[str, Record] = {}
     for r in store.changes_since(namespace, 0):  # in version order: the last record of an id wins
+        if is_view(r.item_id):  # an item's views are made again from its image, not embedded as items
+            continue
         if r.deleted:
             live.pop(r.item_id, None)
         else:
@@ -255,7 +267,8 @@ def run_reindex(
     # before the items are written: an item any replica can find has its images
     features: dict[str, bytes] = {}
     keeper = _image_keeper(store, originals)
-    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=keeper, features=features)
+    views: dict[str, np.ndarray] = {}
+    embedded, report.failed = embed_catalog(sources, engine, settings, progress=progress, on_image=keeper, features=features, views=views)
     if isinstance(store, FeatureStore):  # a catalog image's features; a gallery item's only when it had none (a bulk import)
         have = store.features([s.item_id for s, _ in embedded if s.catalog is None])
         for s, _ in embedded:
@@ -268,7 +281,13 @@ def run_reindex(
     done = {s.item_id for s, _ in embedded}
     report.missing = sorted(s.item_id for s in from_gallery if s.item_id not in done)
     if embedded:
-        write_namespace(store, engine.model_version, [new_record(s, v) for s, v in embedded])
+        records = [new_record(s, v) for s, v in embedded]
+        records += [
+            replace(r, item_id=vid, vector=vec.astype(np.float32))
+            for r in records[: len(embedded)]
+            for vid, vec in zip(view_ids(r.item_id, len(views.get(r.item_id, ()))), views.get(r.item_id, ()), strict=True)
+        ]
+        write_namespace(store, engine.model_version, records)
     if on_counts is not None:
         on_counts(report)
     if urls and report.missing and not allow_missing:

@@ -64,10 +64,11 @@ async def add_item(
     meta = _parse_metadata(metadata, state.settings.max_metadata_bytes)
     data = await read_upload(image, request, state.settings.max_upload_bytes, "image")
     vector, frame, features = await state.pipeline.embed_catalog_item(data)
+    views = await state.pipeline.embed_catalog_views(frame, state.settings.catalog_views)
     thumbnail = await asyncio.to_thread(thumbnail_jpeg, frame)
     item_id = item_id or uuid.uuid4().hex
     await catalog_io.keep_original(originals_of(request), item_id, data)  # before the item: a findable item always has its original
-    new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail, features)
+    new_id, version = await state.replica.add(vector, sku, shop_id, item_id, meta, thumbnail, features, views=views)
     return ItemCreated(item_id=new_id, sku=sku, shop_id=shop_id, gallery_version=version, model_version=state.engine.model_version)
 
 
