@@ -140,13 +140,18 @@ class PqBuild:
 
     def run(self) -> faiss.Index:
         n = len(self.slots)
-        nlist = self.config.lists_for(n)
+        # Half IVF-Flat's lists, 32 training points a list and 10 k-means rounds: the coarse k-means
+        # and the assignment of every vector are the whole build cost (O(N x nlist x D)), and at a
+        # million 1280-d vectors on one core IVF-Flat's settings take many minutes; with fewer lists
+        # the same nprobe scans more codes, which the exact re-scoring turns into recall.
+        nlist = self.config.nlist or max(64, self.config.lists_for(n) // 2)
         m = self.config.pq_subquantizers(self.dim)
         rng = np.random.default_rng(0)
-        # PQ's 256 centroids per sub-vector want >= 39 x 256 points (faiss's guidance); the lists as IvfBuild
-        size = min(n, max(nlist * self.config.train_points_per_list, 10_000))
+        # PQ's 256 centroids per sub-vector want >= 39 x 256 points (faiss's guidance)
+        size = min(n, max(nlist * 32, 10_000))
         sample = self.rows(np.sort(self.slots[rng.choice(n, size=size, replace=False)]))
         index: faiss.Index = faiss.IndexIVFPQ(faiss.IndexFlatIP(self.dim), self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.niter = 10
         index.train(sample)
         del sample
         faiss.extract_index_ivf(index).nprobe = self.config.nprobe

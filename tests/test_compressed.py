@@ -153,7 +153,8 @@ def test_half_store_grows_by_blocks_without_copying() -> None:
     first = store._blocks[0]
     store.put(np.array([40]), np.ones((1, 4), np.float32))
     assert store._blocks[0] is first and store.size == 41 and len(store._blocks) == 6
-    np.testing.assert_array_equal(store.get(np.array([20, 9, 0, 40, 1])), [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    expected = [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(store.get(np.array([20, 9, 0, 40, 1])), expected)
     assert sum(len(rows) for _, rows in store.scan(step=16)) == 41
 
 
