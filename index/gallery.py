@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -284,12 +285,17 @@ class Gallery:
             with self._lock.write():
                 if self._build is not build:
                     return
+                if len(build.touched) > len(build.slots) // 2:
+                    # Most of the gallery changed during the build (a bulk import or a replica's boot):
+                    # replaying it here would hold the write lock for as long as a build; start over instead.
+                    self._start_build()
+                    return
                 if build.touched:
                     touched = np.fromiter(build.touched, np.int64, len(build.touched))
                     index.remove_ids(faiss.IDSelectorBatch(touched))
                     live = np.array([s for s in touched.tolist() if s in self._entries], np.int64)
-                    if len(live):
-                        index.add_with_ids(self._vectors(live), live)
+                    for start in range(0, len(live), 16_384):  # float32 rows a chunk at a time
+                        index.add_with_ids(self._vectors(live[start : start + 16_384]), live[start : start + 16_384])
                 self._ann, self._ann_size = index, len(build.slots)
                 self._place()
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth
@@ -302,8 +308,11 @@ class Gallery:
 
     def wait_for_index(self, timeout_s: float = 600.0) -> bool:
         """Block until no background index build is running (tests and benchmarks); True if none is."""
-        build = self._build
-        return build is None or build.done.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while (build := self._build) is not None:  # a build may hand over to a fresh one (see _finish_build)
+            if not build.done.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def set_version(self, version: int) -> None:
         with self._lock.write():
