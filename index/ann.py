@@ -38,7 +38,10 @@ class AnnConfig:
     # shortlist re-scored exactly, instead of float32 rows (+ an IVF-Flat copy of them).
     compress_threshold: int = 200_000
     pq_bytes: int = 64  # PQ code bytes per vector (largest divisor of dim up to this): 64 MB per million
-    rescore: int = 100  # shortlist rows per query re-scored exactly from the float16 rows
+    # Shortlist rows per query re-scored exactly from the float16 rows. It must cover the set of
+    # near-equal candidates PQ cannot order: measured on clusters of 244 items (1M over 4096
+    # centres, 1280-d), PQ64 recall@10 was 0.58 with 100 rows and 0.997 with 300 (0.85 ms a query).
+    rescore: int = 300
 
     def pq_subquantizers(self, dim: int) -> int:
         """PQ sub-vectors for `dim`: the largest divisor of dim up to `pq_bytes` (one byte each)."""

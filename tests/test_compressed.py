@@ -158,8 +158,11 @@ def test_half_store_grows_by_blocks_without_copying() -> None:
     assert sum(len(rows) for _, rows in store.scan(step=16)) == 41
 
 
-def test_compress_threshold_setting_default_reaches_the_gallery(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings(_env_file=None).ann_config().compress_threshold == 200_000 == AnnConfig().compress_threshold  # type: ignore[call-arg]
+def test_compression_settings_defaults_reach_the_gallery(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = Settings(_env_file=None).ann_config()  # type: ignore[call-arg]
+    assert default.compress_threshold == 200_000 == AnnConfig().compress_threshold and default.rescore == 300 == AnnConfig().rescore
     monkeypatch.setenv("RICE_COMPRESS_THRESHOLD", "500000")
-    assert Settings(_env_file=None).ann_config().compress_threshold == 500_000  # type: ignore[call-arg]
+    monkeypatch.setenv("RICE_ANN_RESCORE", "50")
+    changed = Settings(_env_file=None).ann_config()  # type: ignore[call-arg]
+    assert changed.compress_threshold == 500_000 and changed.rescore == 50
     assert AnnConfig().pq_subquantizers(1280) == 64 and AnnConfig().pq_subquantizers(512) == 64 and AnnConfig().pq_subquantizers(100) == 50
