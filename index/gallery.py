@@ -12,6 +12,14 @@ reused by the next add, so deletes cost O(D), not a compaction of the whole inde
 - one shop: exact, over that shop's rows only (a gather and a matrix product), so thousands of
   small shops each cost what their own size costs; a shop larger than `exact_shop_max` uses the
   index with a faiss ID selector instead.
+
+Past `AnnConfig.compress_threshold` live items the gallery compresses (issue 19: a million items
+in bounded memory): the float32 rows (and the IVF-Flat copy of them) give way to float16 rows in a
+`HalfStore` (2 bytes a float) plus an IVF-PQ index of 64-byte codes (`index.ann.PqBuild`), trained
+in the background. An unfiltered search takes the IVF-PQ shortlist (`rescore` rows) and re-scores
+it exactly from the float16 rows; per-shop search stays exact over the shop's float16 rows. Until
+the first IVF-PQ index is swapped in, unfiltered search is exact over the float16 rows (slow at a
+million, but right). Shrinking below half the threshold goes back to float32.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +35,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.ann import AnnConfig, IndexPlacer, IvfBuild
+from index.ann import AnnConfig, IndexPlacer, IvfBuild, PqBuild
+from index.halfstore import HalfStore
 from index.records import Record
 from index.rwlock import RWLock
 from index.views import base_id, is_view
@@ -78,14 +88,15 @@ class Gallery:
         self._applying = threading.Lock()
         self.ann_config = ann or AnnConfig()
         self.exact_shop_max = exact_shop_max
-        self._flat = faiss.IndexFlatIP(dim)  # row i holds slot i's vector (zeros when free)
+        self._flat: faiss.IndexFlatIP | None = faiss.IndexFlatIP(dim)  # row i holds slot i's vector (zeros when free)
+        self._half: HalfStore | None = None  # instead of _flat once compressed (float16 rows, same slots)
         self._entries: dict[int, _Entry] = {}
         self._ids: dict[str, int] = {}  # item_id -> slot
         self._by_shop: dict[str | None, set[int]] = defaultdict(set)
         self._free: list[int] = []
         self._ann: faiss.Index | None = None
         self._ann_size = 0  # live items when the approximate index was trained
-        self._build: IvfBuild | None = None
+        self._build: IvfBuild | PqBuild | None = None
         self._lock = RWLock()  # searches share it; writes (apply, index swap) take it alone
         self._sku_items: Counter[str] = Counter()  # live images per SKU: stats without an O(N) pass
         self._views = 0  # live view records (`index.views`): vectors, not items
@@ -107,8 +118,20 @@ class Gallery:
         """True while unfiltered searches go through the approximate index."""
         return self._ann is not None
 
+    @property
+    def compressed(self) -> bool:
+        """True while the vectors are kept as float16 rows (past `compress_threshold`)."""
+        return self._half is not None
+
+    def _vectors(self, slots: np.ndarray) -> np.ndarray:
+        """Rows [S, D] float32 of the given slots, from whichever store holds them (a copy)."""
+        if self._half is not None:
+            return self._half.get(slots)
+        return self._rows()[slots]
+
     def _rows(self) -> np.ndarray:
         """A writable view of the flat index's rows [ntotal, D] (re-taken after every add: adds may move them)."""
+        assert self._flat is not None, "the float32 rows are gone once the gallery is compressed"
         n = self._flat.ntotal
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
@@ -137,14 +160,18 @@ class Gallery:
 
     def _apply_chunk(self, records: list[Record], may_build: bool = True) -> None:
         """Apply records under the write lock (held by the caller); the version is the caller's business."""
-        base = self._flat.ntotal
-        rows = self._rows()
+        half = self._half
+        base = half.size if half is not None else self._rows().shape[0]
+        rows = self._rows() if half is None else np.zeros((0, self.dim), np.float32)
         appended: list[np.ndarray] = []  # rows for slots >= base, added to faiss in one call
+        pending: dict[int, np.ndarray] = {}  # compressed: slot -> its last vector, stored in one call
         removed: set[int] = set()  # slots that left the approximate index
         added: set[int] = set()  # slots whose vector is new
 
         def write(slot: int, vec: np.ndarray) -> None:
-            if slot < base:
+            if half is not None:
+                pending[slot] = vec
+            elif slot < base:
                 rows[slot] = vec
             else:
                 appended[slot - base] = vec
@@ -181,17 +208,52 @@ class Gallery:
                 self._sku_items[r.sku] += 1
                 self._ids[r.item_id] = slot
                 self._by_shop[r.shop_id].add(slot)
-        if appended:
+        if half is not None:
+            if pending:
+                half.put(np.fromiter(pending, np.int64, len(pending)), np.stack(list(pending.values())))
+        elif appended:
+            assert self._flat is not None
             self._flat.add(np.stack(appended))
+        n, cfg = len(self._entries), self.ann_config
+        if half is None and cfg.enabled and n >= cfg.compress_threshold:
+            self._compress()  # checked every chunk: a bulk import never holds a million float32 rows
+            removed, added = set(), set()  # the old approximate index is dropped with the float32 rows
+        elif half is not None and n < cfg.compress_threshold // 2:
+            self._decompress()
+            removed, added = set(), set()
         self._update_ann(removed, added, may_build)
         self._place()
 
+    def _compress(self) -> None:
+        """float32 rows -> float16 rows, under the write lock; the approximate index is rebuilt as IVF-PQ.
+
+        Copies a chunk at a time, so the peak is the float32 rows plus their float16 copy (at the
+        default threshold of 200k x 1280: 1.02 + 0.51 GB), once."""
+        rows = self._rows()
+        half = HalfStore(self.dim)
+        for start in range(0, len(rows), 16_384):
+            half.put(np.arange(start, min(len(rows), start + 16_384)), rows[start : start + 16_384])
+        self._half, self._flat = half, None
+        self._ann, self._ann_size, self._build = None, 0, None  # a running IVF-Flat build is discarded when it ends
+        log.info("gallery compressed: %d items as float16 rows (%.2f GB), IVF-PQ to follow", len(self._entries), half.nbytes / 1e9)
+
+    def _decompress(self) -> None:
+        """float16 rows -> float32 flat index again (the gallery shrank below half the threshold)."""
+        assert self._half is not None
+        flat = faiss.IndexFlatIP(self.dim)
+        for _, chunk in self._half.scan():
+            flat.add(chunk)
+        self._flat, self._half = flat, None
+        self._ann, self._ann_size, self._build = None, 0, None
+
     def _place(self) -> None:
-        """Refresh the search copy of the unfiltered index (e.g. on the GPU) after a change; under the write lock."""
+        """Refresh the search copy of the unfiltered index (e.g. on the GPU) after a change; under the write lock.
+
+        Not when compressed: the IVF-PQ shortlist is re-scored from the float16 rows on the CPU."""
         if self._placer is None:
             return
         source = self._ann if self._ann is not None else self._flat
-        self._placed = self._placer(source) if source.ntotal else None
+        self._placed = self._placer(source) if source is not None and source.ntotal and self._half is None else None
 
     def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray]:
         """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata, source)], vectors [N, D]).
@@ -202,7 +264,7 @@ class Gallery:
             if self._views:  # views are regenerated from images at ingestion, not exported as items
                 slots = slots[[not is_view(self._entries[int(s)].item_id) for s in slots]]
             items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata), e.source) for e in (self._entries[int(s)] for s in slots)]
-            return self.version, items, self._rows()[slots].copy()
+            return self.version, items, self._vectors(slots)  # a copy (float32 again when compressed)
 
     def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
         """Keep the approximate index (and one being built) in step; start or drop it by size."""
@@ -213,33 +275,43 @@ class Gallery:
                 self._ann.remove_ids(faiss.IDSelectorBatch(np.fromiter(removed, np.int64, len(removed))))
             if added:
                 slots = np.fromiter(sorted(added), np.int64, len(added))
-                self._ann.add_with_ids(self._rows()[slots], slots)
+                self._ann.add_with_ids(self._vectors(slots), slots)
         n, cfg = len(self._entries), self.ann_config
-        if self._ann is not None and n < cfg.threshold // 2:
+        if self._ann is not None and self._half is None and n < cfg.threshold // 2:
             self._ann = None  # small again: exact is cheaper than approximate (the caller re-places)
         stale = self._ann is None or n >= cfg.rebuild_growth * self._ann_size
-        if may_build and cfg.enabled and n >= cfg.threshold and stale and self._build is None:
+        threshold = cfg.compress_threshold if self._half is not None else cfg.threshold
+        if may_build and cfg.enabled and n >= threshold and stale and self._build is None:
             self._start_build()
 
     def _start_build(self) -> None:
         slots = np.fromiter(self._entries, np.int64, len(self._entries))
-        build = IvfBuild(self.dim, self.ann_config, slots, self._rows()[slots].copy())
+        build: IvfBuild | PqBuild
+        if self._half is not None:  # reads the float16 rows as it goes: no snapshot copy
+            build = PqBuild(self.dim, self.ann_config, slots, self._half.get)
+        else:
+            build = IvfBuild(self.dim, self.ann_config, slots, self._rows()[slots].copy())
         self._build = build
         threading.Thread(target=self._finish_build, args=(build,), name="ivf-build", daemon=True).start()
 
-    def _finish_build(self, build: IvfBuild) -> None:
+    def _finish_build(self, build: IvfBuild | PqBuild) -> None:
         """Train and fill the new index off the lock, then replay what changed meanwhile and swap."""
         try:
             index = build.run()
             with self._lock.write():
                 if self._build is not build:
                     return
+                if len(build.touched) > len(build.slots) // 2:
+                    # Most of the gallery changed during the build (a bulk import or a replica's boot):
+                    # replaying it here would hold the write lock for as long as a build; start over instead.
+                    self._start_build()
+                    return
                 if build.touched:
                     touched = np.fromiter(build.touched, np.int64, len(build.touched))
                     index.remove_ids(faiss.IDSelectorBatch(touched))
                     live = np.array([s for s in touched.tolist() if s in self._entries], np.int64)
-                    if len(live):
-                        index.add_with_ids(self._rows()[live], live)
+                    for start in range(0, len(live), 16_384):  # float32 rows a chunk at a time
+                        index.add_with_ids(self._vectors(live[start : start + 16_384]), live[start : start + 16_384])
                 self._ann, self._ann_size = index, len(build.slots)
                 self._place()
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth
@@ -252,8 +324,11 @@ class Gallery:
 
     def wait_for_index(self, timeout_s: float = 600.0) -> bool:
         """Block until no background index build is running (tests and benchmarks); True if none is."""
-        build = self._build
-        return build is None or build.done.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while (build := self._build) is not None:  # a build may hand over to a fresh one (see _finish_build)
+            if not build.done.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
     def set_version(self, version: int) -> None:
         with self._lock.write():
@@ -267,7 +342,7 @@ class Gallery:
                 "shops": len([s for s in self._by_shop if s is not None]),
                 "dim": self.dim,
                 "gallery_version": self.version,
-                "index": "ivf" if self._ann is not None else "exact",
+                "index": ("ivf-pq" if self._half is not None else "ivf") if self._ann is not None else "exact",
                 "index_building": self._build is not None,
             }
 
@@ -287,7 +362,7 @@ class Gallery:
             ]
             if not slots:
                 return None
-            sims = np.asarray(vectors, np.float32).reshape(-1, self.dim) @ self._rows()[slots].T  # [V, S]
+            sims = np.asarray(vectors, np.float32).reshape(-1, self.dim) @ self._vectors(np.asarray(slots, np.int64)).T  # [V, S]
         best = sims.max(axis=1)
         return int(best.argmax()), float(best.max())
 
@@ -323,6 +398,9 @@ class Gallery:
                 return [[] for _ in range(len(q))], version
             if shop is not None and len(shop) <= self.exact_shop_max:
                 return self._search_slots(q, k, np.fromiter(shop, np.int64, len(shop))), version
+            if self._half is not None:
+                return self._search_compressed(q, k, shop, pool), version
+            assert self._flat is not None
             index: faiss.Index = self._flat
             extra = len(self._free)
             params: faiss.SearchParameters | None = None
@@ -347,9 +425,35 @@ class Gallery:
                     return results, version
                 n = min(pool, n * 4)
 
+    def _search_compressed(self, q: np.ndarray, k: int, shop: set[int] | None, pool: int) -> list[list[Hit]]:
+        """IVF-PQ shortlist, re-scored exactly from the float16 rows; exact over them while no index is built yet."""
+        if self._ann is None:
+            slots = shop if shop is not None else self._entries
+            return self._search_slots(q, k, np.fromiter(slots, np.int64, len(slots)))
+        cfg = self.ann_config
+        sel = None if shop is None else faiss.IDSelectorBatch(np.fromiter(shop, np.int64, len(shop)))
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=cfg.nprobe)  # type: ignore[call-arg]
+        n = min(pool, max(4 * k, 16))
+        while True:  # widen until k distinct SKUs, as for the other indexes
+            _, ids = self._ann.search(q, min(max(n, cfg.rescore), self._ann.ntotal), params=params)
+            results = []
+            for qi, row in zip(q, ids, strict=True):
+                row = row[row >= 0]
+                exact = self._half.get(row) @ qi  # type: ignore[union-attr]  # [R]
+                order = np.argsort(-exact, kind="stable")
+                results.append(self._aggregate(exact[order], row[order], k))
+            if n >= pool or all(len(r) >= k for r in results):
+                return results
+            n = min(pool, n * 4)
+
     def _search_slots(self, q: np.ndarray, k: int, slots: np.ndarray) -> list[list[Hit]]:
         """Exact search over the given slots only: gather their rows, one matrix product."""
-        scores = q @ self._rows()[slots].T  # [Q, S]
+        if self._half is None:
+            scores = q @ self._rows()[slots].T  # [Q, S]
+        else:  # float16 rows, gathered and converted a chunk at a time
+            scores = np.empty((len(q), len(slots)), np.float32)
+            for s in range(0, len(slots), 16_384):
+                scores[:, s : s + 16_384] = q @ self._half.get(slots[s : s + 16_384]).T
         out = []
         for row in scores:
             n = min(len(slots), max(4 * k, 16))

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     sync_wait_s: float = Field(2.0, ge=0, le=60, description="longest wait for min_gallery_version (else 503)")
     ann_threshold: int = Field(200_000, ge=1, description="gallery size from which unfiltered search is approximate (IVF)")
     ann_nprobe: int = Field(32, ge=1, le=4096, description="IVF lists scanned per query (recall vs latency)")
+    ann_rescore: int = Field(300, ge=1, le=100_000, description="compressed gallery: IVF-PQ shortlist rows re-scored exactly per query")
+    compress_threshold: int = Field(
+        200_000, ge=1000, description="gallery size from which vectors are kept as float16 + IVF-PQ, re-scored exactly (bounded memory)"
+    )
 
     # batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="frames per encoder batch")
@@ -202,7 +206,9 @@ class Settings(BaseSettings):
         return DecodeLimits(self.max_duration_s, self.max_frame_pixels, self.max_decoded_frames, self.decode_timeout_s)
 
     def ann_config(self) -> AnnConfig:
-        return AnnConfig(threshold=self.ann_threshold, nprobe=self.ann_nprobe)
+        return AnnConfig(
+            threshold=self.ann_threshold, nprobe=self.ann_nprobe, compress_threshold=self.compress_threshold, rescore=self.ann_rescore
+        )
 
     def region_config(self) -> RegionConfig:
         return RegionConfig(self.region_frames, region_fusion(self.region_fusion), parse_grid(self.region_grid))
