@@ -84,17 +84,26 @@ class EncoderEngine:
         if runtime == "auto" and self.autocast:
             runtime = "torch"  # RICE_DTYPE asked for torch's reduced precision: auto does not override it
         if resolve_runtime(runtime, self.device) == "onnx":
-            # The torch model stays: it is the reference of the verification, and the fallback.
-            self._onnx = load_verified(
-                self.model,
-                self.config.preprocess,
-                self.frame_shape,
-                self.model_version,
-                self._encode_torch,
-                onnx_dir,
-                onnx_precision,
-                threads=torch_threads or torch.get_num_threads(),  # RICE_TORCH_THREADS, else torch's (the physical cores)
-            )
+            # The torch model stays: it is the reference of the verification, and the last fallback.
+            # A refused INT8 graph falls back to the fp32 one (still ~2x torch eager), then to torch.
+            for precision in dict.fromkeys((onnx_precision, "fp32")):
+                self._onnx = load_verified(
+                    self.model,
+                    self.config.preprocess,
+                    self.frame_shape,
+                    self.model_version,
+                    self._encode_torch,
+                    onnx_dir,
+                    precision,
+                    threads=torch_threads or torch.get_num_threads(),  # RICE_TORCH_THREADS, else torch's (the physical cores)
+                )
+                if self._onnx is not None:
+                    break
+                log.warning(
+                    "the ONNX %s encoder does not serve; %s",
+                    precision,
+                    "trying fp32" if precision != "fp32" else "the encoder runs on torch",
+                )
 
     @property
     def runtime(self) -> str:

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             rebuild=True,
         )
         path = cache_path(root, loaded.model_version, precision)
-        print(f"{precision}: {'verified' if encoder else 'REFUSED (the service will run torch)'} {path}")
+        fallback = "the fp32 graph" if precision != "fp32" else "torch"
+        print(f"{precision}: {'verified' if encoder else f'REFUSED (the service will run {fallback})'} {path}")
         refused += encoder is None
     return 1 if refused else 0
