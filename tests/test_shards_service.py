@@ -117,6 +117,15 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         assert r.status_code == 201 and r.json()["shard"] == 0 and r.json()["shop_id"] == S0, r.text
         assert _recognize(u0, GREEN, shop_id=S0).json()["results"][0]["sku"] == "GREEN"
 
+        # A non-ASCII shop id in the header is its UTF-8 text (nginx hashes the header's raw bytes).
+        utf8 = {"X-Shop-Id": "店铺-7".encode()}  # shard 1
+        r = httpx.post(f"{u0}/v1/gallery/items", files={"image": ("x.jpg", _image(BLUE))}, data={"sku": "BLUE"}, headers=utf8)
+        assert r.status_code == 201 and (r.json()["shop_id"], r.json()["shard"]) == ("店铺-7", 1), r.text
+        wait_until(lambda: _skus(u1, "店铺-7") == ["BLUE"], 10, "shard 1 to apply the write")
+        assert httpx.get(f"{u1}/v1/gallery/items", headers=utf8).json()["items"][0]["shop_id"] == "店铺-7"
+        _error(httpx.get(f"{u0}/v1/gallery/items", headers=utf8), 421, "wrong_shard")
+        assert httpx.delete(f"{u0}/v1/gallery/skus/BLUE", headers=utf8).status_code == 200
+
         # Reads for a shop of the other shard: 421, naming both shards.
         message = _error(_recognize(u0, RED, shop_id=S1), 421, "wrong_shard")
         assert "shard 1" in message and "shard 0" in message and repr(S1) in message
