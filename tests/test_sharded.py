@@ -69,7 +69,7 @@ class Echo:
                 self.end_headers()
                 self.wfile.write(out)
 
-            do_GET = do_POST = do_DELETE = _answer
+            do_GET = do_POST = do_DELETE = _answer  # noqa: N815 - http.server's method names
 
             def log_message(self, *args: object) -> None:
                 pass

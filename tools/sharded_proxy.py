@@ -57,7 +57,9 @@ class RunningProxy:
     workdir: Path
 
     def log(self) -> str:
-        return "".join((self.workdir / n).read_text(errors="replace")[-3000:] for n in ("nginx.err", "nginx.out") if (self.workdir / n).exists())
+        """The tail of nginx's error log and access log (for assertion messages)."""
+        files = [self.workdir / n for n in ("nginx.err", "nginx.out")]
+        return "".join(f.read_text(errors="replace")[-3000:] for f in files if f.exists())
 
 
 def _accepts(port: int) -> bool:
