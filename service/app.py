@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, encoder: LoadedEncoder | None =
         serving = Serving(settings, metrics, gallery_store)
         await serving.start(encoder if encoder is not None else await asyncio.to_thread(load_encoder, settings.checkpoint))
         app.state.serving = serving
-        job_store = open_job_store(settings.redis_url, settings.redis_jobs_prefix, settings.gallery_path)
+        job_store = open_job_store(settings.redis_url, settings.jobs_prefix(), settings.gallery_path)
         current = lambda: (serving.current.job_timeline, serving.current.engine.model_version)  # noqa: E731  # the model serving now
         app.state.job_worker = JobWorker(job_store, current, job_config, job_events)
         app.state.job_worker.start()

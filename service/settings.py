@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.ann import AnnConfig
+from index.shards import ShardPlan
 from pipeline.batcher import BatcherConfig
 from pipeline.decode import DecodeLimits
 from pipeline.jobs import JobConfig
@@ -82,6 +83,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="shared Redis gallery for many replicas (redis://host:port/db); unset = SQLite")
     redis_prefix: str = Field("rice:{gallery}:", description="prefix of every gallery key in Redis")
     redis_log_maxlen: int = Field(100_000, ge=0, description="mutations kept in the Redis stream (about); 0 = all")
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="shop-sharded replica groups (1 = unsharded); more than 1 needs RICE_REDIS_URL and a shop id on gallery requests",
+    )
+    shard: int = Field(0, ge=0, description="the shard (0..RICE_SHARDS-1) whose shops this replica holds")
     sync_wait_s: float = Field(2.0, ge=0, le=60, description="longest wait for min_gallery_version (else 503)")
     ann_threshold: int = Field(200_000, ge=1, description="gallery size from which unfiltered search is approximate (IVF)")
     ann_nprobe: int = Field(32, ge=1, le=4096, description="IVF lists scanned per query (recall vs latency)")
@@ -195,9 +203,30 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @model_validator(mode="after")
+    def _sharding_is_possible(self) -> Settings:
+        """A sharded deployment is refused at start, in one line, unless it can work."""
+        self.shard_plan()  # RICE_SHARD within 0..RICE_SHARDS-1
+        if self.shards > 1 and not self.redis_url:
+            raise ValueError(
+                f"RICE_SHARDS={self.shards} needs RICE_REDIS_URL: the shards' galleries are written across replica groups through one Redis"
+            )
+        return self
+
     # Settings groups: the config objects the components take, built from the RICE_* fields above
     # (one flat environment namespace, so every documented name stays as it is). A component's own
     # defaults equal what these build from default settings (tests/test_settings_groups.py).
+
+    def shard_plan(self) -> ShardPlan:
+        return ShardPlan(self.shards, self.shard)
+
+    def gallery_prefix(self, shard: int | None = None) -> str:
+        """The Redis gallery prefix of `shard` (default: this replica's); RICE_REDIS_PREFIX itself when unsharded."""
+        return self.shard_plan().prefix(self.redis_prefix, shard)
+
+    def jobs_prefix(self) -> str:
+        """This replica's timeline job prefix: jobs are claimed by any replica sharing the store, so per shard too."""
+        return self.shard_plan().prefix(self.redis_jobs_prefix)
 
     def batcher_config(self, max_background: int | None = None) -> BatcherConfig:
         return BatcherConfig(self.max_batch_size, self.max_wait_ms, self.max_queue_frames, self.pipeline_depth, max_background)

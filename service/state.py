@@ -259,8 +259,9 @@ async def close_serving(state: AppState) -> None:
 
 
 def store_for(settings: Settings) -> Store:
-    """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set, else embedded SQLite."""
-    return open_store(settings.redis_url, settings.redis_prefix, settings.redis_log_maxlen, settings.gallery_path)
+    """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set (this replica's
+    shard of it when sharded), else embedded SQLite."""
+    return open_store(settings.redis_url, settings.gallery_prefix(), settings.redis_log_maxlen, settings.gallery_path)
 
 
 # How long past RICE_DECODE_TIMEOUT_S a decode worker may stay silent before it is killed.
