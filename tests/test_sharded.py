@@ -11,23 +11,25 @@ from __future__ import annotations
 import json
 import random
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from index.shards import shard_of
+from tests.conftest import RedisServer, jpeg
+from tests.serving_helpers import wait_until
+from tests.test_replicas import Replica
+from tools.democatalog import make_products
 from tools.sharded_proxy import SHARD_HEADER, RunningProxy, config_groups, nginx_binary, sharded_nginx
 
 pytestmark = pytest.mark.integration
-
-
-def shard_of(shop_id: str, n: int) -> int:
-    return ((zlib.crc32(shop_id.encode()) >> 16) & 0x7FFF) % n
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,3 +156,125 @@ def test_a_group_that_is_down_fails_its_shops_and_never_falls_over_to_another(ec
                     assert r.status_code == 502, (shop, r.status_code, r.text)
                 else:
                     assert r.status_code == 200 and r.json()["group"] == 0
+
+
+# -- real shard groups: two `rice serve` processes (shard 0 and 1 of 2) on one Redis, behind nginx --
+
+
+@dataclass
+class Sharded:
+    proxy: RunningProxy
+    shards: list[Replica]  # shard i's replica (each group has one here)
+    shops: list[list[str]]  # shop ids of each shard
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sharded]:
+    redis = RedisServer(tmp_path_factory.mktemp("sharded-redis"))
+    redis.start()
+    workdir = tmp_path_factory.mktemp("sharded")
+    replicas = [Replica(redis.url, workdir, f"s{i}", RICE_SHARDS="2", RICE_SHARD=str(i), RICE_DECODE_WORKERS="1") for i in range(2)]
+    try:
+        for r in replicas:
+            r.start()
+        for r in replicas:
+            r.wait_ready(300)  # generous: a loaded 2-core box loads and warms two encoders at once
+        with sharded_nginx([[f"127.0.0.1:{r.port}"] for r in replicas], workdir / "nginx") as proxy:
+            shops = shop_ids(400, seed=7)
+            yield Sharded(proxy, replicas, [[s for s in shops if shard_of(s, 2) == i] for i in range(2)])
+    finally:
+        for r in replicas:
+            r.stop()
+        redis.stop()
+
+
+def _image(seed: int) -> bytes:
+    return jpeg(make_products(1, seed=seed)[0].image)
+
+
+def _add(url: str, shop: str, sku: str, image: bytes, **params: str) -> dict[str, Any]:
+    """Add a catalog item; the shop only in the form field, as clients send it (nginx cannot see it)."""
+    r = httpx.post(
+        f"{url}/v1/gallery/items",
+        params=params,
+        data={"sku": sku, "shop_id": shop, "item_id": f"{sku}-{shop}"},
+        files={"image": ("p.jpg", image, "image/jpeg")},
+        timeout=120,
+    )
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _listed(url: str, shop: str, **headers: str) -> list[str]:
+    r = httpx.get(f"{url}/v1/gallery/items", params={"shop_id": shop}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return [i["item_id"] for i in r.json()["items"]]
+
+
+def _stats(replica: Replica) -> dict[str, Any]:
+    return dict(httpx.get(f"{replica.url}/v1/gallery/stats", timeout=60).json())
+
+
+@pytest.mark.slow
+def test_nginx_sends_each_shop_to_the_group_holding_its_shard(sharded: Sharded) -> None:
+    """200 shops through nginx: each answered by its shard's replica (a replica answers 421 for a
+    shop it does not hold), and the group nginx chose is shard_of's."""
+    infos = [httpx.get(f"{r.url}/v1/info", timeout=60).json() for r in sharded.shards]
+    assert [(i["shards"], i["shard"]) for i in infos] == [(2, 0), (2, 1)]
+    other = sharded.shops[1][0]
+    wrong = httpx.get(f"{sharded.shards[0].url}/v1/gallery/items", params={"shop_id": other}, timeout=60)
+    assert wrong.status_code == 421 and wrong.json()["error"]["code"] == "wrong_shard", wrong.text
+    shops = sharded.shops[0][:100] + sharded.shops[1][:100]
+    with httpx.Client(base_url=sharded.proxy.url, timeout=60) as http:
+        for i, shop in enumerate(shops):
+            params, headers = ({"shop_id": shop}, {}) if i % 2 else ({}, {"X-Shop-Id": shop})
+            r = http.get("/v1/gallery/items", params={**params, "limit": 1}, headers=headers)
+            assert r.status_code == 200, (shop, r.status_code, r.text, sharded.proxy.log())
+            assert r.headers[SHARD_HEADER] == str(shard_of(shop, 2))
+
+
+@pytest.mark.slow
+def test_an_item_added_through_nginx_is_found_there_and_only_in_its_shard(sharded: Sharded) -> None:
+    shop = sharded.shops[0][1]
+    before = _stats(sharded.shards[1])
+    image = _image(seed=31)
+    added = _add(sharded.proxy.url, shop, "SKU-A", image, shop_id=shop)
+    assert added["shard"] == 0
+    r = httpx.post(
+        f"{sharded.proxy.url}/v1/recognize/image",
+        params={"shop_id": shop, "top_k": 3, "min_gallery_version": added["gallery_version"]},
+        files={"file": ("q.jpg", image, "image/jpeg")},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["item_id"] == added["item_id"] and r.headers[SHARD_HEADER] == "0"
+    assert added["item_id"] in _listed(sharded.proxy.url, shop)
+    wait_until(lambda: _stats(sharded.shards[0])["gallery_version"] >= added["gallery_version"], 60, "shard 0 applies the write")
+    assert _stats(sharded.shards[0])["items"] >= 1
+    after = _stats(sharded.shards[1])
+    assert (after["items"], after["gallery_version"]) == (before["items"], before["gallery_version"]), "shard 1 never sees shard 0's items"
+
+
+@pytest.mark.slow
+def test_a_write_sent_to_the_wrong_group_lands_in_its_shops_shard(sharded: Sharded) -> None:
+    shop = sharded.shops[1][1]
+    before = _stats(sharded.shards[0])
+    added = _add(sharded.shards[0].url, shop, "SKU-B", _image(seed=32))  # straight to shard 0's replica
+    assert added["shard"] == 1
+    wait_until(lambda: _stats(sharded.shards[1])["gallery_version"] >= added["gallery_version"], 60, "shard 1 applies the write")
+    assert added["item_id"] in _listed(sharded.proxy.url, shop, **{"X-Shop-Id": shop})
+    after = _stats(sharded.shards[0])
+    assert (after["items"], after["gallery_version"]) == (before["items"], before["gallery_version"])
+    # a delete sent to the wrong group, likewise
+    r = httpx.delete(f"{sharded.shards[0].url}/v1/gallery/items/{added['item_id']}", params={"shop_id": shop}, timeout=60)
+    assert r.status_code == 200 and r.json()["deleted"] == [added["item_id"]], r.text
+    wait_until(lambda: added["item_id"] not in _listed(sharded.proxy.url, shop), 60, "the delete reaches shard 1")
+
+
+@pytest.mark.slow
+def test_a_gallery_request_without_a_shop_gets_400_shop_required(sharded: Sharded) -> None:
+    for r in (
+        httpx.get(f"{sharded.proxy.url}/v1/gallery/items", timeout=60),
+        httpx.post(f"{sharded.proxy.url}/v1/recognize/image", files={"file": ("q.jpg", _image(seed=33), "image/jpeg")}, timeout=120),
+    ):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "shop_required", r.text
