@@ -69,6 +69,18 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class ShopRequired(BadRequest):
+    """A gallery or recognition request without a shop id on a shop-sharded deployment (the shop picks the shard)."""
+
+    code = "shop_required"
+
+
+class WrongShard(ServiceError):
+    """A read for a shop that another shard's replicas hold: the proxy in front sent it to the wrong group."""
+
+    code = "wrong_shard"
+
+
 class ItemNotFound(NotFound, LookupError):
     """No live item (or SKU) with that id."""
 

@@ -9,6 +9,12 @@ Writes go to the store first (durable, versioned); the local index then catches 
 
 Either way every answer reports the gallery version it saw, and `wait_for_version` gives
 read-your-writes: a request may ask for a version at least as new as one it was told.
+
+On a shop-sharded deployment (`index.shards`) the replica follows its own shard's store only, and
+routes every gallery write by shop: a write for a shop of another shard goes durably into that
+shard's store (`ShardStores`) and is answered with that shard's version, without waiting here
+(this replica never holds that shard). Routes and feedback enrichment write through these methods
+alike, so no caller routes by itself.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import Any, cast
 import numpy as np
 
 from index.ann import AnnConfig, IndexPlacer
-from index.errors import ItemNotFound, StoreUnavailable
+from index.errors import InvalidBulk, ItemNotFound, StoreUnavailable
 from index.follower import Follower
 from index.gallery import Gallery, Hit
 from index.records import ChangeLog, FeatureStore, Namespaces, Record, Store, Thumbnails
+from index.shards import ShardPlan, ShardStores
 from index.views import is_view, view_ids
 
 log = logging.getLogger("rice.replica")
@@ -35,11 +42,21 @@ log = logging.getLogger("rice.replica")
 
 class GalleryReplica:
     def __init__(
-        self, store: Store, namespace: str, dim: int, ann: AnnConfig | None = None, wait_s: float = 2.0, placer: IndexPlacer | None = None
+        self,
+        store: Store,
+        namespace: str,
+        dim: int,
+        ann: AnnConfig | None = None,
+        wait_s: float = 2.0,
+        placer: IndexPlacer | None = None,
+        shards: ShardStores | None = None,
     ) -> None:
         """`wait_s` bounds how long a write waits to become visible here, and readiness's patience with lag;
-        `placer` puts the search index on the GPUs (see `index.ann.default_placer`)."""
+        `placer` puts the search index on the GPUs (see `index.ann.default_placer`); `shards`, on a
+        sharded deployment: `store` is this replica's shard's, `shards` opens the others' for writes."""
         self.store = store
+        self.shards = shards
+        self.plan = shards.plan if shards is not None else ShardPlan()
         self.namespace = namespace  # the model version: vectors of other models are never searched
         self.dim = dim
         self.ann = ann
@@ -62,9 +79,33 @@ class GalleryReplica:
             self.sync()
 
     def stop(self) -> None:
-        """Stop following the store's log."""
+        """Stop following the store's log (and close the other shards' stores opened for writes)."""
         if self.follower is not None:
             self.follower.stop()
+        if self.shards is not None:
+            self.shards.close()
+
+    # -- shards: where a shop's writes go ----------------------------------------------------------
+
+    def holds(self, shop_id: str | None) -> bool:
+        """Whether this replica's gallery holds `shop_id`'s items (always, unsharded)."""
+        return self.plan.is_local(shop_id)
+
+    def shard_of(self, shop_id: str | None) -> int:
+        """The shard a write for `shop_id` goes to (0 unsharded; ShopRequired sharded without a shop)."""
+        self.plan.require_shop(shop_id)
+        return self.plan.of(shop_id) if shop_id is not None else self.plan.shard
+
+    def _store_of(self, shard: int) -> Store:
+        if shard == self.plan.shard:
+            return self.store
+        assert self.shards is not None  # a shard other than ours exists only when sharded
+        return self.shards.store(shard)
+
+    def _target(self, shop_id: str | None) -> tuple[Store, bool]:
+        """The store a write for `shop_id` goes to, and whether it is this replica's own."""
+        shard = self.shard_of(shop_id)
+        return self._store_of(shard), shard == self.plan.shard
 
     def sync(self) -> int:
         """Apply every change the store has beyond our version; returns the version now applied."""
@@ -110,8 +151,11 @@ class GalleryReplica:
     def _pull(self) -> None:
         self.sync()  # StoreUnavailable reaches the client as 503 through the error table
 
-    async def _write(self, fn: Any, *args: Any) -> Any:
+    async def _write(self, fn: Any, *args: Any, here: bool = True) -> Any:
+        """Run a store write; when it went to this replica's store (`here`), also wait until it is visible here."""
         result = await asyncio.to_thread(fn, *args)  # StoreUnavailable: 503 through the error table
+        if not here:  # another shard's store: its own replicas apply it from their log
+            return result
         version = result if isinstance(result, int) else result[0]
         # Durable now; make it visible here before answering (bounded: another replica's backlog
         # must not hold this answer forever; the client can still ask for the version later).
@@ -136,42 +180,87 @@ class GalleryReplica:
         """Upsert one item. Its thumbnail and local features (when the store keeps them) are written
         first, so an item that any replica can find always has them. `views` [V, D]: extra vectors
         of the item (gallery-side views, `index.views`), written with it under one version; a
-        replaced item's views beyond V are removed."""
+        replaced item's views beyond V are removed. Goes to `shop_id`'s shard (see the module docstring)."""
+        store, here = self._target(shop_id)
         item_id = item_id or uuid.uuid4().hex
-        if thumbnail is not None and isinstance(self.store, Thumbnails):
-            await asyncio.to_thread(self.store.put_thumbnail, item_id, thumbnail)
-        if features is not None and isinstance(self.store, FeatureStore):
-            await asyncio.to_thread(self.store.put_features, item_id, features)
+        if thumbnail is not None and isinstance(store, Thumbnails):
+            await asyncio.to_thread(store.put_thumbnail, item_id, thumbnail)
+        if features is not None and isinstance(store, FeatureStore):
+            await asyncio.to_thread(store.put_features, item_id, features)
         n = 0 if views is None else len(views)
-        stale = [v for v in view_ids(item_id)[n:] if self.gallery.has(v)]
+        # Another shard's gallery is not held here: try its possible stale views (none live: no version).
+        stale = [v for v in view_ids(item_id)[n:] if not here or self.gallery.has(v)]
         if stale:  # a replaced item that had more views: they go first (the item itself stays findable)
             with contextlib.suppress(ItemNotFound):  # another writer removed them already
-                await self._write(self.store.delete_items, stale)
+                await self._write(store.delete_items, stale, here=here)
         recs = [Record(item_id, sku, shop_id, vector.astype(np.float32), metadata, source=source)]
         if views is not None and n:
             recs += [
                 Record(v, sku, shop_id, vec.astype(np.float32), metadata, source=source)
                 for v, vec in zip(view_ids(item_id, n), views, strict=True)
             ]
-        version = await self._write(self.store.upsert, self.namespace, recs)
+        version = await self._write(store.upsert, self.namespace, recs, here=here)
         return item_id, int(version)
 
-    async def _forget_thumbnails(self, ids: list[str]) -> None:
-        if isinstance(self.store, Thumbnails):
-            await asyncio.to_thread(self.store.delete_thumbnails, ids)
-        if isinstance(self.store, FeatureStore):
-            await asyncio.to_thread(self.store.delete_features, ids)
+    async def put_thumbnail(self, item_id: str, jpeg: bytes, shop_id: str | None) -> None:
+        """Store an item's thumbnail in its shop's shard (a bulk import's images, before its rows)."""
+        store, _ = self._target(shop_id)
+        if isinstance(store, Thumbnails):
+            await asyncio.to_thread(store.put_thumbnail, item_id, jpeg)
+
+    async def _forget_thumbnails(self, ids: list[str], store: Store | None = None) -> None:
+        store = self.store if store is None else store
+        if isinstance(store, Thumbnails):
+            await asyncio.to_thread(store.delete_thumbnails, ids)
+        if isinstance(store, FeatureStore):
+            await asyncio.to_thread(store.delete_features, ids)
 
     async def add_bulk(self, records: list[Record]) -> int:
         """Store many records under one gallery version, all or nothing (a bulk import), then make
-        them visible here; the local index applies them in chunks, so searches keep running."""
-        return int(await self._write(self.store.upsert, self.namespace, records))
+        them visible here; the local index applies them in chunks, so searches keep running.
+        Sharded: see `import_bulk`; the version is `answer_version`'s."""
+        return self.answer_version(await self.import_bulk(records))
 
-    async def delete_item(self, item_id: str) -> tuple[int, list[str]]:
-        """Delete one item and its views (`index.views`); returns (version, [item_id])."""
-        version, ids = cast(tuple[int, list[str]], await self._write(self.store.delete_items, [item_id, *view_ids(item_id)]))
+    async def import_bulk(self, records: list[Record]) -> dict[int, int]:
+        """A bulk import, split by shard: {shard: the gallery version its part was stored under}.
+        Every row is checked first (sharded: each needs a shop id, InvalidBulk naming the row); each
+        shard's part is then all or nothing, other shards' parts first, this replica's last (and waited for)."""
+        parts = self._split(records)
+        versions: dict[int, int] = {}
+        for shard in sorted(parts, key=lambda s: s == self.plan.shard):  # ours last
+            here = shard == self.plan.shard
+            versions[shard] = int(await self._write(self._store_of(shard).upsert, self.namespace, parts[shard], here=here))
+        return versions
+
+    def check_bulk(self, records: list[Record]) -> None:
+        """InvalidBulk (naming the row) when a sharded import has a row without a shop id."""
+        self._split(records)
+
+    def _split(self, records: list[Record]) -> dict[int, list[Record]]:
+        if not self.plan.sharded:
+            return {self.plan.shard: records}
+        parts: dict[int, list[Record]] = {}
+        for row, r in enumerate(records, 1):
+            if r.shop_id is None:
+                raise InvalidBulk(
+                    f"items row {row} (item {r.item_id!r}): shop_id is required on a sharded deployment "
+                    f"({self.plan.shards} shards by shop): every row goes to its shop's shard"
+                )
+            parts.setdefault(self.plan.of(r.shop_id), []).append(r)
+        return parts or {self.plan.shard: []}
+
+    def answer_version(self, versions: dict[int, int]) -> int:
+        """The one `gallery_version` of a write to several shards: this replica's shard's, else the lowest shard's."""
+        return versions.get(self.plan.shard, versions[min(versions)])
+
+    async def delete_item(self, item_id: str, shop_id: str | None = None) -> tuple[int, list[str]]:
+        """Delete one item and its views (`index.views`); returns (version, [item_id]). Sharded: in
+        `shop_id`'s shard (required there: an item id alone does not say which shard holds it)."""
+        store, here = self._target(shop_id)
+        result = await self._write(store.delete_items, [item_id, *view_ids(item_id)], here=here)
+        version, ids = cast(tuple[int, list[str]], result)
         ids = [i for i in ids if not is_view(i)]
-        await self._forget_thumbnails(ids)
+        await self._forget_thumbnails(ids, store)
         return version, ids
 
     async def delete_items(self, item_ids: list[str]) -> tuple[int, list[str]]:
@@ -181,9 +270,11 @@ class GalleryReplica:
         return result
 
     async def delete_sku(self, sku: str, shop_id: str | None) -> tuple[int, list[str]]:
-        version, ids = cast(tuple[int, list[str]], await self._write(self.store.delete_sku, sku, shop_id))
+        """Delete a SKU's items (one shop's if given; sharded: `shop_id`'s shard, a shop required)."""
+        store, here = self._target(shop_id)
+        version, ids = cast(tuple[int, list[str]], await self._write(store.delete_sku, sku, shop_id, here=here))
         ids = [i for i in ids if not is_view(i)]  # the SKU's views go with it
-        await self._forget_thumbnails(ids)
+        await self._forget_thumbnails(ids, store)
         return version, ids
 
     def thumbnail(self, item_id: str) -> bytes | None:

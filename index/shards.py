@@ -12,8 +12,13 @@ and every prefix is the configured one, unchanged (existing deployments keep the
 from __future__ import annotations
 
 import re
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from index.errors import ShopRequired, WrongShard
+from index.records import Store
 
 # The first {...} of a key with something inside it is its Redis Cluster hash tag.
 _HASH_TAG = re.compile(r"\{([^{}]+)\}")
@@ -73,6 +78,55 @@ class ShardPlan:
             return True
         return shop_id is not None and self.of(shop_id) == self.shard
 
+    def require_shop(self, shop_id: str | None) -> None:
+        """ShopRequired (400) on a sharded deployment when a request names no shop."""
+        if self.sharded and shop_id is None:
+            raise ShopRequired(
+                f"this is a sharded deployment ({self.shards} shards by shop): give the shop id in the "
+                "shop_id query parameter or the X-Shop-Id header"
+            )
+
+    def check_read(self, shop_id: str | None) -> None:
+        """A read or recognition for `shop_id` can be answered here: it names a shop (when sharded)
+        and this replica holds that shop's shard (else WrongShard, 421: the proxy is misconfigured)."""
+        self.require_shop(shop_id)
+        if shop_id is not None and not self.is_local(shop_id):
+            raise WrongShard(
+                f"shop {shop_id!r} is on shard {self.of(shop_id)}, this replica serves shard {self.shard} of {self.shards}: "
+                "the proxy in front should route by the shop id (X-Shop-Id header, else the shop_id query parameter)"
+            )
+
     def prefix(self, prefix: str, shard: int | None = None) -> str:
         """`prefix` for shard `shard` (default: this replica's)."""
         return shard_prefix(prefix, self.shard if shard is None else shard, self.shards)
+
+
+class ShardStores:
+    """The stores of the shards other than this replica's, opened on first use and kept.
+
+    A replica follows (and searches) its own shard only, but gallery writes for any shop are taken
+    by whichever replica receives them: a write for a shop of another shard goes durably into that
+    shard's store, whose own replicas apply it from their log. `open_shard(i)` opens shard i's store
+    (the same Redis, shard i's prefix)."""
+
+    def __init__(self, plan: ShardPlan, open_shard: Callable[[int], Store]) -> None:
+        self.plan = plan
+        self._open_shard = open_shard
+        self._stores: dict[int, Store] = {}
+        self._lock = threading.Lock()
+
+    def store(self, shard: int) -> Store:
+        """Shard `shard`'s store (not this replica's own: that one the replica holds)."""
+        if shard == self.plan.shard:
+            raise ValueError(f"shard {shard} is this replica's own")
+        with self._lock:  # writes arrive on worker threads: open each shard's store once
+            store = self._stores.get(shard)
+            if store is None:
+                store = self._stores[shard] = self._open_shard(shard)
+            return store
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()

@@ -13,6 +13,11 @@ A view is a gallery item with `source: feedback`, item id `fb-<request_id>` (so 
 the request replaces or removes the same view), no thumbnail (it is never shown as a catalog
 image), and at most `max_views` per SKU and shop: the oldest go first. Search already scores a SKU
 by its best item, so the views act as extra images of the product.
+
+On a shop-sharded deployment the replica routes the view's writes to the shop's shard (any replica
+takes any verdict: request records are not sharded). Only a replica of that shard holds the shop's
+gallery, so elsewhere the SKU is not checked (`unknown_sku`), the view is the clip vector, and the
+cap is applied by the next verdict on that SKU that a replica of the shop's shard takes.
 """
 
 from __future__ import annotations
@@ -187,7 +192,8 @@ class FeedbackKeeper:
         except RequestNotFound as exc:
             raise NotFound(str(exc)) from exc
         right = self._right_sku(record, verdict, sku)
-        if right is not None and verdict == "wrong" and record.model_version == replica.namespace:
+        here = replica.holds(record.shop_id)  # sharded: only the shop's shard's replicas hold its gallery
+        if right is not None and verdict == "wrong" and record.model_version == replica.namespace and here:
             known = await asyncio.to_thread(replica.gallery.views, right, "catalog", record.shop_id, record.shop_id is None)
             if not known and not await asyncio.to_thread(replica.gallery.views, right, "feedback", record.shop_id, record.shop_id is None):
                 raise UnknownSku(f"sku {right!r} is not in the gallery" + (f" of shop {record.shop_id!r}" if record.shop_id else ""))
@@ -210,10 +216,11 @@ class FeedbackKeeper:
         version: int | None = None
         if fb.record.model_version != replica.namespace:  # another model's vector: never searched with this one
             return None, removed, None
+        shop = fb.record.shop_id
         if not self._enriches(fb):
-            if view_id in replica.gallery:
+            if view_id in replica.gallery or not replica.holds(shop):  # another shard's view: ask its store
                 try:
-                    version, removed = await replica.delete_item(view_id)
+                    version, removed = await replica.delete_item(view_id, shop)
                     self.on_view("removed")
                 except ItemNotFound:
                     pass  # another replica removed it meanwhile
@@ -232,7 +239,7 @@ class FeedbackKeeper:
         views.sort(key=lambda h: (float(h.metadata.get("added_at", 0.0)), h.item_id))
         for old in views[: max(0, len(views) - self.config.max_views)]:  # oldest out
             try:
-                version, ids = await replica.delete_item(old.item_id)
+                version, ids = await replica.delete_item(old.item_id, shop)
                 removed += ids
                 self.on_view("evicted")
             except ItemNotFound:

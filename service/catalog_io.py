@@ -15,7 +15,7 @@ import numpy as np
 from index.blobs import Blobs, image_member, read_image_tar
 from index.bulk import BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
 from index.errors import BadRequest, InvalidBulk
-from index.records import ID_PATTERN, ID_RULE, Record, Thumbnails
+from index.records import ID_PATTERN, ID_RULE, Record
 from pipeline.originals import original_jpeg
 from service.state import AppState
 
@@ -81,16 +81,16 @@ def export_images(state: AppState, blobs: Blobs | None, item_ids: list[str], whi
             yield image_member("originals", item_id), data
 
 
-async def import_images(state: AppState, blobs: Blobs | None, images: IO[bytes], item_ids: set[str]) -> None:
+async def import_images(state: AppState, blobs: Blobs | None, images: IO[bytes], shops: dict[str, str | None]) -> None:
     """Store a bulk import's thumbnails and originals, checked first (InvalidBulk: nothing written),
-    before its items: an imported item any replica can find has its images."""
+    before its items: an imported item any replica can find has its images. `shops`: each row's
+    item id -> shop id (a thumbnail goes to its shop's shard's store)."""
     found = await asyncio.to_thread(read_image_tar, images)
-    stray = sorted({item_id for _, item_id, _ in found} - item_ids)
+    stray = sorted({item_id for _, item_id, _ in found} - shops.keys())
     if stray:
         raise InvalidBulk(f"images: {len(stray)} images of items not in this import, e.g. {stray[0]!r}")
-    store = state.replica.store
     for kind, item_id, data in found:
-        if kind == "thumbnails" and isinstance(store, Thumbnails):
-            await asyncio.to_thread(store.put_thumbnail, item_id, data)
+        if kind == "thumbnails":
+            await state.replica.put_thumbnail(item_id, data, shops[item_id])
         elif kind == "originals" and blobs is not None:
             await asyncio.to_thread(blobs.put, item_id, data)

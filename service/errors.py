@@ -30,9 +30,11 @@ from index.errors import (
     PayloadTooLarge,
     RequestNotFound,
     ServiceError,
+    ShopRequired,
     StoreUnavailable,
     UndecodableMedia,
     UnsupportedMedia,
+    WrongShard,
 )
 from pipeline.feedback import UnknownSku
 from pipeline.jobs import UploadMissing
@@ -52,9 +54,11 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ServiceError",
+    "ShopRequired",
     "Unauthorized",
     "UndecodableMedia",
     "UnsupportedMedia",
+    "WrongShard",
     "error_body",
     "install_error_handlers",
 ]
@@ -78,6 +82,7 @@ class Forbidden(ServiceError):
 ERROR_STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     InvalidBulk: 400,
+    ShopRequired: 400,
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
@@ -86,6 +91,7 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     RequestNotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
+    WrongShard: 421,  # Misdirected Request: this replica group does not hold the shop
     UnsupportedMedia: 415,
     InvalidMedia: 422,
     UndecodableMedia: 422,

@@ -49,22 +49,30 @@ class RecognizeResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+_SHARD_DOC = "the shard whose gallery the write went to, and whose version gallery_version is (0 unsharded)"
+
+
 class ItemCreated(BaseModel):
     item_id: str
     sku: str
     shop_id: str | None
     gallery_version: int
     model_version: str
+    shard: int = Field(0, description=_SHARD_DOC)
 
 
 class BulkImported(BaseModel):
     imported: int
-    gallery_version: int
+    gallery_version: int = Field(description="sharded, rows of several shards: this replica's shard's version, else the lowest shard's")
+    gallery_versions: dict[int, int] | None = Field(
+        None, description="sharded deployments only: the version each shard's part was stored under (read-your-writes per shard)"
+    )
 
 
 class Deleted(BaseModel):
     deleted: list[str] = Field(description="item ids removed")
     gallery_version: int
+    shard: int = Field(0, description=_SHARD_DOC)
 
 
 class GalleryStats(BaseModel):

@@ -19,6 +19,7 @@ from index.ann import default_placer, set_search_threads
 from index.errors import StoreUnavailable
 from index.records import Store
 from index.replica import GalleryReplica
+from index.shards import ShardStores
 from index.stores import open_store
 from model.checkpoint import BUILTIN_SOURCE, LoadedEncoder
 from model.verdict import VerdictModel, builtin_verdict
@@ -85,7 +86,9 @@ def build_serving(settings: Settings, loaded: LoadedEncoder, gallery_store: Stor
     info = {"version": engine.model_version, "source": engine.source, "device": str(engine.device), "dtype": dtype}
     metrics.model_info.info(info | {"runtime": engine.runtime})  # torch, onnx-fp32 or onnx-int8: what verification let serve
     ann = settings.ann_config()
-    replica = GalleryReplica(gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer())
+    replica = GalleryReplica(
+        gallery_store, engine.model_version, engine.dim, ann, settings.sync_wait_s, default_placer(), shards=shard_stores(settings)
+    )
     replica.start()  # loads the gallery; with Redis, also follows the shared stream
     try:
         warning = replica.namespace_warning()
@@ -262,6 +265,19 @@ def store_for(settings: Settings) -> Store:
     """The gallery store the settings ask for: shared Redis when RICE_REDIS_URL is set (this replica's
     shard of it when sharded), else embedded SQLite."""
     return open_store(settings.redis_url, settings.gallery_prefix(), settings.redis_log_maxlen, settings.gallery_path)
+
+
+def shard_stores(settings: Settings) -> ShardStores | None:
+    """On a sharded deployment, the other shards' gallery stores (same Redis, their prefixes),
+    opened when a write for one of their shops first arrives; None unsharded."""
+    plan = settings.shard_plan()
+    if not plan.sharded:
+        return None
+
+    def open_shard(shard: int) -> Store:
+        return open_store(settings.redis_url, settings.gallery_prefix(shard), settings.redis_log_maxlen, settings.gallery_path)
+
+    return ShardStores(plan, open_shard)
 
 
 # How long past RICE_DECODE_TIMEOUT_S a decode worker may stay silent before it is killed.

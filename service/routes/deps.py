@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
 from pipeline.feedback import FeedbackKeeper
 from service.catalog_io import Blobs
 from service.errors import BadRequest, NotReady, PayloadTooLarge
 from service.serving import Serving
+from service.settings import Settings
 from service.state import AppState
 
 
@@ -70,6 +71,53 @@ def get_feedback(request: Request) -> FeedbackKeeper:
 
 
 Keeper = Annotated[FeedbackKeeper, Depends(get_feedback)]
+
+
+# -- the shop of a request (shop-sharded deployments route on it; README "Sharding by shop") ------
+
+SHOP_HEADER = "X-Shop-Id"
+_SHOP_QUERY_DOC = "the shop: search, list or act on only this shop's gallery (sharded deployments: required, here or in X-Shop-Id)"
+_SHOP_HEADER_DOC = "the shop, as a header (what a sharding proxy routes on); the same as the shop_id query parameter"
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def routing_shop(
+    shop_id: str | None = Query(None, max_length=256, description=_SHOP_QUERY_DOC),
+    x_shop_id: str | None = Header(None, alias=SHOP_HEADER, max_length=256, description=_SHOP_HEADER_DOC),
+) -> str | None:
+    """The request's shop: the `shop_id` query parameter or the X-Shop-Id header (empty = absent);
+    400 when both are given and differ (a proxy would route on one and the service filter on the other)."""
+    query, header = shop_id or None, x_shop_id or None
+    if query is not None and header is not None and query != header:
+        raise BadRequest(f"the shop_id query parameter ({query!r}) and the {SHOP_HEADER} header ({header!r}) differ: send one, or the same")
+    return header or query
+
+
+RoutingShop = Annotated[str | None, Depends(routing_shop)]
+
+
+def read_shop(request: Request, shop: RoutingShop) -> str | None:
+    """The shop of a gallery read or a recognition: on a sharded deployment required (400
+    shop_required) and held by this replica's shard (421 wrong_shard: the proxy sent it astray)."""
+    settings_of(request).shard_plan().check_read(shop)
+    return shop
+
+
+ReadShop = Annotated[str | None, Depends(read_shop)]
+
+
+def write_shop(request: Request, routing: str | None, body: str | None = None) -> str | None:
+    """The shop of a gallery write: the routing shop or the body's own shop_id field (400 when they
+    differ); required on a sharded deployment, but of any shard: the replica writes it to its shard."""
+    if routing is not None and body is not None and routing != body:
+        raise BadRequest(f"the shop_id field ({body!r}) differs from the request's shop ({routing!r}, query parameter or {SHOP_HEADER})")
+    shop = routing if routing is not None else body
+    settings_of(request).shard_plan().require_shop(shop)
+    return shop
 
 
 async def read_upload(upload: UploadFile | None, request: Request, max_bytes: int, field: str) -> bytes:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pipeline.feedback import REQUEST_ID
 from service.auth import require_write
 from service.errors import BadRequest, NotFound
-from service.routes.deps import Keeper, State
+from service.routes.deps import Keeper, ReadShop, State
 from service.schemas import Deleted, FeedbackRecorded, FeedbackRequest
 
 router = APIRouter(tags=["feedback"], dependencies=[Depends(require_write)])
@@ -41,9 +41,9 @@ async def feedback(body: FeedbackRequest, state: State, keeper: Keeper) -> Feedb
 @router.delete("/v1/gallery/items", response_model=Deleted)
 async def delete_views(
     state: State,
+    shop_id: ReadShop,  # only this shop's views; default: every shop's (sharded: one shop's, required)
     source: Literal["feedback"] = Query(..., description="which items: feedback views (catalog images go by item or SKU)"),
     sku: str | None = Query(None, max_length=256, description="only this SKU's views; default: every SKU's"),
-    shop_id: str | None = Query(None, max_length=256, description="only this shop's views; default: every shop's"),
 ) -> Deleted:
     """Remove feedback views in bulk (one gallery version), e.g. after a bad batch of feedback. 404 when there are none."""
     gallery = state.replica.gallery
@@ -56,4 +56,4 @@ async def delete_views(
         raise NotFound(f"no {source} views" + (f" of sku {sku!r}" if sku else "") + (f" in shop {shop_id!r}" if shop_id else ""))
     version, deleted = await state.replica.delete_items(ids)
     state.metrics.feedback_views.labels("removed").inc(len(deleted))
-    return Deleted(deleted=deleted, gallery_version=version)
+    return Deleted(deleted=deleted, gallery_version=version, shard=state.settings.shard)

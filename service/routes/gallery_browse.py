@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from service.auth import require_read
 from service.errors import NotFound
-from service.routes.deps import State
+from service.routes.deps import ReadShop, State
 from service.schemas import GalleryItem, GalleryPage
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"], dependencies=[Depends(require_read)])
@@ -17,8 +17,8 @@ router = APIRouter(prefix="/v1/gallery", tags=["gallery"], dependencies=[Depends
 @router.get("/items", response_model=GalleryPage)
 async def list_items(
     state: State,
+    shop_id: ReadShop,
     sku: str | None = Query(None, max_length=256, description="only SKUs containing this text (case-insensitive)"),
-    shop_id: str | None = Query(None, max_length=256, description="only this shop's items"),
     offset: int = Query(0, ge=0, description="items to skip"),
     limit: int = Query(50, ge=1, le=500, description="items per page"),
 ) -> GalleryPage:
@@ -35,7 +35,7 @@ async def list_items(
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the item's catalog thumbnail"}},
 )
-async def thumbnail(item_id: str, state: State) -> Response:
+async def thumbnail(item_id: str, state: State, shop_id: ReadShop) -> Response:
     """The small JPEG made from the item's catalog image when it was added (404 when there is none)."""
     data = await asyncio.to_thread(state.replica.thumbnail, item_id)
     if data is None:

@@ -87,6 +87,8 @@ async def info(state: State) -> dict[str, Any]:
         "dtype": str(e.dtype).removeprefix("torch."),
         "preprocess": e.config.preprocess.__dict__,
         "gallery": gallery,
+        "shards": s.shards,  # shop-sharded replica groups (1 = unsharded)
+        "shard": s.shard,  # the one whose shops this replica holds
         "match_threshold": state.pipeline.match_threshold,
         "match_threshold_calibrated": state.calibration_warning is None,  # by RICE_MATCH_THRESHOLD or the checkpoint
         "calibration_warning": state.calibration_warning,

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pipeline.jobs import JobRecord, JobStore, JobWorker
 from service.auth import require_read
 from service.errors import NotReady
-from service.routes.deps import check_at_most, current_state
+from service.routes.deps import ReadShop, check_at_most, current_state
 from service.routes.timeline import Options, save_upload
 from service.schemas import JobResponse
 
@@ -75,14 +75,16 @@ async def create_timeline_job(
 
 
 @router.get("/{job_id}", response_model=JobResponse)
-async def get_job(job_id: str, jobs: Jobs) -> JobResponse:
-    """A job's status, progress (0..1), and its timeline once done (or why it failed)."""
+async def get_job(job_id: str, jobs: Jobs, shop_id: ReadShop) -> JobResponse:
+    """A job's status, progress (0..1), and its timeline once done (or why it failed). Sharded: give
+    the job's shop (jobs live in their shard's store)."""
     return _answer(await asyncio.to_thread(jobs[0].get, job_id))
 
 
 @router.delete("/{job_id}", response_model=JobResponse)
-async def cancel_job(job_id: str, jobs: Jobs) -> JobResponse:
-    """Cancel a queued or running job (on whichever replica runs it); a finished job is left as it is."""
+async def cancel_job(job_id: str, jobs: Jobs, shop_id: ReadShop) -> JobResponse:
+    """Cancel a queued or running job (on whichever replica runs it); a finished job is left as it is.
+    Sharded: give the job's shop, as for its status."""
     store, _ = jobs
     job = await asyncio.to_thread(store.cancel, job_id, time.time())
     if job.status == "cancelled":

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from service import catalog_io
 from service.auth import require_write
 from service.errors import NotFound
-from service.routes.deps import originals_of
+from service.routes.deps import ReadShop, originals_of
 
 router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/gallery", tags=["gallery"])
     responses={200: {"content": {"image/jpeg": {}}, "description": "the item's original image (long side at most 1024)"}},
     dependencies=[Depends(require_write)],
 )
-async def original(item_id: str, request: Request) -> Response:
+async def original(item_id: str, request: Request, shop_id: ReadShop) -> Response:
     """The item's kept original image (a JPEG, long side at most 1024); 404 when none is kept.
     Needs the write right, like the export it is part of."""
     data = await catalog_io.original(originals_of(request), item_id)

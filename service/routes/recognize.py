@@ -10,7 +10,7 @@ from pipeline.feedback import new_request_id
 from pipeline.stages import Recognition
 from service.auth import require_read
 from service.errors import NotReady
-from service.routes.deps import Keeper, State, check_at_most, read_upload
+from service.routes.deps import Keeper, ReadShop, State, check_at_most, read_upload
 from service.schemas import RecognizeResponse, SkuResult
 
 _EVIDENCE = ("embedding_score", "inliers", "coverage", "frames_verified", "verifiable", "box")
@@ -86,9 +86,9 @@ async def recognize_clip(
     request: Request,
     state: State,
     keeper: Keeper,
+    shop_id: ReadShop,
     file: Annotated[UploadFile | None, File(description="the clip (mp4, mov, webm, mkv, avi); or send it as the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return (at most RICE_MAX_TOP_K, default 100)"),
-    shop_id: str | None = Query(None, description="search only this shop's gallery"),
     num_frames: int = Query(10, ge=1, description="frames sampled uniformly over the clip (at most RICE_MAX_NUM_FRAMES, default 32)"),
     min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
     min_score: float | None = Query(None, ge=-1.0, le=1.0, description=_MIN_SCORE_DOC),
@@ -107,9 +107,9 @@ async def recognize_image(
     request: Request,
     state: State,
     keeper: Keeper,
+    shop_id: ReadShop,
     file: Annotated[UploadFile | None, File(description="a still image (jpeg, png, webp, bmp); or the raw body")] = None,
     top_k: int = Query(5, ge=1, description="number of SKUs to return"),
-    shop_id: str | None = Query(None, description="search only this shop's gallery"),
     min_gallery_version: int = Query(0, ge=0, description=_MIN_VERSION_DOC),
     min_score: float | None = Query(None, ge=-1.0, le=1.0, description=_MIN_SCORE_DOC),
 ) -> RecognizeResponse:

@@ -18,7 +18,7 @@ from pipeline.feedback import new_request_id
 from pipeline.timeline_run import TimelineOptions, timeline_answer
 from service.auth import require_read
 from service.errors import BadRequest, PayloadTooLarge
-from service.routes.deps import Keeper, State, check_at_most
+from service.routes.deps import Keeper, ReadShop, State, check_at_most
 from service.schemas import TimelineResponse
 
 router = APIRouter(tags=["timeline"], dependencies=[Depends(require_read)])
@@ -28,7 +28,7 @@ _UPLOAD_DOC = "the recording (mp4, mov, webm, mkv, avi); or send it as the raw b
 
 
 def options_from_query(
-    shop_id: str | None = Query(None, description="search only this shop's gallery"),
+    shop_id: ReadShop,
     window_s: float = Query(2.0, ge=0.25, le=60, description="seconds of recording pooled into one search"),
     stride_s: float | None = Query(None, gt=0, le=60, description="seconds between window starts (at most window_s); default window_s"),
     top_k: int = Query(3, ge=1, description="SKUs per segment: the chosen one and its alternatives (at most RICE_MAX_TOP_K)"),
