@@ -9,7 +9,10 @@ them to another shard. Then against real `rice serve` shard groups on one Redis.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +33,7 @@ from tools.democatalog import make_products
 from tools.sharded_proxy import SHARD_HEADER, RunningProxy, config_groups, nginx_binary, sharded_nginx
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -269,6 +273,25 @@ def test_a_write_sent_to_the_wrong_group_lands_in_its_shops_shard(sharded: Shard
     r = httpx.delete(f"{sharded.shards[0].url}/v1/gallery/items/{added['item_id']}", params={"shop_id": shop}, timeout=60)
     assert r.status_code == 200 and r.json()["deleted"] == [added["item_id"]], r.text
     wait_until(lambda: added["item_id"] not in _listed(sharded.proxy.url, shop), 60, "the delete reaches shard 1")
+
+
+@pytest.mark.slow
+def test_rice_ingest_through_nginx_puts_each_row_in_its_shops_shard(sharded: Sharded, tmp_path: Path) -> None:
+    """The README's `rice ingest catalog.csv --url <nginx>`: rows of both shards, each where it belongs."""
+    shops = [sharded.shops[0][2], sharded.shops[1][2]]
+    rows = ["path,sku,shop_id"]
+    for i, shop in enumerate(shops):
+        (tmp_path / f"p{i}.jpg").write_bytes(_image(seed=40 + i))
+        rows.append(f"p{i}.jpg,SKU-I{i},{shop}")
+    (tmp_path / "catalog.csv").write_text("\n".join(rows) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tools.cli", "ingest", "catalog.csv", "--url", sharded.proxy.url, "--quiet"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for i, shop in enumerate(shops):
+        r = httpx.get(f"{sharded.proxy.url}/v1/gallery/items", params={"shop_id": shop}, timeout=60)
+        assert r.status_code == 200 and [it["sku"] for it in r.json()["items"]] == [f"SKU-I{i}"], r.text
+        assert r.headers[SHARD_HEADER] == str(i)
 
 
 @pytest.mark.slow
