@@ -15,12 +15,15 @@ import httpx
 import numpy as np
 import pytest
 
+from index.errors import JobNotFound
+from index.redis_jobs import RedisJobStore
 from index.redis_store import RedisStore
 from index.shards import shard_of
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import RedisServer, jpeg, settings_for
 from tests.serving_helpers import gated_encoder, live_server, wait_until
+from tools.client import RiceClient
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +120,15 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         assert r.status_code == 201 and r.json()["shard"] == 0 and r.json()["shop_id"] == S0, r.text
         assert _recognize(u0, GREEN, shop_id=S0).json()["results"][0]["sku"] == "GREEN"
 
+        # A non-ASCII shop id in the header is its UTF-8 text (nginx hashes the header's raw bytes).
+        utf8 = {"X-Shop-Id": "店铺-7".encode()}  # shard 1
+        r = httpx.post(f"{u0}/v1/gallery/items", files={"image": ("x.jpg", _image(BLUE))}, data={"sku": "BLUE"}, headers=utf8)
+        assert r.status_code == 201 and (r.json()["shop_id"], r.json()["shard"]) == ("店铺-7", 1), r.text
+        wait_until(lambda: _skus(u1, "店铺-7") == ["BLUE"], 10, "shard 1 to apply the write")
+        assert httpx.get(f"{u1}/v1/gallery/items", headers=utf8).json()["items"][0]["shop_id"] == "店铺-7"
+        _error(httpx.get(f"{u0}/v1/gallery/items", headers=utf8), 421, "wrong_shard")
+        assert httpx.delete(f"{u0}/v1/gallery/skus/BLUE", headers=utf8).status_code == 200
+
         # Reads for a shop of the other shard: 421, naming both shards.
         message = _error(_recognize(u0, RED, shop_id=S1), 421, "wrong_shard")
         assert "shard 1" in message and "shard 0" in message and repr(S1) in message
@@ -179,6 +191,23 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         assert again["results"][0]["item_id"] == view and again["results"][0]["source"] == "feedback"
         assert httpx.get(f"{u0}/v1/gallery/stats").json()["items"] == 3  # not in shard 0
 
+        # Timeline jobs live in their shard's job store: shard 0's replicas know a shard-0 shop's job, shard 1's do not.
+        r = httpx.post(f"{u0}/v1/jobs/timeline", content=b"not a video", headers={"X-Shop-Id": S0}, timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert httpx.get(f"{u0}/v1/jobs/{job_id}", params={"shop_id": S0}).status_code == 200
+        _error(httpx.get(f"{u1}/v1/jobs/{job_id}", params={"shop_id": S1}), 404, "not_found")
+        for prefix, known in (("rice:{jobs-s0}:", True), ("rice:{jobs-s1}:", False), ("rice:{jobs}:", False)):
+            jobs = RedisJobStore(redis_server.url, prefix)
+            try:
+                if known:
+                    assert jobs.get(job_id).job_id == job_id
+                else:
+                    with pytest.raises(JobNotFound):
+                        jobs.get(job_id)
+            finally:
+                jobs.close()
+
         # Deletes route too: RED of shop-2 removed through shard 0's replica.
         r = httpx.delete(f"{u0}/v1/gallery/skus/RED", params={"shop_id": S1})
         assert r.status_code == 200 and r.json()["shard"] == 1 and len(r.json()["deleted"]) == 2, r.text  # the item and its view
@@ -186,6 +215,11 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         r = httpx.delete(f"{u1}/v1/gallery/items/bulk-0", headers={"X-Shop-Id": S0})
         assert r.status_code == 200 and r.json() == {"deleted": ["bulk-0"], "gallery_version": r.json()["gallery_version"], "shard": 0}
         wait_until(lambda: _skus(u0, S0) == ["GREEN"], 10, "shard 0 to apply the delete")
+        with RiceClient(u0) as client:  # the Python client passes the shop where a sharded deployment needs it
+            assert client.delete_item("bulk-2", shop_id=S0B).deleted == ["bulk-2"]
+            green = _add(u1, "GREEN2", GREEN, S0).json()["item_id"]  # written into shard 0 through shard 1
+            wait_until(lambda: "GREEN2" in _skus(u0, S0), 10, "shard 0 to apply the write")
+            assert client.thumbnail(green, shop_id=S0)[:2] == b"\xff\xd8"  # a JPEG, from shard 0's store
 
 
 def test_unsharded_default_answers_as_before(tmp_path: Path) -> None:

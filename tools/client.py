@@ -322,8 +322,8 @@ class _Calls:
         return Call("GET", "/v1/gallery/items", lambda r: _page(r.json()), params)
 
     @staticmethod
-    def thumbnail(item_id: str) -> Call[bytes]:
-        return Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content)
+    def thumbnail(item_id: str, shop_id: str | None = None) -> Call[bytes]:
+        return Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content, {"shop_id": shop_id})
 
     @staticmethod
     def switch_model(checkpoint: str | None, min_gallery_items: int) -> Call[dict[str, Any]]:
@@ -429,8 +429,9 @@ class RiceClient(_Base):
         derived from the SKU, shop and image bytes: running the same code twice never duplicates items."""
         return self.call(_Calls.add_item(image, sku, shop_id, item_id, metadata, filename))
 
-    def delete_item(self, item_id: str) -> Deleted:
-        return self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}"))
+    def delete_item(self, item_id: str, shop_id: str | None = None) -> Deleted:
+        """Remove one item (`shop_id`: its shop, which a sharded deployment needs)."""
+        return self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}", {"shop_id": shop_id}))
 
     def delete_sku(self, sku: str, shop_id: str | None = None) -> Deleted:
         return self.call(_Calls.deleted(f"/v1/gallery/skus/{_quote(sku)}", {"shop_id": shop_id}))
@@ -439,9 +440,9 @@ class RiceClient(_Base):
         """A page of the gallery (SKU containing `sku`, in shop `shop_id`)."""
         return self.call(_Calls.list_items(sku, shop_id, offset, limit))
 
-    def thumbnail(self, item_id: str) -> bytes:
-        """The item's catalog thumbnail (JPEG bytes)."""
-        return self.call(_Calls.thumbnail(item_id))
+    def thumbnail(self, item_id: str, shop_id: str | None = None) -> bytes:
+        """The item's catalog thumbnail (JPEG bytes; `shop_id`: its shop, which a sharded deployment needs)."""
+        return self.call(_Calls.thumbnail(item_id, shop_id))
 
     def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
         """POST /v1/admin/model: swap this replica to another checkpoint (a key with the admin right `a`)."""
@@ -514,8 +515,8 @@ class AsyncRiceClient(_Base):
     ) -> ItemAdded:
         return await self.call(_Calls.add_item(image, sku, shop_id, item_id, metadata, filename))
 
-    async def delete_item(self, item_id: str) -> Deleted:
-        return await self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}"))
+    async def delete_item(self, item_id: str, shop_id: str | None = None) -> Deleted:
+        return await self.call(_Calls.deleted(f"/v1/gallery/items/{_quote(item_id)}", {"shop_id": shop_id}))
 
     async def delete_sku(self, sku: str, shop_id: str | None = None) -> Deleted:
         return await self.call(_Calls.deleted(f"/v1/gallery/skus/{_quote(sku)}", {"shop_id": shop_id}))
@@ -526,8 +527,8 @@ class AsyncRiceClient(_Base):
     async def list_items(self, sku: str | None = None, shop_id: str | None = None, offset: int = 0, limit: int = 50) -> GalleryPage:
         return await self.call(_Calls.list_items(sku, shop_id, offset, limit))
 
-    async def thumbnail(self, item_id: str) -> bytes:
-        return await self.call(_Calls.thumbnail(item_id))
+    async def thumbnail(self, item_id: str, shop_id: str | None = None) -> bytes:
+        return await self.call(_Calls.thumbnail(item_id, shop_id))
 
     async def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
         return await self.call(_Calls.switch_model(checkpoint, min_gallery_items))

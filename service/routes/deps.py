@@ -91,10 +91,22 @@ def routing_shop(
 ) -> str | None:
     """The request's shop: the `shop_id` query parameter or the X-Shop-Id header (empty = absent);
     400 when both are given and differ (a proxy would route on one and the service filter on the other)."""
-    query, header = shop_id or None, x_shop_id or None
+    query, header = shop_id or None, _utf8(x_shop_id) or None
     if query is not None and header is not None and query != header:
         raise BadRequest(f"the shop_id query parameter ({query!r}) and the {SHOP_HEADER} header ({header!r}) differ: send one, or the same")
     return header or query
+
+
+def _utf8(header: str | None) -> str | None:
+    """A header value as the UTF-8 text its bytes spell (the web stack decodes headers as Latin-1):
+    a shop id like "店铺-7" is then the same string in the header as in a form field, and so is its
+    shard, which the proxy computes from the header's raw bytes."""
+    if header is None:
+        return None
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 (or not Latin-1-decoded): taken as it came
+        return header
 
 
 RoutingShop = Annotated[str | None, Depends(routing_shop)]
