@@ -251,6 +251,10 @@ def test_a_shop_id_nginx_sees_percent_encoded_is_refused_not_answered_by_another
     assert r.status_code == 421 and r.json()["error"]["code"] == "wrong_shard", r.text
     r = httpx.get(f"{sharded.proxy.url}/v1/gallery/items", headers={"X-Shop-Id": shop}, timeout=60)
     assert r.status_code == 200 and r.headers[SHARD_HEADER] == str(shard_of(shop, 2)), r.text
+    for shop in ("магазин-7", "店铺-12", "café+thé"):  # UTF-8 in the header: what nginx hashes is what the service reads
+        r = httpx.get(f"{sharded.proxy.url}/v1/gallery/items", headers={"X-Shop-Id": shop.encode()}, timeout=60)
+        assert r.status_code == 200 and r.headers[SHARD_HEADER] == str(shard_of(shop, 2)), (shop, r.text)
+    assert {shard_of(s, 2) for s in ("магазин-7", "店铺-12", "café+thé")} == {0, 1}
 
 
 @pytest.mark.slow
