@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from tests.conftest import RedisServer, jpeg
 from tests.serving_helpers import wait_until
 from tests.test_replicas import Replica
 from tools.democatalog import make_products
-from tools.sharded_proxy import SHARD_HEADER, RunningProxy, config_groups, nginx_binary, sharded_nginx
+from tools.sharded_proxy import CONFIG, SHARD_HEADER, RunningProxy, config_groups, nginx_binary, sharded_nginx
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,23 @@ def echo_groups(tmp_path: Path) -> Iterator[tuple[RunningProxy, list[list[Echo]]
 
 def test_the_config_lists_the_shard_groups_in_shard_order() -> None:
     assert config_groups() == [0, 1]
+
+
+def test_the_compose_profiles_nginx_files_pass_nginx_t(tmp_path: Path) -> None:
+    """docker/nginx-sharded/ as compose mounts it, the replicas' names (which resolve only inside
+    compose) swapped for loopback: `nginx -t` accepts the whole configuration."""
+    conf = tmp_path / "conf"
+    (conf / "nginx-sharded").mkdir(parents=True)
+    (conf / "nginx.conf").symlink_to(CONFIG)
+    for f in (ROOT / "docker" / "nginx-sharded").iterdir():
+        text = re.sub(r"server api-[\w-]+:", "server 127.0.0.1:", f.read_text())
+        (conf / "nginx-sharded" / f.name).write_text(text)
+    assert "127.0.0.1:8000" in (conf / "nginx-sharded" / "upstreams.conf").read_text()
+    binary = nginx_binary()
+    assert binary is not None
+    args = [binary, "-t", "-p", f"{tmp_path}/", "-c", str(conf / "nginx.conf"), "-e", "stderr"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "test is successful" in done.stderr, done.stderr
 
 
 def test_nginx_routes_every_shop_to_its_shard_of_group(echo_groups: tuple[RunningProxy, list[list[Echo]]]) -> None:
