@@ -190,6 +190,10 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         again = _recognize(u1, reddish, shop_id=S1, min_gallery_version=r.json()["gallery_version"]).json()
         assert again["results"][0]["item_id"] == view and again["results"][0]["source"] == "feedback"
         assert httpx.get(f"{u0}/v1/gallery/stats").json()["items"] == 3  # not in shard 0
+        # A later verdict taken on shard 0 removes the view from shard 1's store.
+        r = httpx.post(f"{u0}/v1/feedback", json={"request_id": answer["request_id"], "verdict": "none_of_these"}, timeout=30)
+        assert r.status_code == 200 and r.json()["removed"] == [view], r.text
+        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4", "RED"], 10, "shard 1 to drop the view")
 
         # Timeline jobs live in their shard's job store: shard 0's replicas know a shard-0 shop's job, shard 1's do not.
         r = httpx.post(f"{u0}/v1/jobs/timeline", content=b"not a video", headers={"X-Shop-Id": S0}, timeout=30)
@@ -210,7 +214,7 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
 
         # Deletes route too: RED of shop-2 removed through shard 0's replica.
         r = httpx.delete(f"{u0}/v1/gallery/skus/RED", params={"shop_id": S1})
-        assert r.status_code == 200 and r.json()["shard"] == 1 and len(r.json()["deleted"]) == 2, r.text  # the item and its view
+        assert r.status_code == 200 and r.json()["shard"] == 1 and r.json()["deleted"] == [created["item_id"]], r.text
         wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4"], 10, "shard 1 to apply the delete")
         r = httpx.delete(f"{u1}/v1/gallery/items/bulk-0", headers={"X-Shop-Id": S0})
         assert r.status_code == 200 and r.json() == {"deleted": ["bulk-0"], "gallery_version": r.json()["gallery_version"], "shard": 0}

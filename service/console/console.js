@@ -54,15 +54,21 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// An item's own URL, with its shop: a shop-sharded deployment routes on it (README "Sharding by shop").
+function itemPath(itemId, shop, suffix = "") {
+  const query = shop ? `?${new URLSearchParams({ shop_id: shop })}` : "";
+  return `/v1/gallery/items/${encodeURIComponent(itemId)}${suffix}${query}`;
+}
+
 // Thumbnails are fetched (not plain <img src>) so that the API key travels when reads need one.
-function thumbnail(itemId) {
+function thumbnail(itemId, shop) {
   const img = el("img", { alt: itemId, "data-item": itemId });
   const cached = thumbs.get(itemId);
   if (cached) {
     img.src = cached;
     return img;
   }
-  api(`/v1/gallery/items/${encodeURIComponent(itemId)}/thumbnail`)
+  api(itemPath(itemId, shop, "/thumbnail"))
     .then((r) => r.blob())
     .then((blob) => {
       const url = URL.createObjectURL(blob);
@@ -164,7 +170,7 @@ function renderRecognition(answer, shop, image = null) {
   list.replaceChildren();
   answer.results.forEach((r, i) => {
     // A feedback view (a confirmed answer's clip) has no catalog image to show.
-    const picture = r.source === "feedback" ? el("span", { class: "small view", text: "feedback view" }) : thumbnail(r.item_id);
+    const picture = r.source === "feedback" ? el("span", { class: "small view", text: "feedback view" }) : thumbnail(r.item_id, r.shop_id);
     const pick = el("button", { type: "button", class: "small", text: i === 0 ? "correct" : "this one" });
     pick.addEventListener("click", () => sendFeedback(answer.request_id, i === 0 ? "correct" : "wrong", i === 0 ? null : r.sku));
     const card = el(
@@ -218,7 +224,7 @@ async function browse() {
   for (const item of page.items) {
     const tryIt = el("button", { type: "button", text: "Try", title: "recognize this item's thumbnail against the whole gallery" });
     tryIt.addEventListener("click", () => guarded(async () => {
-      const blob = await (await api(`/v1/gallery/items/${encodeURIComponent(item.item_id)}/thumbnail`)).blob();
+      const blob = await (await api(itemPath(item.item_id, item.shop_id, "/thumbnail"))).blob();
       selectTab("recognize");
       const options = { topK: $("try-top-k").value || "5", shop: "", numFrames: "1" }; // this tab's own top k, every shop
       await recognize(new File([blob], `${item.item_id}.jpg`, { type: "image/jpeg" }), true, options);
@@ -230,7 +236,7 @@ async function browse() {
         del.textContent = "Really delete?";
         return;
       }
-      await api(`/v1/gallery/items/${encodeURIComponent(item.item_id)}`, { method: "DELETE" });
+      await api(itemPath(item.item_id, item.shop_id), { method: "DELETE" });
       forget(item.item_id);
       await Promise.all([browse(), loadInfo()]);
     }));
@@ -238,7 +244,7 @@ async function browse() {
     list.append(el(
       "li",
       { class: "item", "data-sku": item.sku, "data-item": item.item_id },
-      thumbnail(item.item_id),
+      thumbnail(item.item_id, item.shop_id),
       el("span", { class: "sku", text: item.sku }),
       el("span", { class: "small", text: `${item.shop_id || "no shop"} · ${item.item_id}` }),
       el("span", { class: "small", text: meta }),
