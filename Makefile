@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 8000
 
-.PHONY: setup browser demo run test clean
+.PHONY: setup browser proxy demo run test clean
 
 $(BIN)/rice: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,24 @@ browser:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
 	fi
 
+# The sharded deployment's test routes through Debian's nginx (tests/test_sharded.py runs it on
+# loopback with docker/nginx-sharded.conf). Installed once like chromium (skipped when nginx is on
+# PATH or at /usr/sbin/nginx, outside a normal user's PATH). Debian may start its own nginx service
+# (port 80) at install; the test never uses it.
+proxy:
+	@if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; then \
+		echo "nginx present"; \
+	else \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nginx; \
+	fi
+
 demo: setup
 	$(BIN)/rice demo
 
 run: setup
 	$(BIN)/rice serve --port $(PORT)
 
-test: setup browser
+test: setup browser proxy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

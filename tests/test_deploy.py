@@ -210,3 +210,70 @@ def test_the_image_matches_the_makefile_and_carries_the_cli() -> None:
     assert re.search(r"^COPY tools ", dockerfile, re.M)
     health = dockerfile[dockerfile.index("HEALTHCHECK") :]
     assert "RICE_PORT" in health and ":8000/" not in health
+
+
+SHARDED = ("api-s0a", "api-s0b", "api-s1")
+
+
+def _sharded_config(*files: str) -> dict[str, Any]:
+    args = [_tool("docker-compose"), *(a for f in files for a in ("-f", f)), "--profile", "sharded", "config", "--format", "json"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("RICE_API_KEYS", "RICE_ALLOW_OPEN", "GRAFANA_ADMIN_PASSWORD")}
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60, env={**clean, **OPERATOR_ENV})
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def _nginx_groups() -> dict[int, list[str]]:
+    """docker/nginx-sharded/upstreams.conf: shard -> its replicas' addresses."""
+    text = (ROOT / "docker/nginx-sharded/upstreams.conf").read_text()
+    return {int(i): re.findall(r"server (\S+);", body) for i, body in re.findall(r"upstream rice_group_(\d+) \{(.*?)\}", text, re.S)}
+
+
+def test_the_sharded_profile_runs_two_shard_groups_behind_nginx() -> None:
+    """Profile `sharded`: replica groups of RICE_SHARDS=2 on the same Redis as the default replicas,
+    nginx routing shard i (server i of its hash upstream) to exactly the replicas with RICE_SHARD=i;
+    the default stack is untouched by it."""
+    from tools.sharded_proxy import config_groups
+
+    assert not set(SHARDED) & set(_compose_config("docker-compose.yml")["services"]), "the sharded replicas belong to the profile only"
+    services = _sharded_config("docker-compose.yml")["services"]
+    assert {*SHARDED, "nginx", "redis"} <= set(services)
+    plain = services["api-1"]["environment"]
+    by_shard: dict[int, list[str]] = {}
+    for name in SHARDED:
+        api = services[name]
+        env = api["environment"]
+        assert env["RICE_SHARDS"] == "2" and int(env["RICE_SHARD"]) in (0, 1)
+        assert {k: v for k, v in env.items() if k not in ("RICE_SHARDS", "RICE_SHARD")} == plain, "same settings as the default replicas"
+        assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "ports" not in api, "a shard group is reached through nginx only"
+        by_shard.setdefault(int(env["RICE_SHARD"]), []).append(f"{name}:8000")
+    assert sorted(by_shard) == [0, 1]
+    assert config_groups() == [0, 1], "nginx's hash upstream must list the groups' listeners in shard order"
+    assert {i: sorted(r) for i, r in _nginx_groups().items()} == {i: sorted(r) for i, r in by_shard.items()}
+    nginx = services["nginx"]
+    assert set(nginx["depends_on"]) == set(SHARDED)
+    mounts = {v["source"]: v["target"] for v in nginx["volumes"]}
+    conf = nginx["command"][nginx["command"].index("-c") + 1]
+    assert mounts[str(ROOT / "docker/nginx-sharded.conf")] == conf
+    assert mounts[str(ROOT / "docker/nginx-sharded")] == str(Path(conf).parent / "nginx-sharded"), "the included files sit beside it"
+    listen = re.search(r"listen (\d+);", (ROOT / "docker/nginx-sharded/listen.conf").read_text())
+    assert listen and [p["target"] for p in nginx["ports"]] == [int(listen.group(1))]
+    cpu = _sharded_config("docker-compose.yml", "docker/compose.cpu.yml")["services"]
+    for name in SHARDED:
+        assert not cpu[name].get("deploy") and cpu[name]["build"]["args"]["VARIANT"] == "cpu"
+
+
+def test_nginx_allows_the_services_upload_limits() -> None:
+    """The proxy's body limits are the service's defaults (a smaller one would refuse uploads the
+    service takes; past its own, the service answers 413 itself)."""
+    from service.settings import Settings
+
+    conf = (ROOT / "docker/nginx-sharded.conf").read_text()
+    unit = {"m": 1024**2, "g": 1024**3}
+    sizes = {
+        m.group(3) or "RICE_MAX_UPLOAD_BYTES": int(m.group(1)) * unit[m.group(2)]
+        for m in re.finditer(r"client_max_body_size (\d+)([mg]);(?:\s+# (RICE_\w+))?", conf)
+    }
+    defaults = {f"RICE_{name.upper()}": field.default for name, field in Settings.model_fields.items()}
+    assert sizes == {k: defaults[k] for k in ("RICE_MAX_UPLOAD_BYTES", "RICE_MAX_BULK_BYTES", "RICE_MAX_JOB_UPLOAD_BYTES")}
