@@ -18,15 +18,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from index.errors import RequestNotFound, StoreUnavailable
+from index.errors import RequestNotFound
 from index.records import vector_to_bytes
+from index.sqlite_util import locked
 
 Verdict = Literal["correct", "wrong", "none_of_these"]
 VERDICTS: tuple[str, ...] = ("correct", "wrong", "none_of_these")
@@ -178,7 +178,7 @@ class SQLiteFeedbackStore:
         self._lock = threading.Lock()
         self.max_records = max_records
         self._writes = 0
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("PRAGMA journal_mode=WAL")
             # Records are written on every answer: no fsync per commit (WAL + NORMAL survives a crash of
             # the process; a power loss may drop the last records, which only means no feedback on them).
@@ -186,19 +186,9 @@ class SQLiteFeedbackStore:
             self._db.executescript(_SCHEMA)
             self._purge(time.time())  # what expired while no replica wrote (also every _PURGE_EVERY writes)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock:
-            try:
-                yield
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
-
     def put_request(self, record: RequestRecord, ttl_s: float) -> None:
         header, vec, emb, jpegs = pack_record(record)
-        with self._locked():
+        with locked(self._lock):
             self._db.execute(
                 "INSERT OR REPLACE INTO feedback_requests VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record.request_id, record.created_at, record.created_at + ttl_s, header, vec, emb, jpegs),
@@ -208,7 +198,7 @@ class SQLiteFeedbackStore:
                 self._purge(record.created_at)
 
     def get_request(self, request_id: str, now: float) -> RequestRecord:
-        with self._locked():
+        with locked(self._lock):
             row = self._db.execute(
                 "SELECT header, vector, frame_emb, frames FROM feedback_requests WHERE request_id = ? AND expires_at > ?", (request_id, now)
             ).fetchone()
@@ -218,7 +208,7 @@ class SQLiteFeedbackStore:
 
     def put_feedback(self, feedback: Feedback, retention_s: float) -> Feedback | None:
         header, vec, emb, jpegs = pack_record(feedback.record)
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 old = self._feedback(feedback.request_id, feedback.at)
@@ -244,11 +234,11 @@ class SQLiteFeedbackStore:
         return None if row is None else _feedback_from_row(row)
 
     def get_feedback(self, request_id: str, now: float) -> Feedback | None:
-        with self._locked():
+        with locked(self._lock):
             return self._feedback(request_id, now)
 
     def feedback_since(self, since: float, now: float) -> Iterator[Feedback]:
-        with self._locked():
+        with locked(self._lock):
             rows = self._db.execute(
                 f"SELECT {self._FEEDBACK_COLUMNS} FROM feedback WHERE at >= ? AND expires_at > ? ORDER BY at", (since, now)
             ).fetchall()
@@ -267,11 +257,11 @@ class SQLiteFeedbackStore:
         return int(gone)
 
     def purge(self, now: float) -> int:
-        with self._locked():
+        with locked(self._lock):
             return self._purge(now)
 
     def close(self) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.close()
 
 

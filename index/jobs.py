@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from index.errors import JobNotFound, StoreUnavailable
+from index.errors import JobNotFound
+from index.sqlite_util import locked
 
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
@@ -137,24 +138,14 @@ class SQLiteJobStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
         self._lock = threading.Lock()
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock:
-            try:
-                yield
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
-
-    @contextmanager
     def _transaction(self) -> Iterator[None]:
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -178,7 +169,7 @@ class SQLiteJobStore:
             return self._get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        with self._locked():
+        with locked(self._lock):
             return self._get(job_id)
 
     def claim(self, owner: str, lease_s: float, now: float, max_attempts: int) -> JobRecord | None:
@@ -206,7 +197,7 @@ class SQLiteJobStore:
                 return self._get(job_id)
 
     def heartbeat(self, job_id: str, owner: str, progress: float, lease_s: float, now: float) -> bool:
-        with self._locked():
+        with locked(self._lock):
             cur = self._db.execute(
                 "UPDATE jobs SET progress = ?, lease_until = ?, updated_at = ? WHERE job_id = ? AND status = 'running' AND owner = ?",
                 (progress, now + lease_s, now, job_id, owner),
@@ -223,7 +214,7 @@ class SQLiteJobStore:
         error: dict[str, str] | None = None,
     ) -> bool:
         progress = "1.0" if status == "done" else ("0.0" if status == "queued" else "progress")
-        with self._locked():
+        with locked(self._lock):
             cur = self._db.execute(
                 f"UPDATE jobs SET status = ?, progress = {progress}, owner = NULL, lease_until = 0, result = ?, error = ?, "
                 "updated_at = ? WHERE job_id = ? AND status = 'running' AND owner = ?",
@@ -241,5 +232,5 @@ class SQLiteJobStore:
             return self._get(job_id)
 
     def close(self) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.close()

@@ -11,15 +11,15 @@ Keys, under one prefix whose `{...}` hash tag keeps them in one cluster slot:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from index.errors import RequestNotFound, StoreUnavailable
+from index.errors import RequestNotFound
 from index.feedback import Feedback, RequestRecord, pack_record, unpack_record
+from index.redis_util import reachable
 
 DEFAULT_FEEDBACK_PREFIX = "rice:{feedback}:"
 
@@ -42,14 +42,6 @@ return 1
 _RECORD_FIELDS = ("header", "vector", "emb", "frames")
 
 
-@contextmanager
-def _reachable() -> Iterator[None]:
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
-
-
 class RedisFeedbackStore:
     """`index.feedback.FeedbackStore` on the deployment's Redis server."""
 
@@ -62,12 +54,12 @@ class RedisFeedbackStore:
     def put_request(self, record: RequestRecord, ttl_s: float) -> None:
         header, vec, emb, jpegs = pack_record(record)
         ttl_ms = max(1, int(ttl_s * 1000))
-        with _reachable():
+        with reachable():
             args = [self.prefix, record.request_id, repr(record.created_at), ttl_ms, self.max_records, header, vec, emb, jpegs]
             self._put_request(args=args)
 
     def get_request(self, request_id: str, now: float) -> RequestRecord:
-        with _reachable():
+        with reachable():
             values = self._r.hmget(f"{self.prefix}req:{request_id}", _RECORD_FIELDS)
         if values[0] is None:  # Redis expired it (or the cap pushed it out)
             raise RequestNotFound(f"no request with id {request_id} (unknown, or expired)")
@@ -78,7 +70,7 @@ class RedisFeedbackStore:
         key = f"{self.prefix}fb:{feedback.request_id}"
         fields: dict[str, str | bytes] = {"verdict": feedback.verdict, "sku": feedback.sku or "", "at": repr(feedback.at)}
         fields.update({"header": header, "vector": vec, "emb": emb, "frames": jpegs})
-        with _reachable():
+        with reachable():
             old = self._read_feedback(key)
             pipe = self._r.pipeline(transaction=True)
             pipe.delete(key)
@@ -96,14 +88,14 @@ class RedisFeedbackStore:
         return Feedback(r.request_id, verdict.decode(), sku.decode() or None, float(at), r)
 
     def get_feedback(self, request_id: str, now: float) -> Feedback | None:
-        with _reachable():
+        with reachable():
             return self._read_feedback(f"{self.prefix}fb:{request_id}")
 
     def feedback_since(self, since: float, now: float) -> Iterator[Feedback]:
-        with _reachable():
+        with reachable():
             ids = [x.decode() for x in self._r.zrangebyscore(self.prefix + "fbs", repr(since), "+inf")]
         for request_id in ids:
-            with _reachable():
+            with reachable():
                 fb = self._read_feedback(f"{self.prefix}fb:{request_id}")
                 if fb is None:  # expired: its index entry goes too
                     self._r.zrem(self.prefix + "fbs", request_id)
@@ -113,7 +105,7 @@ class RedisFeedbackStore:
     def purge(self, now: float) -> int:
         """Redis expires the hashes itself; this drops index entries whose hash is gone."""
         gone = 0
-        with _reachable():
+        with reachable():
             for zset, kind in (("reqs", "req"), ("fbs", "fb")):
                 ids = [x.decode() for x in self._r.zrange(self.prefix + zset, 0, -1)]
                 pipe = self._r.pipeline(transaction=False)

@@ -11,16 +11,15 @@ Every state change is one Lua script, so two replicas never claim the same job.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from index.errors import JobNotFound, StoreUnavailable
+from index.errors import JobNotFound
 from index.jobs import JobRecord, JobStatus
+from index.redis_util import reachable
 
 DEFAULT_JOBS_PREFIX = "rice:{jobs}:"
 
@@ -96,14 +95,6 @@ return 1
 """
 
 
-@contextmanager
-def _reachable() -> Iterator[None]:
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
-
-
 def _record(h: dict[bytes, bytes]) -> JobRecord:
     s = {k.decode(): v.decode() for k, v in h.items()}
     status: JobStatus = s["status"]  # type: ignore[assignment]
@@ -153,7 +144,7 @@ class RedisJobStore:
             "result": "",
             "error": "",
         }
-        with _reachable():
+        with reachable():
             pipe = self._r.pipeline(transaction=True)
             pipe.hset(self._key(job_id), mapping=fields)
             pipe.zadd(self.prefix + "queue", {job_id: now})
@@ -161,19 +152,19 @@ class RedisJobStore:
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        with _reachable():
+        with reachable():
             h = self._r.hgetall(self._key(job_id))
         if not h:
             raise JobNotFound(f"no job with id {job_id}")
         return _record(h)
 
     def claim(self, owner: str, lease_s: float, now: float, max_attempts: int) -> JobRecord | None:
-        with _reachable():
+        with reachable():
             job_id = self._claim(args=[self.prefix, owner, repr(now), repr(lease_s), max_attempts])
         return None if not job_id else self.get(job_id.decode())
 
     def heartbeat(self, job_id: str, owner: str, progress: float, lease_s: float, now: float) -> bool:
-        with _reachable():
+        with reachable():
             return bool(self._heartbeat(args=[self.prefix, job_id, owner, repr(progress), repr(now), repr(lease_s)]))
 
     def finish(
@@ -194,11 +185,11 @@ class RedisJobStore:
             json.dumps(result) if result is not None else "",
             json.dumps(error) if error else "",
         ]
-        with _reachable():
+        with reachable():
             return bool(self._finish(args=args))
 
     def cancel(self, job_id: str, now: float) -> JobRecord:
-        with _reachable():
+        with reachable():
             found = self._cancel(args=[self.prefix, job_id, repr(now)])
         if not found:
             raise JobNotFound(f"no job with id {job_id}")

@@ -29,8 +29,6 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,7 @@ from redis.retry import Retry
 
 from index.errors import ItemNotFound, StoreUnavailable
 from index.records import LogEntry, Record, Snapshot, metadata_to_json, vector_to_bytes
+from index.redis_util import reachable
 
 DEFAULT_PREFIX = "rice:{gallery}:"
 _CHUNK = 1000  # items per round trip when reading the state
@@ -205,15 +204,6 @@ return tombstone(p, ARGV[2], ARGV[3], ARGV[4], hits, ids)
 )
 
 
-@contextmanager
-def _reachable() -> Iterator[None]:
-    """Connection problems become StoreUnavailable: callers need not know this is Redis."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise StoreUnavailable(f"redis: {exc}") from exc
-
-
 class RedisStore:
     """`index.records.Store` and `index.records.ChangeLog` on a Redis server."""
 
@@ -260,7 +250,7 @@ class RedisStore:
             args += [r.item_id, r.sku, _header(r, dim, meta)]
         vecs = b"".join(vector_to_bytes(np.asarray(r.vector).reshape(-1)) for r in records)
         head = [self.prefix, namespace, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), dim, json.dumps(items), vecs, len(records)]
-        with _reachable():
+        with reachable():
             return int(self._upsert(args=head + args))
 
     def _upsert_staged(self, namespace: str, records: list[Record], dim: int) -> int:
@@ -269,7 +259,7 @@ class RedisStore:
         leaves only staged keys, which expire; readers never see part of the import."""
         stage = self._key("stage", uuid.uuid4().hex, "")
         parts = range(0, len(records), self.part_rows)
-        with _reachable():
+        with reachable():
             try:
                 for i, start in enumerate(parts):
                     chunk = records[start : start + self.part_rows]
@@ -305,7 +295,7 @@ class RedisStore:
         what = f"no item with id {', '.join(item_ids)}"
         if not item_ids:
             raise ItemNotFound(what)
-        with _reachable():
+        with reachable():
             reply = self._delete_items(args=[self.prefix, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), *item_ids])
         return self._tombstoned(reply, what)
 
@@ -313,7 +303,7 @@ class RedisStore:
         """Tombstone every live item of a SKU (in one shop if given); raises ItemNotFound if none."""
         what = f"no items with sku {sku!r}" + ("" if shop_id is None else f" in shop {shop_id!r}")
         args = [self.prefix, uuid.uuid4().hex, self.log_maxlen, repr(time.time()), sku, "0" if shop_id is None else "1", shop_id or ""]
-        with _reachable():
+        with reachable():
             reply = self._delete_sku(args=args)
         return self._tombstoned(reply, what)
 
@@ -321,7 +311,7 @@ class RedisStore:
         """Records and tombstones of a namespace with version > `version`, in version order."""
         hdr, vec, ver = self._key("n", namespace, "hdr"), self._key("n", namespace, "vec"), self._key("n", namespace, "ver")
         out: list[Record] = []
-        with _reachable():
+        with reachable():
             ids = [x.decode() for x in self._r.zrangebyscore(ver, f"({version}", "+inf")]
             for start in range(0, len(ids), _CHUNK):
                 chunk = ids[start : start + _CHUNK]
@@ -338,18 +328,18 @@ class RedisStore:
 
     def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
         """Store (or replace) an item's thumbnail; every replica reads it from here."""
-        with _reachable():
+        with reachable():
             self._r.hset(self._key("thumbs"), item_id, jpeg)
 
     def thumbnail(self, item_id: str) -> bytes | None:
         """An item's thumbnail, or None."""
-        with _reachable():
+        with reachable():
             data = self._r.hget(self._key("thumbs"), item_id)
         return None if data is None else bytes(data)
 
     def delete_thumbnails(self, item_ids: list[str]) -> None:
         """Remove thumbnails of items that no namespace holds live any more."""
-        with _reachable():
+        with reachable():
             nss = [x.decode() for x in self._r.smembers(self._key("namespaces"))]
             for item_id in item_ids:
                 if not any(self._r.hexists(self._key("n", ns, "vec"), item_id) for ns in nss):
@@ -357,20 +347,20 @@ class RedisStore:
 
     def put_features(self, item_id: str, data: bytes) -> None:
         """Store (or replace) an item's local features; every replica reads them from here."""
-        with _reachable():
+        with reachable():
             self._r.hset(self._key("feats"), item_id, data)
 
     def features(self, item_ids: list[str]) -> dict[str, bytes]:
         """The features of those items that have some: one HMGET."""
         if not item_ids:
             return {}
-        with _reachable():
+        with reachable():
             values = self._r.hmget(self._key("feats"), item_ids)
         return {i: bytes(v) for i, v in zip(item_ids, values, strict=True) if v is not None}
 
     def delete_features(self, item_ids: list[str]) -> None:
         """Remove features of items that no namespace holds live any more."""
-        with _reachable():
+        with reachable():
             nss = [x.decode() for x in self._r.smembers(self._key("namespaces"))]
             for item_id in item_ids:
                 if not any(self._r.hexists(self._key("n", ns, "vec"), item_id) for ns in nss):
@@ -378,7 +368,7 @@ class RedisStore:
 
     def namespace_counts(self) -> dict[str, int]:
         """Live items per namespace (HLEN of each vector hash: O(1) each)."""
-        with _reachable():
+        with reachable():
             nss = sorted(x.decode() for x in self._r.smembers(self._key("namespaces")))
             return {ns: int(self._r.hlen(self._key("n", ns, "vec"))) for ns in nss}
 
@@ -394,7 +384,7 @@ class RedisStore:
 
     def position(self) -> tuple[str | None, int]:
         """(epoch, latest version); the epoch is None on a server that has no gallery data."""
-        with _reachable():
+        with reachable():
             epoch, version = self._r.mget([self._key("epoch"), self._key("version")])
         return (epoch.decode() if epoch is not None else None), int(version or 0)
 
@@ -404,7 +394,7 @@ class RedisStore:
         The records are read after the version, in several round trips, so they may show some
         writes newer than `version` (and not others): a reader must claim exactly `version`
         (not the newest record's) and replay the log from it, which re-applies those writes."""
-        with _reachable():
+        with reachable():
             self._r.set(self._key("epoch"), uuid.uuid4().hex, nx=True)  # an empty server gets its epoch now
         epoch, version = self.position()
         assert epoch is not None
@@ -413,7 +403,7 @@ class RedisStore:
     def read_log(self, namespace: str, after_version: int, block_ms: int, count: int) -> list[LogEntry]:
         """Log entries after `after_version`, oldest first, waiting up to `block_ms` (0 = not at all)."""
         log_key = self._key("log")
-        with _reachable():
+        with reachable():
             reply = self._r.xread({log_key: f"{after_version}-{_LAST_PART}"}, count=count, block=block_ms if block_ms > 0 else None)
             if not reply:
                 return []
@@ -428,7 +418,7 @@ class RedisStore:
 
     def log_versions(self) -> tuple[int, int]:
         """(first, last) version still in the log; (0, 0) when it is empty."""
-        with _reachable():
+        with reachable():
             first = self._r.xrange(self._key("log"), count=1)
             last = self._r.xrevrange(self._key("log"), count=1)
         if not first:
@@ -437,13 +427,13 @@ class RedisStore:
 
     def trim_log(self, keep: int) -> None:
         """Keep only the newest `keep` log entries (exactly); followers further behind will resync."""
-        with _reachable():
+        with reachable():
             self._r.xtrim(self._key("log"), maxlen=keep, approximate=False)
 
     def ping(self) -> bool:
         """True when the server answers."""
         try:
-            with _reachable():
+            with reachable():
                 return bool(self._r.ping())
         except StoreUnavailable:
             return False

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from index.errors import ItemNotFound, StoreUnavailable
+from index.errors import ItemNotFound
 from index.records import Record, metadata_to_json, vector_from_bytes, vector_to_bytes
+from index.sqlite_util import locked
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -59,18 +58,6 @@ class SQLiteStore:
             if "source" not in {row[1] for row in self._db.execute("PRAGMA table_info(items)")}:
                 self._db.execute(_SOURCE_COLUMN)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The connection, alone; SQLite failures (locked, disk I/O, full disk, closed) raise the
-        same StoreUnavailable as an unreachable Redis, so callers handle one error for both stores."""
-        with self._lock:
-            try:
-                yield
-            except sqlite3.IntegrityError:
-                raise  # a bug in our SQL, not an outage
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
-
     def _next_version(self) -> int:
         (v,) = self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'version' RETURNING value").fetchone()
         return int(v)
@@ -92,7 +79,7 @@ class SQLiteStore:
                     r.source,
                 )
             )
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 v = self._next_version()
@@ -110,7 +97,7 @@ class SQLiteStore:
         return v
 
     def _tombstone(self, where: str, params: tuple[object, ...], what: str) -> tuple[int, list[str]]:
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 ids = [row[0] for row in self._db.execute(f"SELECT DISTINCT item_id FROM items WHERE deleted = 0 AND {where}", params)]
@@ -134,7 +121,7 @@ class SQLiteStore:
         return self._tombstone("sku = ? AND shop_id = ?", (sku, shop_id), f"no items with sku {sku!r} in shop {shop_id!r}")
 
     def changes_since(self, namespace: str, version: int) -> list[Record]:
-        with self._locked():
+        with locked(self._lock):
             rows = self._db.execute(
                 "SELECT item_id, sku, shop_id, metadata, dim, vector, version, deleted, source FROM items "
                 "WHERE namespace = ? AND version > ? ORDER BY version",
@@ -147,16 +134,16 @@ class SQLiteStore:
         return out
 
     def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("INSERT OR REPLACE INTO thumbnails (item_id, jpeg) VALUES (?, ?)", (item_id, jpeg))
 
     def thumbnail(self, item_id: str) -> bytes | None:
-        with self._locked():
+        with locked(self._lock):
             row = self._db.execute("SELECT jpeg FROM thumbnails WHERE item_id = ?", (item_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def delete_thumbnails(self, item_ids: list[str]) -> None:
-        with self._locked():
+        with locked(self._lock):
             # Only ids that no namespace still holds live: a thumbnail is shared by every model's copy.
             self._db.executemany(
                 "DELETE FROM thumbnails WHERE item_id = ? AND NOT EXISTS (SELECT 1 FROM items WHERE item_id = ? AND deleted = 0)",
@@ -164,34 +151,34 @@ class SQLiteStore:
             )
 
     def put_features(self, item_id: str, data: bytes) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.execute("INSERT OR REPLACE INTO local_features (item_id, data) VALUES (?, ?)", (item_id, data))
 
     def features(self, item_ids: list[str]) -> dict[str, bytes]:
         if not item_ids:
             return {}
         marks = ",".join("?" * len(item_ids))
-        with self._locked():
+        with locked(self._lock):
             rows = self._db.execute(f"SELECT item_id, data FROM local_features WHERE item_id IN ({marks})", item_ids).fetchall()
         return {str(i): bytes(d) for i, d in rows}
 
     def delete_features(self, item_ids: list[str]) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.executemany(
                 "DELETE FROM local_features WHERE item_id = ? AND NOT EXISTS (SELECT 1 FROM items WHERE item_id = ? AND deleted = 0)",
                 [(i, i) for i in item_ids],
             )
 
     def namespace_counts(self) -> dict[str, int]:
-        with self._locked():
+        with locked(self._lock):
             rows = self._db.execute("SELECT namespace, COUNT(*) FROM items WHERE deleted = 0 GROUP BY namespace").fetchall()
         return {str(ns): int(n) for ns, n in rows}
 
     def version(self) -> int:
-        with self._locked():
+        with locked(self._lock):
             (v,) = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         return int(v)
 
     def close(self) -> None:
-        with self._locked():
+        with locked(self._lock):
             self._db.close()
