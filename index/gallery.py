@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -35,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.ann import AnnConfig, IndexPlacer, IvfBuild, PqBuild
+from index.ann import ADD_ROWS, AnnConfig, IndexPlacer, IvfBuild, PqBuild
 from index.halfstore import HalfStore
 from index.records import Record
 from index.rwlock import RWLock
@@ -54,7 +55,7 @@ class Hit:
     source: str = "catalog"  # the matched item's: a catalog image or a feedback view
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-instance dict: 50 MB less per million items
 class _Entry:
     item_id: str
     sku: str
@@ -203,11 +204,13 @@ class Gallery:
                     appended.append(vec)
                 write(slot, vec)
                 added.add(slot)
-                self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata), r.source)
+                # Shop ids repeat across thousands of items: one string each, not one per item.
+                shop_id = None if r.shop_id is None else sys.intern(r.shop_id)
+                self._entries[slot] = _Entry(r.item_id, r.sku, shop_id, dict(r.metadata), r.source)
                 self._views += is_view(r.item_id)
                 self._sku_items[r.sku] += 1
                 self._ids[r.item_id] = slot
-                self._by_shop[r.shop_id].add(slot)
+                self._by_shop[shop_id].add(slot)
         if half is not None:
             if pending:
                 half.put(np.fromiter(pending, np.int64, len(pending)), np.stack(list(pending.values())))
@@ -310,8 +313,8 @@ class Gallery:
                     touched = np.fromiter(build.touched, np.int64, len(build.touched))
                     index.remove_ids(faiss.IDSelectorBatch(touched))
                     live = np.array([s for s in touched.tolist() if s in self._entries], np.int64)
-                    for start in range(0, len(live), 16_384):  # float32 rows a chunk at a time
-                        index.add_with_ids(self._vectors(live[start : start + 16_384]), live[start : start + 16_384])
+                    for start in range(0, len(live), ADD_ROWS):  # float32 rows a chunk at a time
+                        index.add_with_ids(self._vectors(live[start : start + ADD_ROWS]), live[start : start + ADD_ROWS])
                 self._ann, self._ann_size = index, len(build.slots)
                 self._place()
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth
