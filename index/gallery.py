@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 
 from index.ann import ADD_ROWS, AnnConfig, IndexPlacer, IvfBuild, PqBuild
-from index.halfstore import HalfStore
+from index.halfstore import HalfRows, HalfStore
 from index.records import Record
 from index.rwlock import RWLock
 from index.views import base_id, is_view
@@ -95,6 +95,11 @@ class Gallery:
         self._ids: dict[str, int] = {}  # item_id -> slot
         self._by_shop: dict[str | None, set[int]] = defaultdict(set)
         self._free: list[int] = []
+        # An export of a compressed gallery reads its rows lazily (`HalfRows`): while one is open, a
+        # slot freed in that store is held (neither zeroed nor reused) so the export's rows stay its own.
+        self._pins = 0
+        self._pinned: HalfStore | None = None
+        self._held: list[int] = []
         self._ann: faiss.Index | None = None
         self._ann_size = 0  # live items when the approximate index was trained
         self._build: IvfBuild | PqBuild | None = None
@@ -189,8 +194,11 @@ class Gallery:
                 shop.discard(old)
                 if not shop:
                     del self._by_shop[entry.shop_id]
-                write(old, np.zeros(self.dim, np.float32))
-                self._free.append(old)
+                if self._pins and half is not None and half is self._pinned:
+                    self._held.append(old)  # an open export still reads this row
+                else:
+                    write(old, np.zeros(self.dim, np.float32))
+                    self._free.append(old)
                 if old in added:
                     added.discard(old)
                 else:
@@ -238,6 +246,7 @@ class Gallery:
             half.put(np.arange(start, min(len(rows), start + 16_384)), rows[start : start + 16_384])
         self._half, self._flat = half, None
         self._ann, self._ann_size, self._build = None, 0, None  # a running IVF-Flat build is discarded when it ends
+        self._unhold()
         log.info("gallery compressed: %d items as float16 rows (%.2f GB), IVF-PQ to follow", len(self._entries), half.nbytes / 1e9)
 
     def _decompress(self) -> None:
@@ -248,6 +257,7 @@ class Gallery:
             flat.add(chunk)
         self._flat, self._half = flat, None
         self._ann, self._ann_size, self._build = None, 0, None
+        self._unhold()  # an open export keeps the float16 store it reads; nothing writes to it any more
 
     def _place(self) -> None:
         """Refresh the search copy of the unfiltered index (e.g. on the GPU) after a change; under the write lock.
@@ -258,16 +268,43 @@ class Gallery:
         source = self._ann if self._ann is not None else self._flat
         self._placed = self._placer(source) if source is not None and source.ntotal and self._half is None else None
 
-    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray]:
+    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray | HalfRows]:
         """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata, source)], vectors [N, D]).
 
-        Waits for an import being applied to finish, then copies under the read lock (searches go on)."""
+        Waits for an import being applied to finish, then copies under the read lock (searches go on).
+        A compressed gallery's vectors come as `HalfRows`, a lazy float32 view read a slice at a time
+        (never a full float32 copy: 5.1 GB at 1M x 1280); its slots stay pinned until it is read or dropped."""
         with self._applying, self._lock.read():
             slots = np.fromiter(sorted(self._entries), np.int64, len(self._entries))
             if self._views:  # views are regenerated from images at ingestion, not exported as items
                 slots = slots[[not is_view(self._entries[int(s)].item_id) for s in slots]]
             items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata), e.source) for e in (self._entries[int(s)] for s in slots)]
-            return self.version, items, self._vectors(slots)  # a copy (float32 again when compressed)
+            if self._half is None:
+                return self.version, items, self._vectors(slots)  # a float32 copy (below the compression threshold)
+            # Exports hold `_applying`, so no other export or apply changes the pins meanwhile.
+            self._pins += 1
+            self._pinned = self._half
+            return self.version, items, HalfRows(self._half, slots, self._unpin)
+
+    def _unpin(self) -> None:
+        """An export's rows are read (or dropped): once none is open, held slots are zeroed and reusable."""
+        with self._lock.write():
+            self._pins -= 1
+            if not self._pins:
+                self._pinned = None
+                self._unhold()
+
+    def _unhold(self) -> None:
+        """Return held slots to the free list, zeroed in whichever store holds the rows now; under the write lock."""
+        if not self._held:
+            return
+        held = np.asarray(self._held, np.int64)
+        if self._half is not None:
+            self._half.put(held, np.zeros((len(held), self.dim), np.float32))
+        else:
+            self._rows()[held] = 0.0
+        self._free.extend(self._held)
+        self._held = []
 
     def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
         """Keep the approximate index (and one being built) in step; start or drop it by size."""
