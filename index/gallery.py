@@ -143,8 +143,12 @@ class Gallery:
             return np.zeros((0, self.dim), np.float32)
         return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
 
-    def apply(self, records: list[Record]) -> None:
+    def apply(self, records: list[Record], build: bool = True) -> None:
         """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing.
+
+        `build=False` leaves the decision to start a background index build to a later call: a boot
+        applying a snapshot batch by batch starts one build once all of it is in, instead of builds
+        that each next batch makes stale (compression is still checked every chunk).
 
         A large batch (a bulk import) is applied in chunks of `apply_chunk` records, each under the
         write lock alone, so a search waits for one chunk (milliseconds), never for the whole import.
@@ -158,7 +162,7 @@ class Gallery:
             for start in range(0, len(records), self.apply_chunk):
                 last = start + self.apply_chunk >= len(records)
                 with self._lock.write():  # an index build is decided once the whole batch is in, not mid-import
-                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last)
+                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last and build)
             newest = max((r.version for r in records), default=0)
             if newest > self.version:
                 with self._lock.write():
