@@ -241,15 +241,22 @@ def main() -> None:
         t0 = time.perf_counter()
         with service(rurl, a.boot_timeout, Path(tmp) / "large.log", extra) as (url, proc, ready_s):
             ready_rss = rss_mb(proc.pid)
+            boot_s = boot_seconds(Path(tmp) / "large.log")
+            print(f"large: ready after {ready_s:.1f} s (gallery boot {boot_s} s), RSS {ready_rss:.0f} MB", file=sys.stderr, flush=True)
             stats = wait_index(url, a.boot_timeout)
             index_s = time.perf_counter() - t0
             steady = rss_mb(proc.pid)
+            print(
+                f"large: index {stats['index']} in after {index_s:.1f} s, RSS {steady:.0f} MB, peak {status_mb(proc.pid, 'VmHWM'):.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
             large = clip_load(url, clips, a.clients, a.seconds)
             out["large"] = {
                 "items": stats["items"],
                 "index": stats["index"],
                 "ready_s": round(ready_s, 1),
-                "gallery_boot_s": boot_seconds(Path(tmp) / "large.log"),
+                "gallery_boot_s": boot_s,
                 "index_in_s": round(index_s, 1),
                 "rss_at_ready_mb": round(ready_rss),
                 "rss_mb": round(steady),
