@@ -25,6 +25,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from index.errors import InvalidBulk
+from index.halfstore import HalfRows
 from index.records import ID_PATTERN, ID_RULE, SOURCES, Record, metadata_to_json
 
 FORMAT = "rice-gallery/1"
@@ -185,9 +186,12 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % tarfile.BLOCKSIZE)
 
 
-def export_tar(manifest: Manifest, items: list[BulkItem], vectors: np.ndarray, extra: Iterable[tuple[str, bytes]] = ()) -> Iterator[bytes]:
+def export_tar(
+    manifest: Manifest, items: list[BulkItem], vectors: np.ndarray | HalfRows, extra: Iterable[tuple[str, bytes]] = ()
+) -> Iterator[bytes]:
     """The export as a stream of tar pieces: manifest.json, items.jsonl, vectors.npy (row chunks),
-    then the `extra` (name, bytes) members, read one at a time (items' images: index/blobs.py)."""
+    then the `extra` (name, bytes) members, read one at a time (items' images: index/blobs.py).
+    `vectors` is read a row chunk at a time: a compressed gallery's `HalfRows` converts only that chunk."""
     meta = manifest.to_json()
     yield _tar_member(MANIFEST, len(meta)) + meta + _padding(len(meta))
     lines = "".join(it.to_json() + "\n" for it in items).encode()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -35,8 +36,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.ann import AnnConfig, IndexPlacer, IvfBuild, PqBuild
-from index.halfstore import HalfStore
+from index.ann import ADD_ROWS, AnnConfig, IndexPlacer, IvfBuild, PqBuild
+from index.halfstore import HalfRows, HalfStore
 from index.records import Record
 from index.rwlock import RWLock
 from index.views import base_id, is_view
@@ -54,7 +55,7 @@ class Hit:
     source: str = "catalog"  # the matched item's: a catalog image or a feedback view
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no per-instance dict: 50 MB less per million items
 class _Entry:
     item_id: str
     sku: str
@@ -94,6 +95,11 @@ class Gallery:
         self._ids: dict[str, int] = {}  # item_id -> slot
         self._by_shop: dict[str | None, set[int]] = defaultdict(set)
         self._free: list[int] = []
+        # An export of a compressed gallery reads its rows lazily (`HalfRows`): while one is open, a
+        # slot freed in that store is held (neither zeroed nor reused) so the export's rows stay its own.
+        self._pins = 0
+        self._pinned: HalfStore | None = None
+        self._held: list[int] = []
         self._ann: faiss.Index | None = None
         self._ann_size = 0  # live items when the approximate index was trained
         self._build: IvfBuild | PqBuild | None = None
@@ -137,8 +143,12 @@ class Gallery:
             return np.zeros((0, self.dim), np.float32)
         return faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
 
-    def apply(self, records: list[Record]) -> None:
+    def apply(self, records: list[Record], build: bool = True) -> None:
         """Apply upserts and tombstones in order. Idempotent: replaying a record changes nothing.
+
+        `build=False` leaves the decision to start a background index build to a later call: a boot
+        applying a snapshot batch by batch starts one build once all of it is in, instead of builds
+        that each next batch makes stale (compression is still checked every chunk).
 
         A large batch (a bulk import) is applied in chunks of `apply_chunk` records, each under the
         write lock alone, so a search waits for one chunk (milliseconds), never for the whole import.
@@ -152,7 +162,7 @@ class Gallery:
             for start in range(0, len(records), self.apply_chunk):
                 last = start + self.apply_chunk >= len(records)
                 with self._lock.write():  # an index build is decided once the whole batch is in, not mid-import
-                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last)
+                    self._apply_chunk(records[start : start + self.apply_chunk], may_build=last and build)
             newest = max((r.version for r in records), default=0)
             if newest > self.version:
                 with self._lock.write():
@@ -188,8 +198,11 @@ class Gallery:
                 shop.discard(old)
                 if not shop:
                     del self._by_shop[entry.shop_id]
-                write(old, np.zeros(self.dim, np.float32))
-                self._free.append(old)
+                if self._pins and half is not None and half is self._pinned:
+                    self._held.append(old)  # an open export still reads this row
+                else:
+                    write(old, np.zeros(self.dim, np.float32))
+                    self._free.append(old)
                 if old in added:
                     added.discard(old)
                 else:
@@ -203,11 +216,13 @@ class Gallery:
                     appended.append(vec)
                 write(slot, vec)
                 added.add(slot)
-                self._entries[slot] = _Entry(r.item_id, r.sku, r.shop_id, dict(r.metadata), r.source)
+                # Shop ids repeat across thousands of items: one string each, not one per item.
+                shop_id = None if r.shop_id is None else sys.intern(r.shop_id)
+                self._entries[slot] = _Entry(r.item_id, r.sku, shop_id, dict(r.metadata), r.source)
                 self._views += is_view(r.item_id)
                 self._sku_items[r.sku] += 1
                 self._ids[r.item_id] = slot
-                self._by_shop[r.shop_id].add(slot)
+                self._by_shop[shop_id].add(slot)
         if half is not None:
             if pending:
                 half.put(np.fromiter(pending, np.int64, len(pending)), np.stack(list(pending.values())))
@@ -235,6 +250,7 @@ class Gallery:
             half.put(np.arange(start, min(len(rows), start + 16_384)), rows[start : start + 16_384])
         self._half, self._flat = half, None
         self._ann, self._ann_size, self._build = None, 0, None  # a running IVF-Flat build is discarded when it ends
+        self._unhold()
         log.info("gallery compressed: %d items as float16 rows (%.2f GB), IVF-PQ to follow", len(self._entries), half.nbytes / 1e9)
 
     def _decompress(self) -> None:
@@ -245,6 +261,7 @@ class Gallery:
             flat.add(chunk)
         self._flat, self._half = flat, None
         self._ann, self._ann_size, self._build = None, 0, None
+        self._unhold()  # an open export keeps the float16 store it reads; nothing writes to it any more
 
     def _place(self) -> None:
         """Refresh the search copy of the unfiltered index (e.g. on the GPU) after a change; under the write lock.
@@ -255,16 +272,43 @@ class Gallery:
         source = self._ann if self._ann is not None else self._flat
         self._placed = self._placer(source) if source is not None and source.ntotal and self._half is None else None
 
-    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray]:
+    def export(self) -> tuple[int, list[tuple[str, str, str | None, dict[str, Any], str]], np.ndarray | HalfRows]:
         """A consistent copy of every live item: (version, [(item_id, sku, shop_id, metadata, source)], vectors [N, D]).
 
-        Waits for an import being applied to finish, then copies under the read lock (searches go on)."""
+        Waits for an import being applied to finish, then copies under the read lock (searches go on).
+        A compressed gallery's vectors come as `HalfRows`, a lazy float32 view read a slice at a time
+        (never a full float32 copy: 5.1 GB at 1M x 1280); its slots stay pinned until it is read or dropped."""
         with self._applying, self._lock.read():
             slots = np.fromiter(sorted(self._entries), np.int64, len(self._entries))
             if self._views:  # views are regenerated from images at ingestion, not exported as items
                 slots = slots[[not is_view(self._entries[int(s)].item_id) for s in slots]]
             items = [(e.item_id, e.sku, e.shop_id, dict(e.metadata), e.source) for e in (self._entries[int(s)] for s in slots)]
-            return self.version, items, self._vectors(slots)  # a copy (float32 again when compressed)
+            if self._half is None:
+                return self.version, items, self._vectors(slots)  # a float32 copy (below the compression threshold)
+            # Exports hold `_applying`, so no other export or apply changes the pins meanwhile.
+            self._pins += 1
+            self._pinned = self._half
+            return self.version, items, HalfRows(self._half, slots, self._unpin)
+
+    def _unpin(self) -> None:
+        """An export's rows are read (or dropped): once none is open, held slots are zeroed and reusable."""
+        with self._lock.write():
+            self._pins -= 1
+            if not self._pins:
+                self._pinned = None
+                self._unhold()
+
+    def _unhold(self) -> None:
+        """Return held slots to the free list, zeroed in whichever store holds the rows now; under the write lock."""
+        if not self._held:
+            return
+        held = np.asarray(self._held, np.int64)
+        if self._half is not None:
+            self._half.put(held, np.zeros((len(held), self.dim), np.float32))
+        else:
+            self._rows()[held] = 0.0
+        self._free.extend(self._held)
+        self._held = []
 
     def _update_ann(self, removed: set[int], added: set[int], may_build: bool = True) -> None:
         """Keep the approximate index (and one being built) in step; start or drop it by size."""
@@ -310,8 +354,8 @@ class Gallery:
                     touched = np.fromiter(build.touched, np.int64, len(build.touched))
                     index.remove_ids(faiss.IDSelectorBatch(touched))
                     live = np.array([s for s in touched.tolist() if s in self._entries], np.int64)
-                    for start in range(0, len(live), 16_384):  # float32 rows a chunk at a time
-                        index.add_with_ids(self._vectors(live[start : start + 16_384]), live[start : start + 16_384])
+                    for start in range(0, len(live), ADD_ROWS):  # float32 rows a chunk at a time
+                        index.add_with_ids(self._vectors(live[start : start + ADD_ROWS]), live[start : start + ADD_ROWS])
                 self._ann, self._ann_size = index, len(build.slots)
                 self._place()
         except Exception:  # a failed build leaves exact search in place; it is retried on further growth

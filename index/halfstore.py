@@ -10,7 +10,9 @@ unused tail costs no resident memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -63,3 +65,44 @@ class HalfStore:
         """(first slot, rows [<= step, D] float32) over every slot in order: bounded temporaries."""
         for start in range(0, self.size, step):
             yield start, self.get(np.arange(start, min(self.size, start + step)))
+
+
+class HalfRows:
+    """A lazy [N, D] float32 view of some slots of a `HalfStore` (a compressed gallery's export):
+    slices convert just their rows from float16, so streaming a million rows never holds more
+    than a chunk as float32 (a full copy would be 5.1 GB at 1M x 1280, the float16 rows 2.56 GB).
+
+    The gallery pins those slots while this view is alive (a freed slot is not rewritten or reused
+    until `release`), so the rows read late are the rows of the export's version. `release` runs
+    once the last row has been read, or when the view is dropped unread (a client that hung up)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, store: HalfStore, slots: np.ndarray, release: Callable[[], None]) -> None:
+        self._store = store
+        self._slots = slots
+        self.shape = (len(slots), store.dim)
+        self.size = len(slots) * store.dim
+        self._finalizer = weakref.finalize(self, release)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows [a:b] as float32 (slices only: what a streaming reader asks for)."""
+        if not isinstance(rows, slice):
+            raise TypeError("HalfRows reads slices of rows")
+        start, stop, step = rows.indices(len(self._slots))
+        out = self._store.get(self._slots[start:stop:step])
+        if stop >= len(self._slots):
+            self.release()  # the last rows are out: later writes may reuse the slots
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole [N, D] float32 copy (np.asarray): for small galleries and tests, not for streaming."""
+        out = self._store.get(self._slots)
+        return out if dtype is None else out.astype(dtype)
+
+    def release(self) -> None:
+        """Unpin the slots now (idempotent)."""
+        self._finalizer()

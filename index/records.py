@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -144,11 +145,14 @@ class LogEntry:
 @dataclass(frozen=True)
 class Snapshot:
     """The live items of a namespace, read after (epoch, version): every change after `version`
-    is in the log, so replaying the log from `version` on top of the records is exact."""
+    is in the log, so replaying the log from `version` on top of the records is exact.
+
+    `records` may be lazy (Redis reads them a chunk at a time as they are iterated, so a million
+    records are never all in memory at once): iterate it once, or `list()` it for a small namespace."""
 
     epoch: str
     version: int
-    records: list[Record]
+    records: Iterable[Record]
 
 
 @runtime_checkable

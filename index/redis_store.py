@@ -29,6 +29,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -309,22 +310,25 @@ class RedisStore:
 
     def changes_since(self, namespace: str, version: int) -> list[Record]:
         """Records and tombstones of a namespace with version > `version`, in version order."""
+        out = [r for chunk in self._read_since(namespace, version) for r in chunk]
+        out.sort(key=lambda r: r.version)  # stable: a chunk read later may hold newer versions
+        return [r for r in out if r.version > version]
+
+    def _read_since(self, namespace: str, version: int) -> Iterator[list[Record]]:
+        """The records (and tombstones) of items changed after `version`, `_CHUNK` at a time, in no order."""
         hdr, vec, ver = self._key("n", namespace, "hdr"), self._key("n", namespace, "vec"), self._key("n", namespace, "ver")
-        out: list[Record] = []
         with reachable():
             ids = [x.decode() for x in self._r.zrangebyscore(ver, f"({version}", "+inf")]
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            with reachable():
                 # One MULTI per chunk: header, vector and version of each item are read together.
                 pipe = self._r.pipeline(transaction=True)
                 pipe.hmget(hdr, chunk)
                 pipe.hmget(vec, chunk)
                 pipe.zmscore(ver, chunk)
                 headers, vectors, versions = pipe.execute()
-                for item_id, h, x, v in zip(chunk, headers, vectors, versions, strict=True):
-                    out.append(_record(item_id, json.loads(h), x, int(v)))
-        out.sort(key=lambda r: r.version)  # stable: a chunk read later may hold newer versions
-        return [r for r in out if r.version > version]
+            yield [_record(item_id, json.loads(h), x, int(v)) for item_id, h, x, v in zip(chunk, headers, vectors, versions, strict=True)]
 
     def put_thumbnail(self, item_id: str, jpeg: bytes) -> None:
         """Store (or replace) an item's thumbnail; every replica reads it from here."""
@@ -393,12 +397,15 @@ class RedisStore:
 
         The records are read after the version, in several round trips, so they may show some
         writes newer than `version` (and not others): a reader must claim exactly `version`
-        (not the newest record's) and replay the log from it, which re-applies those writes."""
+        (not the newest record's) and replay the log from it, which re-applies those writes.
+        They are read lazily, `_CHUNK` at a time as the caller iterates (a replica's boot at a
+        million items: a few MB of records in flight, not 5 GB of float32 vectors at once)."""
         with reachable():
             self._r.set(self._key("epoch"), uuid.uuid4().hex, nx=True)  # an empty server gets its epoch now
         epoch, version = self.position()
         assert epoch is not None
-        return Snapshot(epoch, version, [r for r in self.changes_since(namespace, 0) if not r.deleted])
+        live = (r for chunk in self._read_since(namespace, 0) for r in chunk if not r.deleted)
+        return Snapshot(epoch, version, live)
 
     def read_log(self, namespace: str, after_version: int, block_ms: int, count: int) -> list[LogEntry]:
         """Log entries after `after_version`, oldest first, waiting up to `block_ms` (0 = not at all)."""

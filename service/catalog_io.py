@@ -15,6 +15,7 @@ import numpy as np
 from index.blobs import Blobs, image_member, read_image_tar
 from index.bulk import BulkItem, Manifest, bulk_records, export_tar, parse_items, read_vectors
 from index.errors import BadRequest, InvalidBulk
+from index.halfstore import HalfRows
 from index.records import ID_PATTERN, ID_RULE, Record
 from pipeline.originals import original_jpeg
 from service.state import AppState
@@ -40,7 +41,7 @@ def export_stream(
     state: AppState,
     version: int,
     rows: list[tuple[str, str, str | None, dict[str, object], str]],
-    vectors: np.ndarray,
+    vectors: np.ndarray | HalfRows,
     extra: Iterator[tuple[str, bytes]],
 ) -> Iterator[bytes]:
     """The export tar (manifest.json, items.jsonl, vectors.npy, then `extra` members), as it streams."""

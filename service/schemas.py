@@ -82,7 +82,12 @@ class GalleryStats(BaseModel):
     dim: int
     gallery_version: int
     namespace: str = Field(description="the model version whose vectors are searched")
-    index: str = Field("exact", description="how unfiltered searches run: exact, or ivf (approximate) past RICE_ANN_THRESHOLD")
+    index: str = Field(
+        "exact",
+        description="how unfiltered searches run: exact (float32 rows; also a compressed gallery's float16 rows while its "
+        "first IVF-PQ index is built), ivf (IVF-Flat over float32 rows, past RICE_ANN_THRESHOLD), or ivf-pq (a compressed "
+        "gallery past RICE_COMPRESS_THRESHOLD: float16 rows, IVF-PQ shortlist re-scored exactly)",
+    )
     index_building: bool = Field(False, description="an approximate index is being trained in the background")
 
 

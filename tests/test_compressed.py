@@ -4,13 +4,20 @@ a bulk import that crosses the threshold, deletes, re-adds, shop filters and SKU
 
 from __future__ import annotations
 
+import gc
+import io
+import tarfile
+from typing import Any
+
 import numpy as np
 import pytest
 
 from index.ann import AnnConfig
+from index.bulk import VECTORS, BulkItem, Manifest, export_tar, read_vectors
 from index.gallery import Gallery, Hit
-from index.halfstore import HalfStore
+from index.halfstore import HalfRows, HalfStore
 from index.records import Record
+from service.schemas import GalleryStats
 from service.settings import Settings
 
 DIM = 128
@@ -166,3 +173,76 @@ def test_compression_settings_defaults_reach_the_gallery(monkeypatch: pytest.Mon
     changed = Settings(_env_file=None).ann_config()  # type: ignore[call-arg]
     assert changed.compress_threshold == 500_000 and changed.rescore == 50
     assert AnnConfig().pq_subquantizers(1280) == 64 and AnnConfig().pq_subquantizers(512) == 64 and AnnConfig().pq_subquantizers(100) == 50
+
+
+def _exported_vectors(version: int, items: list[Any], vectors: Any, dim: int) -> np.ndarray:
+    """The vectors.npy of the export tar that `export_tar` streams from `Gallery.export`'s answer."""
+    body = b"".join(export_tar(Manifest("m", dim, len(items), version), [BulkItem(*it) for it in items], vectors))
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        return read_vectors(io.BytesIO(tar.extractfile(VECTORS).read()))  # type: ignore[union-attr]
+
+
+def test_export_of_a_compressed_gallery_streams_its_float16_rows_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    g = Gallery(DIM, AnnConfig(compress_threshold=1_000))
+    g._start_build = lambda: None  # type: ignore[method-assign]  # the index does not matter to the export
+    vecs = clustered(rng, 10_000)
+    g.apply([Record(f"i{i}", f"s{i % 900}", f"shop{i % 4}", vecs[i], {"i": i}, 1) for i in range(10_000)])
+    assert g.compressed
+    asked: list[int] = []
+    real_get = HalfStore.get
+
+    def counting_get(self: HalfStore, slots: np.ndarray) -> np.ndarray:
+        asked.append(len(slots))
+        return real_get(self, slots)
+
+    def no_full_copy(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("the export built a full float32 copy")
+
+    monkeypatch.setattr(HalfStore, "get", counting_get)
+    monkeypatch.setattr(HalfRows, "__array__", no_full_copy)
+    version, items, vectors = g.export()
+    assert isinstance(vectors, HalfRows) and vectors.shape == (10_000, DIM) and not asked  # nothing read yet
+    got = _exported_vectors(version, items, vectors, DIM)
+    assert asked and max(asked) <= 4_096 < 10_000  # read in the tar's row chunks, never all at once
+    want = np.stack([vecs[int(it[0][1:])] for it in items]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got, want)  # exactly the float16 rows, in the export's item order
+    assert np.abs(got - np.stack([vecs[int(it[0][1:])] for it in items])).max() < 2e-3
+    assert g._pins == 0  # the last chunk released the pin
+
+
+def test_an_open_export_keeps_its_rows_while_the_gallery_changes() -> None:
+    rng = np.random.default_rng(8)
+    g = Gallery(DIM, AnnConfig(compress_threshold=1_000))
+    g._start_build = lambda: None  # type: ignore[method-assign]
+    first, second = clustered(rng, 1_500), clustered(rng, 300)
+    g.apply([Record(f"a{i}", f"s{i}", "shop1", first[i], {}, 1) for i in range(1_500)])
+    version, items, vectors = g.export()
+    # Deletes free slots and new items would reuse them: the open export must not see the new rows.
+    g.apply([Record(f"a{i}", f"s{i}", "shop1", None, {}, 2, deleted=True) for i in range(300)])
+    g.apply([Record(f"b{i}", f"t{i}", "shop1", second[i], {}, 3) for i in range(300)])
+    assert len(g._held) == 300 and not g._free  # freed while pinned: held, not reused
+    got = _exported_vectors(version, items, vectors, DIM)
+    np.testing.assert_array_equal(got, first.astype(np.float16).astype(np.float32)[[int(it[0][1:]) for it in items]])
+    assert g._pins == 0 and not g._held and len(g._free) == 300  # released once read: reusable, zeroed
+    assert not g._half.get(np.asarray(g._free)).any()  # type: ignore[union-attr]
+    g.apply([Record(f"c{i}", f"u{i}", "shop1", second[i], {}, 4) for i in range(300)])
+    assert not g._free and len(g) == 1_800
+    # An export dropped unread (a client that hung up) unpins too.
+    _, _, dropped = g.export()
+    assert g._pins == 1
+    del dropped
+    gc.collect()
+    assert g._pins == 0
+    hits, _ = g.search(second[5], 1)
+    assert hits[0][0].sku in {"t5", "u5"}
+
+
+def test_the_stats_index_description_names_every_value_the_gallery_reports() -> None:
+    rng = np.random.default_rng(9)
+    g = Gallery(DIM, AnnConfig(compress_threshold=1_000))
+    g.apply(records(clustered(rng, 1_200), 0, 1, skus=400, shops=4))
+    assert g.wait_for_index(120) and g.stats()["index"] == "ivf-pq"
+    described = GalleryStats.model_fields["index"].description or ""
+    for value in ("exact", "ivf", "ivf-pq"):  # exact below the thresholds; ivf past RICE_ANN_THRESHOLD uncompressed
+        assert f"{value} (" in described, value

@@ -248,3 +248,69 @@ def test_health_reports_store_errors_and_logs_unexpected_ones(monkeypatch: pytes
     assert replica.health() == ["gallery_sync_failed: KeyError"]
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError]  # a bug keeps its traceback
     store.close()
+
+
+def test_boot_reads_the_snapshot_lazily_and_applies_it_in_batches(
+    store: RedisStore, replica: GalleryReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million-item boot must never hold every record (5 GB of float32 vectors at 1M x 1280):
+    the store reads `_CHUNK` records a round trip as the follower iterates, the follower applies
+    BOOT_BATCH at a time; an item written while the boot reads is still there once it is done."""
+    import index.follower
+    import index.redis_store
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(index.redis_store, "_CHUNK", 5)
+    monkeypatch.setattr(index.follower, "BOOT_BATCH", 7)
+    store.upsert(NS, [Record(f"a{i}", f"sku-a{i}", None, vec(i), {}) for i in range(30)])
+    sizes: list[int] = []
+    rounds = [0]
+    real_apply, real_execute = Gallery.apply, index.redis_store.redis.client.Pipeline.execute
+
+    def counting_apply(self: Gallery, records: list[Record], build: bool = True) -> None:
+        sizes.append(len(records))
+        if len(sizes) == 2:  # mid-boot: a write that the snapshot's version does not cover
+            put(store, "late", 99)
+        real_apply(self, records, build)
+
+    def counting_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rounds[0] += 1
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(Gallery, "apply", counting_apply)
+    monkeypatch.setattr(index.redis_store.redis.client.Pipeline, "execute", counting_execute)
+    snap = store.snapshot(NS)
+    assert rounds[0] == 0  # nothing read yet: the records come as they are iterated
+    first = next(iter(snap.records))
+    assert first.item_id.startswith("a") and rounds[0] == 1  # one chunk of 5
+    replica.start()
+    assert items(replica) == {f"a{i}" for i in range(30)} | {"late"}
+    assert max(sizes) <= 7 and sum(sizes[:5]) >= 30  # 30 snapshot records in batches of at most 7, then the log
+
+
+def test_boot_starts_one_index_build_once_the_whole_snapshot_is_in(
+    store: RedisStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the thresholds mid-snapshot, a build per batch would be made stale by the next batch
+    (and restarted): the boot defers the decision to its last batch."""
+    import index.follower
+    from index.ann import AnnConfig
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(index.follower, "BOOT_BATCH", 50)
+    store.upsert(NS, [Record(f"a{i}", f"sku-a{i}", None, vec(i), {}) for i in range(300)])
+    started: list[int] = []
+    real_start = Gallery._start_build
+
+    def counting_start(self: Gallery) -> None:
+        started.append(len(self))
+        real_start(self)
+
+    monkeypatch.setattr(Gallery, "_start_build", counting_start)
+    r = GalleryReplica(RedisStore(redis_server.url, log_maxlen=0, timeout_s=1.0), NS, DIM, AnnConfig(threshold=60, compress_threshold=100))
+    r.start()
+    try:
+        assert started == [300] and r.gallery.compressed
+        assert r.gallery.wait_for_index(60) and r.gallery.stats()["index"] == "ivf-pq"
+    finally:
+        r.stop()

@@ -85,7 +85,7 @@ def test_snapshot_and_log_rebuild_the_same_gallery(store: RedisStore) -> None:
         followed.set_version(e.version)
     snap = store.snapshot("m")
     booted = Gallery(8)
-    booted.apply(snap.records)
+    booted.apply(list(snap.records))
     booted.set_version(snap.version)
     assert booted.stats() == followed.stats()
     q = unit_vectors(12, 5)

@@ -107,7 +107,7 @@ def converge(replicas: list[Replica], store: RedisStore, namespace: str, timeout
             break
         assert time.monotonic() < deadline, (target, stats)
         time.sleep(0.05)
-    live = store.snapshot(namespace).records
+    live = list(store.snapshot(namespace).records)
     for s in stats:
         assert s["items"] == len(live) and s["skus"] == len({r.sku for r in live}), (s, len(live))
     return stats[0]
