@@ -196,7 +196,7 @@ def cmd_recognize(args: argparse.Namespace) -> int:
         if args.csv:
             print(batch.csv_row(o), flush=True)
         elif not args.json:  # JSON is printed as one document at the end
-            print(batch.table_line(o, lambda: reason), flush=True)
+            print(batch.table_line(o, lambda: reason, by_score=args.min_score is not None), flush=True)
 
     if args.csv:
         print(batch.csv_header(), flush=True)
