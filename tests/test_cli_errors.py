@@ -14,14 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from model.checkpoint import LoadedEncoder
+from service.schemas import RecognizeResponse, SkuResult
 from service.server import background_server, free_port
 from tests.conftest import jpeg, settings_for
 from tools.cli import EXIT_AUTH, EXIT_FAILED_FILES, EXIT_REJECTED, EXIT_UNREACHABLE, EXIT_USAGE, main
 from tools.client import RiceClient
-from tools.democatalog import DemoProduct
+from tools.democatalog import DemoProduct, make_products
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,36 @@ def test_clips_and_stills_in_one_run_as_json(
     assert [a["results"][0]["sku"] for a in answers] == [products[1].sku, products[4].sku, products[6].sku]
     assert [a["frames_used"] for a in answers] == [10, 1, 10]  # the still went to /v1/recognize/image
     assert all(a["status"] == 200 and isinstance(a["match"], bool) for a in answers)
+
+
+def test_json_is_the_full_answer_and_the_table_says_why_no_match(
+    served: str, media: Path, products: list[DemoProduct], capsys: pytest.CaptureFixture[str]
+) -> None:
+    absent = make_products(12, seed=31)[11].image  # a product of another catalog: not in the gallery
+    cv2.imwrite(str(media / "d_absent.png"), absent)
+    cv2.imwrite(str(media / "e_blank.png"), np.full((240, 320, 3), 128, np.uint8))  # no local features: no verification bonus
+    assert main(["recognize", str(media), "--url", served, "--top-k", "2", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    # every field of the HTTP answer, for the answer and for each result (request_id: what feedback needs)
+    assert all(set(a) == {"path", "status", *RecognizeResponse.model_fields} for a in answers)
+    assert all(set(r) == set(SkuResult.model_fields) for a in answers for r in a["results"])
+    assert all(len(a["request_id"]) == 32 and 0 <= a["match_probability"] <= 1 for a in answers)
+    verified = answers[1]["results"][0]  # the still of a catalog product: verified, with where it is
+    assert verified["inliers"] > 0 and len(verified["box"]["polygon"]) == 4 and verified["source"] == "catalog"
+    no_match = [a for a in answers if not a["match"]]
+    assert any(Path(a["path"]).name == "d_absent.png" for a in no_match)
+    assert main(["recognize", str(media), "--url", served, "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for a in no_match:  # the verdict decided: its probability (the threshold is GET /v1/info's, not the answer's)
+        line = next(line for line in lines if line.startswith(a["path"] + ":"))
+        assert line.endswith(f" [no match: match probability {a['match_probability']:.2f}]")
+    assert main(["recognize", str(media), "--url", served, "--top-k", "2", "--min-score", "1.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # min_score set: the score threshold decided
+    below = [a for a in answers if a["results"][0]["score"] < 1.0]  # (verification's bonus can lift a score above 1)
+    assert below
+    for a in below:
+        line = next(line for line in lines if line.startswith(a["path"] + ":"))
+        assert line.endswith(f" [no match: top-1 score {a['results'][0]['score']:.2f} < 1.00]")
 
 
 def test_csv_output_and_a_bad_file_among_good_ones(

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import cv2
@@ -17,12 +18,18 @@ from fastapi import Request, Response
 
 from model.checkpoint import LoadedEncoder
 from service.app import create_app
+from service.schemas import FeedbackRecorded as FeedbackSchema
+from service.schemas import GalleryItem as GalleryItemSchema
+from service.schemas import RecognizeResponse, SkuResult
 from service.server import background_server, free_port
 from tests.conftest import jpeg, settings_for
 from tests.serving_helpers import live_server, wait_until
 from tools.client import (
     AsyncRiceClient,
     AuthError,
+    Box,
+    FeedbackRecorded,
+    GalleryItem,
     GalleryPage,
     Match,
     Recognition,
@@ -60,6 +67,58 @@ def test_typed_answers_for_clips_and_stills(
     assert clip.top.metadata == {"name": products[5].name} and clip.top.item_id == f"{products[5].sku}-front"
     assert image.top is not None and image.top.sku == products[2].sku and image.frames_used == 1
     assert sniffed.frames_used == 1 and {"decode", "encode", "search", "total"} <= set(clip.timings_ms)
+
+
+def test_answers_carry_every_field_of_the_http_answer(served: str, products: list[DemoProduct], clip_of: Callable[..., bytes]) -> None:
+    # the client's types name every field the service's schemas publish: a field added there fails here
+    assert {f.name for f in fields(Recognition)} == set(RecognizeResponse.model_fields)
+    assert {f.name for f in fields(Match)} == set(SkuResult.model_fields)
+    assert {f.name for f in fields(FeedbackRecorded)} == set(FeedbackSchema.model_fields)
+    assert {f.name for f in fields(GalleryItem)} == set(GalleryItemSchema.model_fields)
+    with RiceClient(served) as client:
+        answer = client.recognize(jpeg(products[3].image), top_k=3, filename="still.jpg")  # the catalog image itself: verified
+        raw = client.http.post("/v1/recognize/image", params={"top_k": 3}, files={"file": ("s.jpg", jpeg(products[3].image))}).json()
+    assert len(answer.request_id) == 32 and answer.request_id != raw["request_id"]  # each answer its own id
+    assert answer.match_probability is not None and 0.0 <= answer.match_probability <= 1.0
+    top = answer.top
+    assert top is not None and top.sku == products[3].sku and top.source == "catalog"
+    assert top.embedding_score is not None and top.inliers is not None and top.inliers > 0 and top.verifiable is True
+    assert top.coverage is not None and top.frames_verified == 1
+    assert isinstance(top.box, Box) and top.box.frame == 0 and len(top.box.polygon) == 4
+    # the same values the HTTP answer has, field by field (the same image, the same gallery: the same answer)
+    assert answer.match_probability == raw["match_probability"] and answer.match == raw["match"]
+    assert [asdict(m) for m in answer.results] == raw["results"]  # box too: Box(frame, polygon) is {frame, polygon}
+
+
+def test_feedback_on_an_answer_sync_and_async(served: str, products: list[DemoProduct], clip_of: Callable[..., bytes]) -> None:
+    with RiceClient(served, api_key="client-rw-key") as client:
+        answer = client.recognize(clip_of(products[5], seed=11), top_k=3, filename="live.mp4")
+        assert answer.top is not None
+        confirmed = client.feedback(answer.request_id, "correct")
+        assert isinstance(confirmed, FeedbackRecorded)
+        assert (confirmed.request_id, confirmed.verdict, confirmed.sku, confirmed.replaced) == (
+            answer.request_id,
+            "correct",
+            answer.top.sku,
+            None,
+        )
+        other = next(p.sku for p in products if p.sku != answer.top.sku)
+        corrected = client.feedback(answer.request_id, "wrong", sku=other, shop_id=answer.top.shop_id)
+        assert (corrected.verdict, corrected.sku, corrected.replaced) == ("wrong", other, "correct")
+        with pytest.raises(ValueError, match="verdict must be one of"):
+            client.feedback(answer.request_id, "right")
+        with pytest.raises(RequestRejected) as unknown:
+            client.feedback("0" * 32, "none_of_these")
+        assert unknown.value.status == 404
+    with RiceClient(served, api_key="client-r-key") as reader, pytest.raises(AuthError):
+        reader.feedback(answer.request_id, "correct")  # feedback needs a write key
+
+    async def none_of_these() -> FeedbackRecorded:
+        async with AsyncRiceClient(served, api_key="client-rw-key") as client:
+            return await client.feedback(answer.request_id, "none_of_these")
+
+    last = asyncio.run(none_of_these())
+    assert (last.verdict, last.sku, last.replaced) == ("none_of_these", None, "wrong")
 
 
 def test_each_kind_of_failure_has_its_error(served: str, products: list[DemoProduct]) -> None:

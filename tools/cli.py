@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.settings import Settings
+from tools.helpfmt import show_defaults
 from tools.recognize_batch import CSV_FIELDS
 
 if TYPE_CHECKING:
@@ -27,6 +28,10 @@ EXIT_CODES = """exit status:
   5  the service rejected the request (another 4xx, e.g. a bad parameter or an unknown item)
   6  the service failed (5xx) or stayed overloaded (429/503) after the retries
 """
+
+
+URL_HELP = "the service's base URL"
+GROCERY_DATA = "https://github.com/marcusklasson/GroceryStoreDataset"
 
 
 def _settings(**overrides: object) -> Settings:
@@ -196,7 +201,7 @@ def cmd_recognize(args: argparse.Namespace) -> int:
         if args.csv:
             print(batch.csv_row(o), flush=True)
         elif not args.json:  # JSON is printed as one document at the end
-            print(batch.table_line(o, lambda: reason), flush=True)
+            print(batch.table_line(o, lambda: reason, by_score=args.min_score is not None), flush=True)
 
     if args.csv:
         print(batch.csv_header(), flush=True)
@@ -219,28 +224,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the HTTP service (settings from RICE_* environment variables; flags override)")
     s.add_argument("--checkpoint", help="RICE checkpoint to serve (default: ImageNet EfficientNet-Lite0)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--gallery-path", help="embedded SQLite gallery file")
+    defaults = Settings.model_fields
+    s.add_argument("--host", help=f"address to listen on (default: RICE_HOST, else {defaults['host'].default}; 0.0.0.0 = every interface)")
+    s.add_argument("--port", type=int, help=f"port to listen on (default: RICE_PORT, else {defaults['port'].default})")
+    s.add_argument(
+        "--gallery-path", help=f"embedded SQLite gallery file (default: RICE_GALLERY_PATH, else {defaults['gallery_path'].default})"
+    )
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="serve on localhost, ingest a generated catalog, recognise generated clips")
     d.add_argument("--out", default="demo_out", help="where the generated catalog, clips and gallery go")
-    d.add_argument("--products", type=int, default=12)
-    d.add_argument("--clips-per-product", type=int, default=2)
-    d.add_argument("--top-k", type=int, default=3)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--products", type=int, default=12, help="generated products in the catalog")
+    d.add_argument("--clips-per-product", type=int, default=2, help="generated clips recognised per product")
+    d.add_argument("--top-k", type=int, default=3, help="SKUs shown per clip")
+    d.add_argument("--seed", type=int, default=0, help="the generated catalog and clips (the same seed draws the same ones)")
     d.add_argument("--port", type=int, default=0, help="0 = any free port")
-    d.add_argument("--checkpoint")
+    d.add_argument("--checkpoint", help="RICE checkpoint to serve (default: the built-in ImageNet encoder)")
     d.add_argument("--min-top1", type=float, default=0.0, help="exit non-zero if fewer clips than this share rank right first")
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("grocery-check", help="real-data check: R@1/5/10 of clips built from a grocery-layout folder")
-    g.add_argument("--data", required=True, help="folder laid out like the Grocery Store Dataset subset")
-    g.add_argument("--checkpoint")
-    g.add_argument("--split", default="val")
-    g.add_argument("--num-frames", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--data",
+        required=True,
+        help=f"the public Grocery Store Dataset's dataset/ folder (git clone {GROCERY_DATA}): classes.csv, train.txt, "
+        "val.txt and the photos; or a folder laid out the same way",
+    )
+    g.add_argument("--checkpoint", help="RICE checkpoint (default: the built-in ImageNet encoder)")
+    g.add_argument("--split", default="val", help="the split whose photos become query clips: train or val (any SPLIT.txt in --data works)")
+    g.add_argument("--num-frames", type=int, default=10, help="frames sampled per clip")
+    g.add_argument("--seed", type=int, default=0, help="the generated clips (the same seed, the same clips)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run, e.g. verify=false")
     g.set_defaults(func=cmd_grocery_check)
 
@@ -252,10 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Concurrent and resumable: re-running skips finished files and never duplicates items "
         "(item ids derive from sku + path). The journal is per served model: after a model switch, the same command "
         "embeds everything again for the new model. Bad files are reported at the end; the exit status is 1 if any failed. "
-        'CSV: columns path,sku[,shop_id[,metadata]] (a header row may name them); metadata is a JSON object, e.g. "{""name"": ""Cola""}".',
+        "CSV: columns path,sku[,shop_id[,metadata]] (a header row may name them); metadata is a JSON object such as "
+        '{"name": "Cola"}, which in the CSV file is one quoted field with its quotes doubled: "{""name"": ""Cola""}".',
     )
-    i.add_argument("source", help="catalog folder (sub-folder name = SKU) or CSV file")
-    i.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+    i.add_argument(
+        "source",
+        help="a catalog folder (one sub-folder per SKU holding its images, or images named by SKU, e.g. cola-330ml.jpg), "
+        "a CSV file (see above), or a single image file (its name without the suffix is the SKU)",
+    )
+    i.add_argument("--url", default="http://127.0.0.1:8000", help=URL_HELP)
     i.add_argument("--in-process", action="store_true", help="no server: embed and store in this process (RICE_* settings)")
     i.add_argument("--shop-id", help="shop for every image (a CSV's shop_id column overrides it)")
     i.add_argument("--workers", type=int, default=4, help="concurrent uploads")
@@ -281,11 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         "gallery's copy of the same item)",
     )
     x.add_argument("--allow-missing", action="store_true", help="switch even if some gallery items could not be embedded")
-    x.add_argument("--url", action="append", default=[], help="a replica to switch (repeat for each); none = only embed")
+    x.add_argument("--url", action="append", default=[], help="a replica's base URL to switch (repeat for each); none = only embed")
     x.add_argument("--shop-id", help="shop for every image (a CSV's third column overrides it)")
     x.add_argument("--server-checkpoint", help="the checkpoint's path as the servers see it (default: this path, absolute)")
     x.add_argument("--api-key", default=None, help="API key with the admin right a, to switch the replicas (or RICE_CLIENT_API_KEY)")
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.add_argument("--embed-only", metavar="DIR", help="only embed, into DIR in the `rice gallery import` format (no store, no switch)")
     x.set_defaults(func=cmd_reindex)
 
@@ -303,21 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("paths", nargs="+", help="clip or image files, or folders of them")
-    r.add_argument("--url", default="http://127.0.0.1:8000")
-    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--url", default="http://127.0.0.1:8000", help=URL_HELP)
+    r.add_argument("--top-k", type=int, default=5, help="SKUs per answer")
     r.add_argument("--shop-id", help="search only this shop's items")
     r.add_argument("--num-frames", type=int, default=10, help="frames sampled per clip")
     r.add_argument("--min-score", type=float, default=None, help="top-1 score from which an answer is a match (default: the model's)")
     r.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     r.add_argument("--api-key", default=None, help="API key (or set RICE_CLIENT_API_KEY)")
     out = r.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
+    out.add_argument(
+        "--json", action="store_true", help="print one JSON array of the full answers (request_id for feedback, match_probability, ...)"
+    )
     out.add_argument("--csv", action="store_true", help=f"print CSV ({', '.join(CSV_FIELDS)}), one row per file")
     r.set_defaults(func=cmd_recognize)
     from tools import onnx_export, timeline_cli
 
     timeline_cli.add_parser(sub)
     onnx_export.add_parser(sub)
+    show_defaults(p)
     return p
 
 
@@ -338,7 +359,7 @@ def _add_training_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
         for name in TRAINING_COMMANDS:
             # no option prefix: whatever the user typed after the name is taken as is, then answered in one line
             stub = sub.add_parser(name, help="needs the training code (pip install .[train])", add_help=False, prefix_chars="\x00")
-            stub.add_argument("rest", nargs="*")
+            stub.add_argument("rest", nargs="*", help="(not read: the command needs the training code)")
             stub.set_defaults(func=_needs_training)
         return
     lb = sub.add_parser(
@@ -364,11 +385,18 @@ def _add_training_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     c = sub.add_parser(
         "lpr4m",
         help="convert an LPR4M download (img2dataset files or webdataset tars, or the 750K subset) into train/test manifests",
+        description="LPR4M is the RICE authors' public livestream product dataset: its URL lists and annotation files are "
+        "published at https://github.com/adxcreative/RICE (README sections 2-3); download the images with img2dataset "
+        "(https://github.com/rom1504/img2dataset, --output_format files or webdataset), then point this command at them.",
     )
     lpr4m.add_arguments(c)
     c.set_defaults(func=lpr4m.run)
     a = sub.add_parser(
-        "import-checkpoint", help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format"
+        "import-checkpoint",
+        help="convert the RICE authors' released checkpoint (rice_final.pth) into this project's format",
+        description="The RICE authors publish their code and checkpoints at https://github.com/adxcreative/RICE "
+        "(rice_final.pth is linked from its README). The converted file is served with `rice serve --checkpoint OUT` "
+        "and starts training with `rice train --init-from OUT`.",
     )
     authors.add_arguments(a)
     a.set_defaults(func=authors.run)

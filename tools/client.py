@@ -6,7 +6,8 @@ results, an API key, and retries that honour the server's Retry-After on 429 and
     with RiceClient("http://127.0.0.1:8000", api_key="ops-key-1234") as rice:
         rice.add_item("catalog/cola.jpg", sku="SKU-1", shop_id="shop-1", metadata={"name": "Cola"})
         answer = rice.recognize("clips/seller.mp4", top_k=3, shop_id="shop-1")  # stills go to /v1/recognize/image
-        print(answer.match, answer.top.sku if answer.top else None)
+        print(answer.match, answer.match_probability, answer.top.sku if answer.top else None)
+        rice.feedback(answer.request_id, "correct")  # or "wrong" (sku="the right one"), "none_of_these"
 
 Errors are one exception family, each with the exit status the `rice` CLI uses for it:
 `ServiceUnreachable` (3), `AuthError` (401/403: 4), `RequestRejected` (other 4xx: 5),
@@ -31,29 +32,49 @@ import httpx
 from model.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES  # constants only: no torch behind this import
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+T = TypeVar("T")
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 
 # -- results -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Box:
+    frame: int  # index of the frame (among the frames used) where the product was found
+    polygon: list[list[float]]  # the catalog image's corners [[x, y] x 4] in that frame's pixels
+
+
+@dataclass(frozen=True)
 class Match:
+    """One result of an answer: every field of the service's result (None where it sent none)."""
+
     sku: str
-    score: float
+    score: float  # the ranking score: embedding_score plus a bonus for geometric verification
     item_id: str
     shop_id: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    embedding_score: float | None = None
+    inliers: int | None = None
+    coverage: float | None = None
+    frames_verified: int | None = None
+    verifiable: bool | None = None
+    box: Box | None = None  # where the product is, for a verified SKU
+    source: str = "catalog"  # catalog (an image) or feedback (a confirmed answer's view)
 
 
 @dataclass(frozen=True)
 class Recognition:
+    """A recognition answer: every field of the service's answer."""
+
     results: list[Match]
-    match: bool  # the top result scores at least match_threshold; False means "none of these"
-    match_threshold: float
+    match: bool  # the top result is the product shown (the verdict, else the score threshold); False means "none of these"
+    match_threshold: float  # the top-1 score threshold; it decides `match` only when no verdict ran or min_score was given
     gallery_version: int
     model_version: str
     frames_used: int
     timings_ms: dict[str, float]
+    request_id: str  # send `feedback(request_id, ...)` with it
+    match_probability: float | None = None  # the verdict's probability that the top result is right (None: no verdict ran)
 
     @property
     def top(self) -> Match | None:
@@ -67,12 +88,14 @@ class ItemAdded:
     shop_id: str | None
     gallery_version: int
     model_version: str
+    shard: int = 0  # the shard whose gallery the write went to (0 unsharded)
 
 
 @dataclass(frozen=True)
 class Deleted:
     deleted: list[str]
     gallery_version: int
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,7 @@ class GalleryItem:
     sku: str
     shop_id: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "catalog"  # catalog (an ingested image) or feedback (a confirmed answer's view, no thumbnail)
 
 
 @dataclass(frozen=True)
@@ -93,21 +117,76 @@ class GalleryPage:
     namespace: str
 
 
+@dataclass(frozen=True)
+class FeedbackRecorded:
+    """The answer to `feedback`: the verdict as kept, and what it changed in the gallery."""
+
+    request_id: str
+    verdict: str
+    sku: str | None  # the SKU the verdict says was shown (None: none, or not said)
+    replaced: str | None  # the earlier verdict on this request that this one replaced
+    view_item_id: str | None  # the gallery view this verdict added (RICE_ENRICH)
+    removed: list[str]  # feedback views removed
+    gallery_version: int | None  # the gallery version after the enrichment write, when there was one
+
+
+VERDICTS = ("correct", "wrong", "none_of_these")
+
+
+def _opt(value: Any, kind: Callable[[Any], T]) -> T | None:
+    return None if value is None else kind(value)
+
+
+def _match(r: Any) -> Match:
+    box = r.get("box")
+    return Match(
+        sku=r["sku"],
+        score=float(r["score"]),
+        item_id=r["item_id"],
+        shop_id=r.get("shop_id"),
+        metadata=r.get("metadata") or {},
+        embedding_score=_opt(r.get("embedding_score"), float),
+        inliers=_opt(r.get("inliers"), int),
+        coverage=_opt(r.get("coverage"), float),
+        frames_verified=_opt(r.get("frames_verified"), int),
+        verifiable=_opt(r.get("verifiable"), bool),
+        box=None if box is None else Box(int(box["frame"]), [[float(x) for x in point] for point in box["polygon"]]),
+        source=str(r.get("source", "catalog")),
+    )
+
+
 def _recognition(body: Any) -> Recognition:
     return Recognition(
-        results=[Match(r["sku"], float(r["score"]), r["item_id"], r.get("shop_id"), r.get("metadata") or {}) for r in body["results"]],
+        results=[_match(r) for r in body["results"]],
         match=bool(body["match"]),
         match_threshold=float(body["match_threshold"]),
         gallery_version=int(body["gallery_version"]),
         model_version=str(body["model_version"]),
         frames_used=int(body["frames_used"]),
         timings_ms={k: float(v) for k, v in body["timings_ms"].items()},
+        request_id=str(body["request_id"]),
+        match_probability=_opt(body.get("match_probability"), float),
     )
 
 
 def _page(body: Any) -> GalleryPage:
-    items = [GalleryItem(i["item_id"], i["sku"], i.get("shop_id"), i.get("metadata") or {}) for i in body["items"]]
+    def item(i: Any) -> GalleryItem:
+        return GalleryItem(i["item_id"], i["sku"], i.get("shop_id"), i.get("metadata") or {}, str(i.get("source", "catalog")))
+
+    items = [item(i) for i in body["items"]]
     return GalleryPage(int(body["total"]), int(body["offset"]), int(body["limit"]), items, int(body["gallery_version"]), body["namespace"])
+
+
+def _feedback(body: Any) -> FeedbackRecorded:
+    return FeedbackRecorded(
+        request_id=str(body["request_id"]),
+        verdict=str(body["verdict"]),
+        sku=body.get("sku"),
+        replaced=body.get("replaced"),
+        view_item_id=body.get("view_item_id"),
+        removed=list(body.get("removed") or []),
+        gallery_version=_opt(body.get("gallery_version"), int),
+    )
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -236,8 +315,6 @@ def _media(media: bytes | str | Path, filename: str | None) -> tuple[str, bytes]
 
 # -- calls -----------------------------------------------------------------------------------------
 
-T = TypeVar("T")
-
 
 @dataclass
 class Call(Generic[T]):
@@ -304,7 +381,8 @@ class _Calls:
 
         def parse(r: httpx.Response) -> ItemAdded:
             b = r.json()
-            return ItemAdded(b["item_id"], b["sku"], b.get("shop_id"), int(b["gallery_version"]), b["model_version"])
+            shard = int(b.get("shard", 0))
+            return ItemAdded(b["item_id"], b["sku"], b.get("shop_id"), int(b["gallery_version"]), b["model_version"], shard)
 
         return Call("POST", "/v1/gallery/items", parse, files={"image": (name, data, "application/octet-stream")}, data=form)
 
@@ -312,7 +390,7 @@ class _Calls:
     def deleted(path: str, params: dict[str, Any] | None = None) -> Call[Deleted]:
         def parse(r: httpx.Response) -> Deleted:
             body = r.json()
-            return Deleted(list(body["deleted"]), int(body["gallery_version"]))
+            return Deleted(list(body["deleted"]), int(body["gallery_version"]), int(body.get("shard", 0)))
 
         return Call("DELETE", path, parse, params or {})
 
@@ -324,6 +402,14 @@ class _Calls:
     @staticmethod
     def thumbnail(item_id: str, shop_id: str | None = None) -> Call[bytes]:
         return Call("GET", f"/v1/gallery/items/{_quote(item_id)}/thumbnail", lambda r: r.content, {"shop_id": shop_id})
+
+    @staticmethod
+    def feedback(request_id: str, verdict: str, sku: str | None, shop_id: str | None) -> Call[FeedbackRecorded]:
+        if verdict not in VERDICTS:  # caught here: a typo would otherwise be a 422 after a round trip
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+        # shop_id is only for routing: a proxy in front of a sharded deployment hashes it (the service finds the request by id)
+        body = {"request_id": request_id, "verdict": verdict, "sku": sku}
+        return Call("POST", "/v1/feedback", lambda r: _feedback(r.json()), {"shop_id": shop_id}, json=body)
 
     @staticmethod
     def switch_model(checkpoint: str | None, min_gallery_items: int) -> Call[dict[str, Any]]:
@@ -444,6 +530,12 @@ class RiceClient(_Base):
         """The item's catalog thumbnail (JPEG bytes; `shop_id`: its shop, which a sharded deployment needs)."""
         return self.call(_Calls.thumbnail(item_id, shop_id))
 
+    def feedback(self, request_id: str, verdict: str, sku: str | None = None, shop_id: str | None = None) -> FeedbackRecorded:
+        """POST /v1/feedback (a write key): `verdict` on the answer `request_id`: "correct" (its top-1 is the
+        product), "wrong" (`sku`: the right SKU, if known) or "none_of_these" (not in the gallery).
+        `shop_id`: the answer's shop, which a proxy in front of a sharded deployment routes by."""
+        return self.call(_Calls.feedback(request_id, verdict, sku, shop_id))
+
     def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
         """POST /v1/admin/model: swap this replica to another checkpoint (a key with the admin right `a`)."""
         return self.call(_Calls.switch_model(checkpoint, min_gallery_items))
@@ -529,6 +621,10 @@ class AsyncRiceClient(_Base):
 
     async def thumbnail(self, item_id: str, shop_id: str | None = None) -> bytes:
         return await self.call(_Calls.thumbnail(item_id, shop_id))
+
+    async def feedback(self, request_id: str, verdict: str, sku: str | None = None, shop_id: str | None = None) -> FeedbackRecorded:
+        """POST /v1/feedback: see `RiceClient.feedback`."""
+        return await self.call(_Calls.feedback(request_id, verdict, sku, shop_id))
 
     async def switch_model(self, checkpoint: str | None, min_gallery_items: int = 0) -> dict[str, Any]:
         return await self.call(_Calls.switch_model(checkpoint, min_gallery_items))

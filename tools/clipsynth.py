@@ -251,3 +251,19 @@ def write_video(frames: list[np.ndarray], path: str | os.PathLike[str], fps: flo
         raise ValueError(f"unsupported video suffix {out.suffix!r}; expected one of {sorted(_FOURCC_BY_SUFFIX)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_frames(frames, out, fps, fourcc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.clipsynth --help`: what this module gives and who uses it."""
+    from tools.helpfmt import library_help
+
+    usage = """\
+a library, nothing to run: camera_motion_clip(image, rng, num_frames, out_size) renders a still
+as a hand-held phone clip; encode_video(frames, fps, fourcc, suffix) returns the encoded bytes and
+write_video(frames, path, fps) writes an MP4. `python -m tools.grocery_clips --mode motion` uses it
+to make clips from photos; the tests use it for real encoded uploads."""
+    return library_help("python -m tools.clipsynth", __doc__, usage, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

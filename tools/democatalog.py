@@ -491,3 +491,20 @@ def write_demo_catalog(
             manifest["clips"].append({"path": rel_clip, "sku": p.sku, "shop_id": p.shop_id})
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.democatalog --help`: what this module gives and who uses it."""
+    from tools.helpfmt import library_help
+
+    usage = """\
+a library, nothing to run: make_products(n, seed) draws n products (SKU-0001...; the same n and
+seed draw the same designs), write_demo_catalog(out_dir, n_products, clips_per_product, seed)
+writes catalog/<sku>.jpg, clips/<sku>_<i>.mp4 and manifest.json, render_clip and render_room_clip
+render a product held up to the camera and the room without one. `rice demo` writes and serves
+such a catalog (12 products, seed 0); `python -m tools.longclip` films long recordings of them."""
+    return library_help("python -m tools.democatalog", __doc__, usage, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

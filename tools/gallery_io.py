@@ -211,7 +211,7 @@ def register(sub: Any) -> None:
     ):
         p = gs.add_parser(name, help=help_text)
         p.add_argument("dir", help="the folder")
-        p.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
         p.add_argument("--api-key", default=None, help="API key with write rights (or RICE_CLIENT_API_KEY)")
         if name == "import":
             p.add_argument("--rows", type=int, default=0, help="rows per request (each all or nothing); 0 = the whole folder in one")

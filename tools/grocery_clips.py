@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.clipsynth import camera_motion_clip, write_video
+from tools.helpfmt import RawShowDefaults
 from tools.livescene import SCALES, livestream_clip
 from train.data import ClipRow, read_image, write_manifest
 from train.grocery import GroceryData, GroceryPhoto, read_grocery
@@ -103,19 +104,34 @@ def write_grocery_gallery(data: GroceryData, path: str | os.PathLike[str]) -> No
     write_manifest(rows, path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="grocery-layout folder (classes.csv, train.txt, val.txt)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--mode", default="motion", choices=["motion", "photos", "mixed", "live"])
-    p.add_argument("--clips-per-photo", type=int, default=1)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.grocery_clips",
+        description=__doc__,
+        formatter_class=RawShowDefaults,
+    )
+    p.add_argument(
+        "--root",
+        required=True,
+        help="the public Grocery Store Dataset's dataset/ folder (https://github.com/marcusklasson/GroceryStoreDataset), "
+        "or a folder laid out the same way (classes.csv, train.txt, val.txt, the photos)",
+    )
+    p.add_argument("--out", required=True, help="where the clips (OUT/SPLIT/*.mp4), OUT/SPLIT.jsonl and OUT/gallery.jsonl go")
+    p.add_argument("--split", default="train", help="the split whose photos become clips: train or val (any SPLIT.txt in --root)")
+    p.add_argument(
+        "--mode",
+        default="motion",
+        choices=["motion", "photos", "mixed", "live"],
+        help="motion: one photo filmed by a hand-held camera; photos: several photos of the product in a row; "
+        "mixed: the two in turn; live: the product composited into a livestream scene (tools.livescene)",
+    )
+    p.add_argument("--clips-per-photo", type=int, default=1, help="clips written per photo (each drawn anew)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--size", type=int, default=256, help="frame side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="the generated clips (the same seed, the same clips)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering clips (default: every CPU)")
     p.add_argument("--holdout-every", type=int, default=0, help="also write heldout_skus.txt: every k-th product by class id")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     data = read_grocery(args.root)
     held = [p.sku for p in sorted(data.products, key=lambda p: p.class_id)][:: args.holdout_every] if args.holdout_every else []
     manifest = build_grocery_clips(

@@ -274,14 +274,19 @@ def _fit_verdict(rows: list[dict[str, Any]], precision: float, path: str) -> dic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="grocery-layout folder ($GROCERY_ROOT: classes.csv, train.txt, val.txt)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the public Grocery Store Dataset's dataset/ folder ($GROCERY_ROOT; "
+        "https://github.com/marcusklasson/GroceryStoreDataset): classes.csv, train.txt, val.txt and the photos",
+    )
     p.add_argument("--checkpoint", help="RICE checkpoint; default: the built-in encoder")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--split", default="val", choices=["train", "val"], help="the split whose photos become scenes")
     p.add_argument("--every", type=int, default=1, help="use every k-th photo of the split (smaller, faster runs)")
     p.add_argument("--heldout-every", type=int, default=4, help="every k-th product (by class id) is never-trained")
     p.add_argument("--absent-half", type=int, default=0, choices=[0, 1], help="which half of those is left out of the gallery")
-    p.add_argument("--num-frames", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-frames", type=int, default=10, help="frames sampled per clip")
+    p.add_argument("--seed", type=int, default=0, help="the generated scenes (the same seed, the same clips)")
     p.add_argument("--threshold", type=float, help="operating threshold for the open-set figures; default: the served one")
     p.add_argument("--calibrate", type=float, metavar="PRECISION", help="also report the threshold for this precision")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a service setting for this run, e.g. regions=off")

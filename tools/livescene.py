@@ -171,3 +171,19 @@ def livestream_clip(
         # The same seed replays the same camera path, so the cut is seamless apart from the product.
         frames[:empty] = camera_motion_clip(bare, np.random.default_rng(camera_seed), num_frames=num_frames, out_size=(size, size))[:empty]
     return frames, SceneSpec(scale, frac, hand and product is not None, len(distractors), empty)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.livescene --help`: what this module gives and who uses it."""
+    from tools.helpfmt import library_help
+
+    usage = """\
+a library, nothing to run: compose_scene(product, background, distractors, scale, rng) composes
+one still scene, livestream_clip(product, background, distractors, scale, rng, num_frames) films it
+hand-held and returns the frames and what they show (SceneSpec). `python -m tools.grocery_clips
+--mode live` writes such clips from photos; `rice livebench` measures the service on them."""
+    return library_help("python -m tools.livescene", __doc__, usage, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

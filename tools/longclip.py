@@ -134,18 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dataclasses import asdict
 
     from tools.democatalog import make_products
+    from tools.helpfmt import ShowDefaults
 
     p = argparse.ArgumentParser(
         prog="python -m tools.longclip",
         description="Write a generated livestream recording (products held up in turn, gaps, distractors) and, beside it, "
-        "its true segments as JSON: test material for `rice timeline` and POST /v1/jobs/timeline.",
+        "its true segments as JSON: test material for `rice timeline` and POST /v1/jobs/timeline. "
+        "Products are drawn by the demo catalog's generator, make_products(--products + --distractors, --seed): their SKU "
+        "names are the demo's, but the designs depend on the count, so only --products 12 --distractors 0 --seed 0 films "
+        "exactly the catalog `rice demo` ingests (the defaults film other products under the same names).",
+        formatter_class=ShowDefaults,
     )
     p.add_argument("out", help="the MP4 to write; the truth goes to the same name with .json")
     p.add_argument("--seconds", type=float, default=120.0, help="about how long the recording is")
     p.add_argument("--products", type=int, default=8, help="gallery products shown (the demo catalog's generator)")
     p.add_argument("--distractors", type=int, default=2, help="products shown that are not in the gallery")
-    p.add_argument("--fps", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second of the recording")
+    p.add_argument("--seed", type=int, default=0, help="the products and the schedule (the same seed, the same recording)")
     args = p.parse_args(argv)
     products = make_products(args.products + args.distractors, seed=args.seed)
     shown, others = products[: args.products], products[args.products :]

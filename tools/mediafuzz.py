@@ -269,3 +269,18 @@ def cases(count: int, seed: int = 0, sources: tuple[str, ...] = SOURCES) -> Iter
     """`count` cases cycling through `sources`, seeds from `seed` upward."""
     for i in range(count):
         yield case(sources[i % len(sources)], seed + i)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.mediafuzz --help`: what this module gives and who uses it."""
+    from tools.helpfmt import library_help
+
+    usage = """\
+a library, nothing to run: case(name, seed) rebuilds one mutated upload (a source in SOURCES),
+cases(count, seed) yields many. `python bench/fuzz.py --cases 3000 --seed 1` sends them to a real
+`rice serve` (docs/PERFORMANCE.md, "Fuzzing"); tests/test_fuzz.py runs a short seeded set."""
+    return library_help("python -m tools.mediafuzz", __doc__, usage, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

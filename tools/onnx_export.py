@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
         "on a fixed batch (cosine >= 0.999 fp32, >= 0.99 INT8) and caches it by model version. Exit 1 if one is refused.",
     )
     x.add_argument("--checkpoint", help="RICE checkpoint (default: RICE_CHECKPOINT, else the ImageNet EfficientNet-Lite0)")
-    x.add_argument("--precision", choices=["fp32", "int8", "all"], default="fp32")
+    x.add_argument("--precision", choices=["fp32", "int8", "all"], default="fp32", help="fp32, int8 (quantised), or all of them")
     x.add_argument("--dir", help="cache directory (default: RICE_ONNX_DIR, else 'onnx' beside the gallery file)")
     x.add_argument("--images", help="folder of catalog photos (searched recursively) to calibrate INT8 on")
     x.add_argument("--calibration-frames", type=int, default=32, help="most photos used for calibration")

@@ -115,14 +115,26 @@ class InOrder:
             self.next += 1
 
 
-def table_line(o: Outcome, empty: Callable[[], str]) -> str:
-    """One human-readable line per file; `empty()` explains an answer without results."""
+def no_match_reason(a: Recognition, by_score: bool) -> str:
+    """Why an answer with results is no match, from what the answer carries: the verdict's probability
+    when the verdict decided (its threshold is not in the answer: GET /v1/info `match_probability`),
+    else the top-1 score against match_threshold (the request set min_score, or no verdict ran)."""
+    if a.match_probability is not None and not by_score:
+        return f"match probability {a.match_probability:.2f}"
+    top = a.top
+    score = f"top-1 score {top.score:.2f} < " if top is not None else "below "
+    return f"{score}{a.match_threshold:.2f}"
+
+
+def table_line(o: Outcome, empty: Callable[[], str], by_score: bool = False) -> str:
+    """One human-readable line per file; `empty()` explains an answer without results; `by_score`: the
+    request set min_score, so the score threshold decided `match`, not the verdict."""
     if o.answer is None:
         assert o.error is not None
         return f"{o.path}: HTTP {o.error.status} {o.error.detail}"
     a = o.answer
     shown = ", ".join(f"{m.sku} ({m.score:.2f})" for m in a.results) or empty()
-    verdict = "" if not a.results else " [match]" if a.match else f" [no match: below {a.match_threshold:.2f}]"
+    verdict = "" if not a.results else " [match]" if a.match else f" [no match: {no_match_reason(a, by_score)}]"
     return f"{o.path}: {shown}{verdict}"
 
 

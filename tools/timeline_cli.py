@@ -29,8 +29,8 @@ def add_parser(sub: Any) -> None:
         "segments. Ctrl-C cancels the job on the server.",
     )
     t.add_argument("paths", nargs="+", help="recording files")
-    t.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
-    t.add_argument("--shop-id")
+    t.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
+    t.add_argument("--shop-id", help="search only this shop's items")
     t.add_argument("--window-s", type=float, default=2.0, help="seconds pooled into one search")
     t.add_argument("--stride-s", type=float, help="seconds between window starts (default: the window)")
     t.add_argument("--top-k", type=int, default=3, help="the SKU and its alternatives per segment")

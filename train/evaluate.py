@@ -189,7 +189,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gallery", help="JSONL manifest of gallery images (default: the queries' distinct images)")
     parser.add_argument("--checkpoint", help="RICE checkpoint (default: the service's zero-shot encoder)")
     parser.add_argument("--per-shop", action="store_true", help="LPR4M protocol: each query is ranked against its own shop's images")
-    parser.add_argument("--num-frames", type=int, default=10)
+    parser.add_argument("--num-frames", type=int, default=10, help="frames sampled per query clip")
     parser.add_argument("--only-skus", help="file of SKUs: evaluate only queries of these products (gallery unchanged)")
     parser.add_argument("--exclude-skus", help="file of SKUs: drop queries of these products (gallery unchanged)")
     parser.add_argument(
@@ -204,8 +204,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         help='JSON with the benchmark\'s ground-truth query ids ({"ids": [...]}) for R@k over all of them '
         "(default: QUERIES' .meta.json beside it, written by `rice lpr4m`; else the query rows)",
     )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)",
+    )
     parser.add_argument("--out", help="also write the JSON report here")
 
 

@@ -76,7 +76,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--identity-proj", action="store_true", help="initialise the EfficientNet projection to the identity")
     a("--vit", default="768,12,12,32,224,512", help="ViT width,layers,heads,patch,image_size,embed_dim")
     a("--gelu", default="quick", choices=["quick", "exact"], help="ViT MLP activation: quick (OpenAI CLIP) or exact (open_clip LAION)")
-    a("--clip-weights", help="OpenAI CLIP (ViT-B-32.pt, TorchScript or state dict) / open_clip ViT weights to start from")
+    a(
+        "--clip-weights",
+        help="ViT weights to start from: OpenAI CLIP's public ViT-B-32.pt (TorchScript or state dict; its download URL is in "
+        "clip/clip.py of https://github.com/openai/CLIP) or open_clip ViT-B/32 weights",
+    )
     a("--no-pretrained", action="store_true", help="random init (tests)")
     a(
         "--init-from",
@@ -100,7 +104,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "(like the frames, as the authors prepare LPR4M shop images). Stored in the checkpoint",
     )
     a("--losses", default="icl,pmd,pfr", help="comma list of icl, pmd, pfr")
-    a("--pmd-weight", type=float, default=1.0)
+    a("--pmd-weight", type=float, default=1.0, help="weight of the PMD (pairwise matching) loss")
     a(
         "--pmd-form",
         default="small",
@@ -114,12 +118,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     a("--pfr-weight", type=float, help="override the form's PFR loss weight")
     a("--temperature", type=float, default=0.07, help="ICL temperature (initial value unless --fixed-temperature)")
     a("--fixed-temperature", action="store_true", help="keep the ICL temperature fixed (the authors' v1: 0.01)")
-    a("--decoder-width", type=int, default=256)
+    a("--decoder-width", type=int, default=256, help="width of the fresh PMD decoder (--pmd-form small)")
     a("--decoder-heads", type=int, help="decoder attention heads (default 8, the authors' v2 default; v2-mean: the backbone's)")
     a("--match-threshold", type=float, help="a calibrated match score to store in the checkpoint (served as LoadedEncoder.match_threshold)")
     # optimisation
     a("--frames", type=int, default=10, help="frames per training clip")
-    a("--eval-frames", type=int, default=10)
+    a("--eval-frames", type=int, default=10, help="frames per clip when evaluating (--val, --select-every)")
     a("--batch-size", type=int, default=32, help="per process, per micro-batch; with N processes the contrastive batch is N x this")
     a(
         "--accum",
@@ -127,26 +131,30 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="micro-batches per optimizer step. Does not enlarge the contrastive batch: negatives come from one micro-batch only",
     )
-    a("--epochs", type=float, default=1.0)
+    a("--epochs", type=float, default=1.0, help="passes over the training manifest (fractions allowed)")
     a("--max-steps", type=int, default=0, help="schedule length in optimizer steps (overrides --epochs)")
     a("--stop-at-step", type=int, default=0, help="end this run early at this step (resume later with --resume)")
-    a("--lr-backbone", type=float, default=1e-5)
-    a("--lr-head", type=float, default=1e-4)
-    a("--weight-decay", type=float, default=0.2)
+    a("--lr-backbone", type=float, default=1e-5, help="AdamW learning rate of the backbone")
+    a("--lr-head", type=float, default=1e-4, help="AdamW learning rate of the projection and the PMD/PFR heads")
+    a("--weight-decay", type=float, default=0.2, help="AdamW weight decay")
     a("--warmup", type=int, default=10, help="warm-up steps")
     a("--warmup-fraction", type=float, default=0.0, help="warm-up as a fraction of the schedule (overrides --warmup when > 0)")
     a("--adam-beta2", type=float, default=0.98, help="AdamW beta2 (the authors: 0.999)")
-    a("--ckpt-every", type=int, default=200)
-    a("--log-every", type=int, default=10)
-    a("--workers", type=int, default=2)
-    a("--seed", type=int, default=0)
+    a("--ckpt-every", type=int, default=200, help="write OUT/last.pt (what --resume reads) every N optimizer steps")
+    a("--log-every", type=int, default=10, help="log the losses every N optimizer steps")
+    a("--workers", type=int, default=2, help="data loader worker processes (decode clips in parallel)")
+    a("--seed", type=int, default=0, help="random seed (initialisation, sampling, augmentation)")
     # model selection on held-out products
     a("--select-every", type=int, default=0, help="evaluate held-out products every N steps, keep OUT/best.pt by their R@1 (0: off)")
     a("--select-queries", help="manifest of held-out query clips (default: the --val rows whose SKU is in --exclude-skus)")
     a("--select-gallery", help="gallery for --select-queries (default: --val-gallery, else the queries' images)")
     a("--patience", type=int, default=0, help="stop after this many selections without a better held-out R@1 (0: run to the end)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--no-progress", action="store_true")
+    a(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)",
+    )
+    a("--no-progress", action="store_true", help="no progress bar")
 
 
 # The authors' recipes (github deepalchemist/crossview-semantic-alignment): v2 = mmf
