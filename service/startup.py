@@ -4,7 +4,7 @@ never a uvicorn traceback after it.
 
 Checked before serving: every RICE_* value (pydantic, one line per error), unknown RICE_* names (a
 warning with the closest known name: other tools may share the prefix), the port (bound and closed),
-the device (CUDA present) and Redis (answers PING)."""
+the device (CUDA present) and Redis (answers PING, through index.redis_util: the one Redis user)."""
 
 from __future__ import annotations
 
@@ -112,21 +112,15 @@ def check_redis(url: str | None) -> None:
     """RICE_REDIS_URL answers PING (else the gallery store fails inside the app's start-up)."""
     if not url:
         return
-    import redis
+    from index.errors import StoreUnavailable
+    from index.redis_util import ping
 
     try:
-        client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        ping(url, REDIS_TIMEOUT_S)
     except ValueError as exc:
         raise StartupError(f"RICE_REDIS_URL: not a Redis URL ({exc})") from None
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        where = client.connection_pool.connection_kwargs
-        raise StartupError(
-            f"RICE_REDIS_URL: cannot reach Redis at {where.get('host', '?')}:{where.get('port', '?')} ({exc}); is it running?"
-        ) from None
-    finally:
-        client.close()
+    except StoreUnavailable as exc:
+        raise StartupError(f"RICE_REDIS_URL: {exc}; is it running?") from None  # str(): the cause, without the HTTP wording
 
 
 def preflight(settings: Settings) -> None:
