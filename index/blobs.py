@@ -83,46 +83,51 @@ def open_originals(blob_dir: str | None, gallery_path: str) -> Blobs | None:
 
 
 # -- items' images in export folders and bulk imports ------------------------------------------------
-# An export (and a `rice reindex --embed-only` folder) may carry `thumbnails/<id>.jpg` and
-# `originals/<id>.jpg`, the id percent-quoted so that it is one safe file name; POST
-# /v1/gallery/bulk takes the same members as an optional tar beside the vectors.
+# An export (and a `rice reindex --embed-only` folder) may carry `thumbnails/<id>.jpg`,
+# `originals/<id>.jpg` and `features/<id>.rlf` (the item's stored local features for verification,
+# a few tens of KB: carried as they are, a restored item verifies exactly as on the original server),
+# the id percent-quoted so that it is one safe file name; POST /v1/gallery/bulk takes the same
+# members as an optional tar beside the vectors.
 
-IMAGE_KINDS = ("thumbnails", "originals")
-MAX_IMAGE_BYTES = {"thumbnails": 256 * 1024, "originals": 8 * 1024 * 1024}
-_JPEG_MAGIC = b"\xff\xd8\xff"
+IMAGE_KINDS = ("thumbnails", "originals", "features")
+MAX_IMAGE_BYTES = {"thumbnails": 256 * 1024, "originals": 8 * 1024 * 1024, "features": 64 * 1024}
+_SUFFIX = {"thumbnails": ".jpg", "originals": ".jpg", "features": ".rlf"}
+_MAGIC = {"thumbnails": b"\xff\xd8\xff", "originals": b"\xff\xd8\xff", "features": b"RLF1"}
 
 
 def image_member(kind: str, item_id: str) -> str:
-    """The member (or file) name of an item's image: `thumbnails/<quoted id>.jpg`."""
-    return f"{kind}/{urllib.parse.quote(item_id, safe='')}.jpg"
+    """The member (or file) name of an item's image or features: `thumbnails/<quoted id>.jpg`."""
+    return f"{kind}/{urllib.parse.quote(item_id, safe='')}{_SUFFIX[kind]}"
 
 
 def parse_image_member(name: str) -> tuple[str, str] | None:
     """(kind, item_id) of a member name made by `image_member`; None for any other name."""
     kind, sep, rest = name.partition("/")
-    if kind not in IMAGE_KINDS or not sep or "/" in rest or not rest.endswith(".jpg"):
+    if kind not in IMAGE_KINDS or not sep or "/" in rest or not rest.endswith(_SUFFIX[kind]):
         return None
-    item_id = urllib.parse.unquote(rest[: -len(".jpg")])
+    item_id = urllib.parse.unquote(rest[: -len(_SUFFIX[kind])])
     return (kind, item_id) if ID_PATTERN.match(item_id) else None
 
 
 def read_image_tar(f: IO[bytes]) -> list[tuple[str, str, bytes]]:
     """Every (kind, item_id, jpeg) of an uploaded images tar, checked before anything is written:
-    only regular `thumbnails/` and `originals/` members, JPEGs, within size; else InvalidBulk."""
+    only regular `thumbnails/` and `originals/` JPEGs and `features/` RLF1 data, within size; else
+    InvalidBulk. (Features are parsed in full by their reader, `pipeline.local_features`.)"""
     out: list[tuple[str, str, bytes]] = []
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 parsed = parse_image_member(member.name)
                 if parsed is None or not member.isfile():
-                    raise InvalidBulk(f"images: unexpected member {member.name[:120]!r} (want thumbnails/<id>.jpg, originals/<id>.jpg)")
+                    want = "thumbnails/<id>.jpg, originals/<id>.jpg, features/<id>.rlf"
+                    raise InvalidBulk(f"images: unexpected member {member.name[:120]!r} (want {want})")
                 kind, item_id = parsed
                 if member.size > MAX_IMAGE_BYTES[kind]:
                     raise InvalidBulk(f"images: {member.name[:120]} is {member.size} bytes, over {MAX_IMAGE_BYTES[kind]}")
                 data = tar.extractfile(member)
                 body = data.read() if data is not None else b""
-                if not body.startswith(_JPEG_MAGIC):
-                    raise InvalidBulk(f"images: {member.name[:120]} is not a JPEG")
+                if not body.startswith(_MAGIC[kind]):
+                    raise InvalidBulk(f"images: {member.name[:120]} is not {'RLF1 features' if kind == 'features' else 'a JPEG'}")
                 out.append((kind, item_id, body))
     except tarfile.TarError as exc:
         raise InvalidBulk(f"images: not a tar archive ({exc})") from None

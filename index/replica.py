@@ -208,6 +208,12 @@ class GalleryReplica:
         if isinstance(store, Thumbnails):
             await asyncio.to_thread(store.put_thumbnail, item_id, jpeg)
 
+    async def put_features(self, item_id: str, data: bytes, shop_id: str | None) -> None:
+        """Store an item's local features in its shop's shard (a bulk import's, before its rows)."""
+        store, _ = self._target(shop_id)
+        if isinstance(store, FeatureStore):
+            await asyncio.to_thread(store.put_features, item_id, data)
+
     async def _forget_thumbnails(self, ids: list[str], store: Store | None = None) -> None:
         store = self.store if store is None else store
         if isinstance(store, Thumbnails):

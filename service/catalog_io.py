@@ -17,6 +17,7 @@ from index.bulk import BulkItem, Manifest, bulk_records, export_tar, parse_items
 from index.errors import BadRequest, InvalidBulk
 from index.halfstore import HalfRows
 from index.records import ID_PATTERN, ID_RULE, Record
+from pipeline.local_features import LocalFeatures
 from pipeline.originals import original_jpeg
 from service.state import AppState
 
@@ -69,7 +70,9 @@ async def original(blobs: Blobs | None, item_id: str) -> bytes | None:
 
 
 def export_images(state: AppState, blobs: Blobs | None, item_ids: list[str], which: ImageChoice) -> Iterator[tuple[str, bytes]]:
-    """The export's image members, read one at a time as the tar streams (on the threadpool)."""
+    """The export's image members, read one at a time as the tar streams (on the threadpool). With
+    any images, also the items' stored local features: a restored item then verifies exactly as here
+    (re-extracting them would need the full-resolution upload, which no store keeps)."""
     if which == "none":
         return
     originals = blobs if which == "all" else None
@@ -80,18 +83,33 @@ def export_images(state: AppState, blobs: Blobs | None, item_ids: list[str], whi
         data = originals.get(item_id) if originals is not None else None
         if data is not None:
             yield image_member("originals", item_id), data
+        features = state.replica.features([item_id]).get(item_id)
+        if features is not None:
+            yield image_member("features", item_id), features
+
+
+def _check_features(found: list[tuple[str, str, bytes]]) -> None:
+    for kind, item_id, data in found:
+        if kind == "features":
+            try:
+                LocalFeatures.from_bytes(data)
+            except ValueError as exc:
+                raise InvalidBulk(f"images: features of {item_id!r}: {exc}") from None
 
 
 async def import_images(state: AppState, blobs: Blobs | None, images: IO[bytes], shops: dict[str, str | None]) -> None:
-    """Store a bulk import's thumbnails and originals, checked first (InvalidBulk: nothing written),
-    before its items: an imported item any replica can find has its images. `shops`: each row's
-    item id -> shop id (a thumbnail goes to its shop's shard's store)."""
+    """Store a bulk import's thumbnails, originals and local features, checked first (InvalidBulk:
+    nothing written), before its items: an imported item any replica can find has its images.
+    `shops`: each row's item id -> shop id (a thumbnail goes to its shop's shard's store)."""
     found = await asyncio.to_thread(read_image_tar, images)
     stray = sorted({item_id for _, item_id, _ in found} - shops.keys())
     if stray:
         raise InvalidBulk(f"images: {len(stray)} images of items not in this import, e.g. {stray[0]!r}")
+    await asyncio.to_thread(_check_features, found)
     for kind, item_id, data in found:
         if kind == "thumbnails":
             await state.replica.put_thumbnail(item_id, data, shops[item_id])
+        elif kind == "features":
+            await state.replica.put_features(item_id, data, shops[item_id])
         elif kind == "originals" and blobs is not None:
             await asyncio.to_thread(blobs.put, item_id, data)

@@ -132,7 +132,10 @@ class TimelineResponse(BaseModel):
     model_version: str
     frames_used: int = Field(description="frames sampled and embedded")
     windows: int = Field(description="windows searched before smoothing")
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float] = Field(
+        description="milliseconds per stage, each summed over the windows; windows run concurrently, so stage times "
+        "can add up to more than total (the request's wall time)"
+    )
 
 
 class JobError(BaseModel):

@@ -103,7 +103,7 @@ def test_every_documented_status_is_produced(
         (["timeline", str(files["clip"]), "--url", served, "--api-key", "wrong-key-1", "--quiet"], EXIT_AUTH, "HTTP 401"),
         (["timeline", str(files["clip"]), *reader, "--window-s", "0", "--quiet"], EXIT_REJECTED, "window_s"),
         (["timeline", str(files["missing"]), *reader, "--quiet"], EXIT_USAGE, "missing.jpg"),
-        (["serve", "--checkpoint", str(tmp_path / "nosuch.pt")], EXIT_USAGE, "checkpoint not found"),
+        (["serve", "--checkpoint", str(tmp_path / "nosuch.pt"), "--port", "0"], EXIT_USAGE, "checkpoint not found"),
     ]
     for args, status, says in cases:
         code, _, err = run(args, capsys, tmp_path)
@@ -155,7 +155,10 @@ def test_each_command_meets_user_errors_in_one_line(
 
 def test_the_real_entry_point_prints_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RICE_GALLERY_PATH": ":memory:"}
-    cases = ((["serve", "--checkpoint", "nosuch.pt"], EXIT_USAGE), (["recognize", "x.jpg", "--url", "localhost:8000"], EXIT_USAGE))
+    cases = (
+        (["serve", "--checkpoint", "nosuch.pt", "--port", "0"], EXIT_USAGE),
+        (["recognize", "x.jpg", "--url", "localhost:8000"], EXIT_USAGE),
+    )
     for args, status in cases:
         out = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == status, out.stderr[-2000:]

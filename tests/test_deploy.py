@@ -123,7 +123,7 @@ def test_readme_documents_every_setting() -> None:
 
 def test_the_container_entry_point_refuses_to_start_open_with_a_clear_message() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RICE_")}
-    env.update(RICE_ALLOW_OPEN="false", RICE_GALLERY_PATH=":memory:")
+    env.update(RICE_ALLOW_OPEN="false", RICE_GALLERY_PATH=":memory:", RICE_PORT="0")  # any port: 8000 may be taken
     out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "RICE_API_KEYS is empty and RICE_ALLOW_OPEN is false" in out.stderr and "Traceback" not in out.stderr

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 
+from index.blobs import image_member, image_tar
 from index.bulk import ITEMS, MANIFEST, VECTORS, read_manifest
 from model.checkpoint import LoadedEncoder
 from service.server import background_server
-from tests.conftest import settings_for
+from tests.conftest import jpeg, settings_for
 from tests.test_bulk import bulk_post, items_for, jsonl, npy, unit
 from tools.cli import main
 from tools.democatalog import DemoProduct
@@ -64,3 +67,48 @@ def test_reindex_embed_only_writes_an_importable_folder(tmp_path: Path, encoder:
         image = cv2.imencode(".jpg", products[2].image)[1].tobytes()
         r = c.post("/v1/recognize/image", files={"file": ("p.jpg", image)})
         assert r.json()["results"][0]["sku"] == products[2].sku
+
+
+def test_a_restored_backup_verifies_like_the_original(
+    tmp_path: Path, encoder: LoadedEncoder, products: list[DemoProduct], clip_of: Callable[..., bytes]
+) -> None:
+    """Export with --originals, import into another server: the restored items carry their local
+    features (before: verifiable false, 0 inliers, until `rice reindex`), so a clip answers the same."""
+    out, clip = tmp_path / "backup", clip_of(products[1], seed=3)
+
+    def ask(c: httpx.Client) -> dict[str, Any]:
+        r = c.post("/v1/recognize", files={"file": ("c.mp4", clip, "video/mp4")})
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    with background_server(settings_for(tmp_path / "a"), encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for p in products[:4]:
+            files = {"image": ("p.jpg", jpeg(p.image), "image/jpeg")}
+            assert c.post("/v1/gallery/items", files=files, data={"sku": p.sku, "item_id": p.sku}).status_code == 201
+        before = ask(c)
+        assert main(["gallery", "export", str(out), "--url", url, "--originals"]) == 0
+    assert len(list((out / "features").iterdir())) == 4
+    top = before["results"][0]
+    assert top["sku"] == products[1].sku and top["verifiable"] is True and top["inliers"] > 0
+
+    with background_server(settings_for(tmp_path / "b"), encoder) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert main(["gallery", "import", str(out), "--url", url, "--originals"]) == 0
+        after = ask(c)
+    evidence = ("sku", "inliers", "verifiable", "frames_verified", "score")
+    assert [[r.get(k) for k in evidence] for r in after["results"]] == [[r.get(k) for k in evidence] for r in before["results"]]
+    assert (after["match"], after["match_probability"]) == (before["match"], before["match_probability"])
+
+
+def test_an_import_refuses_features_that_are_not_rlf1(tmp_path: Path, encoder: LoadedEncoder) -> None:
+    with background_server(settings_for(tmp_path), encoder) as url, httpx.Client(base_url=url) as c:
+        dim = c.get("/v1/gallery/stats").json()["dim"]
+        tar = image_tar([(image_member("features", "b0"), b"RLF1" + b"\0" * 20)])  # the magic, not the layout
+        files = {
+            "vectors": ("v.npy", npy(unit(1, dim, seed=1)), "application/octet-stream"),
+            "items": ("i.jsonl", jsonl(items_for(1))),
+            "images": ("images.tar", tar, "application/x-tar"),
+        }
+        r = c.post("/v1/gallery/bulk", files=files, data={"model_version": encoder.model_version})
+        assert r.status_code == 400 and "features of 'b0'" in r.text, r.text
+        assert c.get("/v1/gallery/stats").json()["items"] == 0

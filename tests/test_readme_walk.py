@@ -4,8 +4,10 @@ a new user would meet them, ending with a model switch that keeps every item."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from service.server import background_server
 from tests.conftest import settings_for
 from tools.cli import main
 from tools.client import RiceClient
-from tools.democatalog import DemoProduct
+from tools.democatalog import DemoProduct, write_demo_catalog
 from tools.longclip import plan_recording, write_recording
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -122,3 +124,28 @@ def test_the_readme_command_blocks_run_against_a_fresh_service(
     assert (cwd / "answers.csv").read_text().startswith("path,status,match,sku")
     assert len((cwd / "data" / "train.jsonl").read_text().splitlines()) == 2
     assert (cwd / "timeline.csv").is_file() and (cwd / "backup" / "manifest.json").is_file()
+
+
+def readme_curl_walk() -> list[str]:
+    """The curl lines of the README's HTTP example block (from `URL=...` up to the backup commands)."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S) if b.startswith("URL=http://127.0.0.1:8000"))
+    lines = [line.strip() for line in block.replace("\\\n", " ").splitlines()]
+    return [
+        line
+        for line in lines[: lines.index("# back up the gallery, restore it elsewhere (same model), or load an offline reindex")]
+        if line.startswith("curl ")
+    ]
+
+
+def test_the_readme_curl_examples_succeed_in_order(tmp_path: Path, encoder: LoadedEncoder) -> None:
+    """Each example, run as written by curl against a fresh service (with the demo's files), answers 2xx:
+    the DELETE of a SKU deletes one an earlier example added (it answered 404 when none did)."""
+    commands = readme_curl_walk()
+    assert any("DELETE" in c and "/v1/gallery/skus/" in c for c in commands)
+    write_demo_catalog(tmp_path / "demo_out", n_products=2, clips_per_product=1)
+    (tmp_path / ".curlrc").write_text("fail-with-body\nmax-time = 120\n")  # exit 22 on an HTTP error status
+    with background_server(settings_for(tmp_path / "gallery"), encoder) as url:
+        env = {**os.environ, "HOME": str(tmp_path), "URL": url}
+        for command in commands:
+            out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, f"{command}: exit {out.returncode}\n{out.stdout[-1000:]}{out.stderr[-1000:]}"

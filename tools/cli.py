@@ -41,14 +41,10 @@ def _settings(**overrides: object) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.startup import run
 
-    try:
-        serve(_settings(checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path))
-    except ValueError as exc:  # a setting the app refuses (bad RICE_API_KEYS, no keys with RICE_ALLOW_OPEN=false)
-        print(f"rice serve: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    # a bad setting, a busy port, no CUDA, no Redis: one line each and exit 2 (service.startup)
+    return run("rice serve", checkpoint=args.checkpoint, host=args.host, port=args.port, gallery_path=args.gallery_path)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`rice gallery export DIR`, `rice gallery import DIR` and `rice reindex --embed-only DIR`: a gallery
 as a folder of three files (`index.bulk`: manifest.json, items.jsonl, vectors.npy), with the items'
-thumbnails (`thumbnails/<id>.jpg`) and, with `--originals`, original images (`originals/<id>.jpg`).
+thumbnails (`thumbnails/<id>.jpg`), local features for verification (`features/<id>.rlf`) and, with
+`--originals`, original images (`originals/<id>.jpg`).
 
 Export and import talk to a running service (GET /v1/gallery/export, POST /v1/gallery/bulk), so they
 work the same on the embedded and the Redis store and every replica sees the import at once. An
@@ -98,8 +99,8 @@ def _npy_bytes(rows: np.ndarray) -> Iterator[bytes]:
 
 
 def _images_of(folder: Path, lines: list[bytes], originals: bool) -> bytes | None:
-    """The rows' thumbnails (and originals) found in `folder`, as the bulk import's `images` tar."""
-    kinds = ("thumbnails", "originals") if originals else ("thumbnails",)
+    """The rows' thumbnails, local features (and originals) found in `folder`, as the bulk import's `images` tar."""
+    kinds = ("thumbnails", "features", "originals") if originals else ("thumbnails", "features")
     members = []
     for line in lines:
         try:
@@ -168,11 +169,14 @@ def embed_to_dir(checkpoint: str | None, catalog: Path, shop_id: str | None, fol
     items = read_catalog(catalog, shop_id)
     engine = EncoderEngine(load_encoder(checkpoint), settings.device, settings.torch_threads, settings.dtype)
     thumbnails: dict[str, bytes] = {}
+    features: dict[str, bytes] = {}
     with tqdm(total=len(items), unit="img", disable=quiet) as bar:
-        embedded, failed = embed_catalog(items, engine, settings, progress=bar.update, thumbnails=thumbnails)
-    for it, _ in embedded:  # `rice gallery import` sends them with the rows: imported items have images too
+        embedded, failed = embed_catalog(items, engine, settings, progress=bar.update, thumbnails=thumbnails, features=features)
+    for it, _ in embedded:  # `rice gallery import` sends them with the rows: imported items have images (and verify) too
         (folder / "thumbnails").mkdir(parents=True, exist_ok=True)
         (folder / image_member("thumbnails", it.item_id)).write_bytes(thumbnails[it.item_id])
+        (folder / "features").mkdir(exist_ok=True)
+        (folder / image_member("features", it.item_id)).write_bytes(features[it.item_id])
         if (original := original_jpeg(it.data())) is not None:
             (folder / "originals").mkdir(exist_ok=True)
             (folder / image_member("originals", it.item_id)).write_bytes(original)

@@ -112,7 +112,8 @@ async def bulk_import(
     ],
     model_version: str = Form(..., description="the model that made the vectors; must be the served one (else 409)"),
     images: Annotated[
-        UploadFile | None, File(description="optional tar of the rows' thumbnails/<id>.jpg and originals/<id>.jpg (id percent-quoted)")
+        UploadFile | None,
+        File(description="optional tar of the rows' thumbnails/<id>.jpg, originals/<id>.jpg, features/<id>.rlf (id percent-quoted)"),
     ] = None,
 ) -> BulkImported:
     """Import precomputed vectors (e.g. from the offline reindex job, or a backup) under one gallery
@@ -139,7 +140,9 @@ async def export(
     state: State,
     request: Request,
     shop_id: ReadShop,
-    images: Annotated[ImageChoice, Query(description="items' images in the tar: none, thumbnails, all (+ originals)")] = "thumbnails",
+    images: Annotated[
+        ImageChoice, Query(description="items' images in the tar: none, thumbnails, all (+ originals); with any, their local features")
+    ] = "thumbnails",
 ) -> StreamingResponse:
     """Every live item of the served model's gallery as a tar stream: manifest.json (model_version,
     dim, count, gallery_version), items.jsonl, vectors.npy: the format POST /v1/gallery/bulk reads.
