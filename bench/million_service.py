@@ -51,7 +51,7 @@ from bench.million import centres, chunk_vectors
 from index.records import Record
 from index.redis_store import DEFAULT_PREFIX, RedisStore
 from service.server import free_port
-from tools.service_process import ROOT, rss_mb
+from tools.service_process import ROOT, rss_mb, wait_ready
 
 
 def status_mb(pid: int, field: str) -> float:
@@ -115,16 +115,7 @@ def service(redis_url: str, timeout_s: float, log: Path, extra: dict[str, str]) 
         proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve"], cwd=ROOT, env=env, stderr=f, stdout=f)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("service did not become ready")
-            time.sleep(0.2)
+        wait_ready(url, proc, timeout_s)
         yield url, proc, time.perf_counter() - t
     finally:
         proc.terminate()
