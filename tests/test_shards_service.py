@@ -63,7 +63,7 @@ def _recognize(url: str, bgr: tuple[int, int, int], headers: dict[str, str] | No
 
 
 def _skus(url: str, shop: str) -> list[str]:
-    r = httpx.get(f"{url}/v1/gallery/items", params={"shop_id": shop, "limit": 500}, timeout=10)
+    r = httpx.get(f"{url}/v1/gallery/items", params={"shop_id": shop, "limit": 500}, timeout=30)
     assert r.status_code == 200, r.text
     return sorted(i["sku"] for i in r.json()["items"])
 
@@ -124,7 +124,7 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         utf8 = {"X-Shop-Id": "店铺-7".encode()}  # shard 1
         r = httpx.post(f"{u0}/v1/gallery/items", files={"image": ("x.jpg", _image(BLUE))}, data={"sku": "BLUE"}, headers=utf8)
         assert r.status_code == 201 and (r.json()["shop_id"], r.json()["shard"]) == ("店铺-7", 1), r.text
-        wait_until(lambda: _skus(u1, "店铺-7") == ["BLUE"], 10, "shard 1 to apply the write")
+        wait_until(lambda: _skus(u1, "店铺-7") == ["BLUE"], 30, "shard 1 to apply the write")
         assert httpx.get(f"{u1}/v1/gallery/items", headers=utf8).json()["items"][0]["shop_id"] == "店铺-7"
         _error(httpx.get(f"{u0}/v1/gallery/items", headers=utf8), 421, "wrong_shard")
         assert httpx.delete(f"{u0}/v1/gallery/skus/BLUE", headers=utf8).status_code == 200
@@ -176,8 +176,8 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         body = r.json()
         assert body["imported"] == 5 and set(body["gallery_versions"]) == {"0", "1"}
         assert body["gallery_version"] == body["gallery_versions"]["1"]  # this replica's shard's
-        wait_until(lambda: _skus(u0, S0) == ["BULK0", "GREEN"] and _skus(u0, S0B) == ["BULK2"], 10, "shard 0 to apply its part")
-        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4", "RED"] and _skus(u1, S1B) == ["BULK3"], 10, "shard 1 to apply its part")
+        wait_until(lambda: _skus(u0, S0) == ["BULK0", "GREEN"] and _skus(u0, S0B) == ["BULK2"], 30, "shard 0 to apply its part")
+        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4", "RED"] and _skus(u1, S1B) == ["BULK3"], 30, "shard 1 to apply its part")
         assert httpx.get(f"{u0}/v1/gallery/stats").json()["items"] == 3 and httpx.get(f"{u1}/v1/gallery/stats").json()["items"] == 4
 
         # Feedback (any replica: records are shared) enriches the shop's shard, wherever it is taken.
@@ -193,7 +193,7 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         # A later verdict taken on shard 0 removes the view from shard 1's store.
         r = httpx.post(f"{u0}/v1/feedback", json={"request_id": answer["request_id"], "verdict": "none_of_these"}, timeout=30)
         assert r.status_code == 200 and r.json()["removed"] == [view], r.text
-        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4", "RED"], 10, "shard 1 to drop the view")
+        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4", "RED"], 30, "shard 1 to drop the view")
 
         # Timeline jobs live in their shard's job store: shard 0's replicas know a shard-0 shop's job, shard 1's do not.
         r = httpx.post(f"{u0}/v1/jobs/timeline", content=b"not a video", headers={"X-Shop-Id": S0}, timeout=30)
@@ -215,14 +215,14 @@ def test_two_shards_route_writes_refuse_misdirected_reads_and_split_bulk_imports
         # Deletes route too: RED of shop-2 removed through shard 0's replica.
         r = httpx.delete(f"{u0}/v1/gallery/skus/RED", params={"shop_id": S1})
         assert r.status_code == 200 and r.json()["shard"] == 1 and r.json()["deleted"] == [created["item_id"]], r.text
-        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4"], 10, "shard 1 to apply the delete")
+        wait_until(lambda: _skus(u1, S1) == ["BULK1", "BULK4"], 30, "shard 1 to apply the delete")
         r = httpx.delete(f"{u1}/v1/gallery/items/bulk-0", headers={"X-Shop-Id": S0})
         assert r.status_code == 200 and r.json() == {"deleted": ["bulk-0"], "gallery_version": r.json()["gallery_version"], "shard": 0}
-        wait_until(lambda: _skus(u0, S0) == ["GREEN"], 10, "shard 0 to apply the delete")
+        wait_until(lambda: _skus(u0, S0) == ["GREEN"], 30, "shard 0 to apply the delete")
         with RiceClient(u0) as client:  # the Python client passes the shop where a sharded deployment needs it
             assert client.delete_item("bulk-2", shop_id=S0B).deleted == ["bulk-2"]
             green = _add(u1, "GREEN2", GREEN, S0).json()["item_id"]  # written into shard 0 through shard 1
-            wait_until(lambda: "GREEN2" in _skus(u0, S0), 10, "shard 0 to apply the write")
+            wait_until(lambda: "GREEN2" in _skus(u0, S0), 30, "shard 0 to apply the write")
             assert client.thumbnail(green, shop_id=S0)[:2] == b"\xff\xd8"  # a JPEG, from shard 0's store
 
 
