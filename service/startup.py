@@ -74,8 +74,9 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return out
 
 
-def check_port(host: str, port: int) -> None:
-    """Bind the address and let it go: a port in use fails here, before the model loads, not after."""
+def check_port(host: str, port: int, named: str = "RICE_PORT") -> None:
+    """Bind the address and let it go: a port in use fails here, before the model loads, not after.
+    `named`: what set the port, as the message should name it (`RICE_PORT=8000`, or `--port 8000`)."""
     if port == 0:
         return
     try:
@@ -89,7 +90,8 @@ def check_port(host: str, port: int) -> None:
             s.bind(address)
         except OSError as exc:
             why = exc.strerror or exc
-            raise StartupError(f"RICE_PORT={port}: cannot listen on {host}:{port} ({why}); is another server on it?") from None
+            setting = f"{named}={port}" if named.startswith("RICE_") else f"{named} {port}"
+            raise StartupError(f"{setting}: cannot listen on {host}:{port} ({why}); is another server on it?") from None
 
 
 def check_device(name: str) -> None:
@@ -123,9 +125,9 @@ def check_redis(url: str | None) -> None:
         raise StartupError(f"RICE_REDIS_URL: {exc}; is it running?") from None  # str(): the cause, without the HTTP wording
 
 
-def preflight(settings: Settings) -> None:
+def preflight(settings: Settings, port_named: str = "RICE_PORT") -> None:
     """The host-dependent checks, cheapest first; StartupError on the first that fails."""
-    check_port(settings.host, settings.port)
+    check_port(settings.host, settings.port, port_named)
     check_device(settings.device)
     check_redis(settings.redis_url)
 
@@ -142,7 +144,7 @@ def run(program: str, **overrides: object) -> int:
             print(f"{program}: {line}", file=sys.stderr)
         return EXIT_SETTINGS
     try:
-        preflight(settings)
+        preflight(settings, "--port" if overrides.get("port") is not None else "RICE_PORT")
         from service.server import serve  # the app and model code, imported once the host is known fit (seconds)
 
         serve(settings)

@@ -83,7 +83,7 @@ def test_a_taken_port_fails_before_the_model_loads_and_unknown_names_are_warned(
     assert out.returncode == 2, out.stderr[-2000:]
     warning, refusal = lines_of(out)
     assert "WARNING" in warning and "RICE_MATCH_TRESHOLD is not a setting and is ignored; did you mean RICE_MATCH_THRESHOLD?" in warning
-    assert refusal.startswith(f"rice serve: RICE_PORT={busy_port}: cannot listen on 127.0.0.1:{busy_port}")
+    assert refusal.startswith(f"rice serve: --port {busy_port}: cannot listen on 127.0.0.1:{busy_port}")  # the flag set it
     service = start({"RICE_PORT": str(busy_port)})
     assert service.returncode == 2 and lines_of(service)[0].startswith(f"rice service: RICE_PORT={busy_port}: cannot listen")
 
